@@ -1,0 +1,1 @@
+"""selprune_core: selective pruning (Pochinkov & Schoots) as a plain library."""

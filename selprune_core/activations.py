@@ -1,0 +1,219 @@
+"""Per-neuron activation statistics, streamed through scoped forward pre-hooks.
+
+For every counted token t and neuron n we keep float64 running sums
+
+    N, sum x, sum x^2, sum |x|, sum sqrt|x|, sum [x > 0]
+
+per component (FF: [layer, d_mlp]; attention pre-out: [layer, n_heads * d_head]). Every importance
+function of the paper (freq, abs, rms, std, sqrt) and the authors' legacy formulas derive from these.
+Plain sums make statistics *mergeable*: two partial collections add up to one collection over both,
+so collection can be sharded across workers. float64 matters: sum x^2 in fp32 loses precision over
+about 1e5 tokens.
+
+Pruned neurons read exactly 0: the prune loop enters `apply_mask` before collecting, so the mask
+pre-hook runs before ours (hooks run in registration order), as in the authors' code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from selprune_core.batching import TokenBatch
+from selprune_core.sites import ModelSites
+
+__all__ = ["STAT_FIELDS", "ComponentStats", "ActivationStats", "record_activations", "collect_activations"]
+
+# Names of the running sums; `fields` arguments choose a subset to save time when a scorer needs less.
+STAT_FIELDS: tuple[str, ...] = ("sum", "sum_sq", "sum_abs", "sum_sqrt", "pos_count")
+
+
+@dataclass
+class ComponentStats:
+    """Running sums for one component. Absent fields are None (not collected)."""
+
+    n: int  # counted tokens; every neuron of a component sees the same tokens
+    sum: torch.Tensor | None = None  # [layer, d] float64, sum x
+    sum_sq: torch.Tensor | None = None  # sum x^2
+    sum_abs: torch.Tensor | None = None  # sum |x|
+    sum_sqrt: torch.Tensor | None = None  # sum sqrt|x|
+    pos_count: torch.Tensor | None = None  # sum [x > 0]
+
+    @classmethod
+    def zeros(cls, n_layers: int, width: int, which: Iterable[str], device: torch.device) -> ComponentStats:
+        sums = {name: torch.zeros(n_layers, width, dtype=torch.float64, device=device) for name in which}
+        return cls(n=0, **sums)
+
+    def _need(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"statistic {name!r} was not collected")
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    # Derived per-neuron summaries, all [layer, d] float64. Empty collections give zeros, never NaN.
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._need("sum") / max(self.n, 1)
+
+    @property
+    def abs(self) -> torch.Tensor:  # paper's I_abs: (1/N) sum |x|
+        return self._need("sum_abs") / max(self.n, 1)
+
+    @property
+    def freq(self) -> torch.Tensor:  # I_freq: fraction of tokens with x > 0
+        return self._need("pos_count") / max(self.n, 1)
+
+    @property
+    def sqrt(self) -> torch.Tensor:  # (1/N) sum sqrt|x|
+        return self._need("sum_sqrt") / max(self.n, 1)
+
+    @property
+    def rms(self) -> torch.Tensor:  # I_rms: sqrt((1/N) sum x^2), the true RMS
+        return (self._need("sum_sq") / max(self.n, 1)).sqrt()
+
+    @property
+    def var(self) -> torch.Tensor:  # population variance, clamped against cancellation
+        return (self._need("sum_sq") / max(self.n, 1) - self.mean**2).clamp_min(0.0)
+
+    @property
+    def std(self) -> torch.Tensor:  # I_std: population standard deviation
+        return self.var.sqrt()
+
+    @property
+    def sample_var(self) -> torch.Tensor:  # M2 / (N - 1), what the authors' "std" field holds
+        return self.var * self.n / max(self.n - 1, 1)
+
+    def merge(self, other: ComponentStats) -> ComponentStats:
+        """Statistics of the union of both token sets."""
+        merged: dict[str, torch.Tensor | None] = {}
+        for name in STAT_FIELDS:
+            a, b = getattr(self, name), getattr(other, name)
+            if (a is None) != (b is None):
+                raise ValueError(f"cannot merge: {name!r} collected on one side only")
+            merged[name] = None if a is None else a + b.to(a.device)
+        return ComponentStats(n=self.n + other.n, **merged)
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        out = {name: getattr(self, name) for name in STAT_FIELDS if getattr(self, name) is not None}
+        out["n"] = torch.tensor(self.n, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, torch.Tensor]) -> ComponentStats:
+        return cls(n=int(tensors["n"].item()), **{k: v for k, v in tensors.items() if k != "n"})
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of one dataset for both components."""
+
+    ff: ComponentStats  # [layer, d_mlp]
+    attn: ComponentStats  # [layer, n_heads * d_head]
+    n_texts: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ff.n
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        return ActivationStats(
+            self.ff.merge(other.ff), self.attn.merge(other.attn), self.n_texts + other.n_texts
+        )
+
+
+class _Recorder:
+    """Adds one batch's weighted sums into a ComponentStats, layer by layer."""
+
+    def __init__(self, stats: ComponentStats) -> None:
+        self.stats = stats
+        self.token_weight: torch.Tensor | None = None  # [batch * pos] float32, 1 on counted tokens
+        self.which = [f.name for f in fields(stats) if f.name != "n" and getattr(stats, f.name) is not None]
+
+    def hook(self, layer: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            weight = self.token_weight
+            assert weight is not None, "recorder called outside collect_activations"
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()  # [batch * pos, d]
+            # Weighted sums as one GEMV each (w @ f(x)): padding and excluded positions have w = 0.
+            stats = self.stats
+            for name in self.which:
+                if name == "sum":
+                    value = weight @ x
+                elif name == "sum_sq":
+                    value = weight @ (x * x)
+                elif name == "sum_abs":
+                    value = weight @ x.abs()
+                elif name == "sum_sqrt":
+                    value = weight @ x.abs().sqrt()
+                else:  # pos_count
+                    value = weight @ (x > 0).float()
+                getattr(stats, name)[layer] += value.double()
+
+        return record
+
+
+@contextlib.contextmanager
+def record_activations(
+    sites: ModelSites, ff: ComponentStats, attn: ComponentStats
+) -> Iterator[tuple[_Recorder, _Recorder]]:
+    """Register recording pre-hooks on every layer; they are removed on exit, even on error."""
+    recorders = (_Recorder(ff), _Recorder(attn))
+    handles = []
+    try:
+        for recorder, modules in zip(recorders, (sites.ff_modules, sites.attn_modules), strict=True):
+            for layer, module in enumerate(modules):
+                handles.append(module.register_forward_pre_hook(recorder.hook(layer)))
+        yield recorders
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    sites: ModelSites,
+    batches: Iterable[TokenBatch],
+    *,
+    sample_tokens: int,
+    exclude_first_token: bool = False,
+    which: Iterable[str] = STAT_FIELDS,
+    on_batch: Callable[[int], None] | None = None,
+) -> ActivationStats:
+    """Stream batches through the model and accumulate statistics until the token budget is exceeded.
+
+    Counting follows the authors: every real position counts (BOS included unless
+    `exclude_first_token`), and collection stops once the count *exceeds* `sample_tokens`, keeping
+    the whole last batch.
+    """
+    model.eval()
+    which = tuple(which)
+    unknown = set(which) - set(STAT_FIELDS)
+    assert not unknown, f"unknown statistics {sorted(unknown)}"
+    device = next(model.parameters()).device
+    ff = ComponentStats.zeros(sites.n_layers, sites.d_mlp, which, device)
+    attn = ComponentStats.zeros(sites.n_layers, sites.d_attn, which, device)
+    n_texts = 0
+    with record_activations(sites, ff, attn) as recorders:
+        for batch in batches:
+            weight = batch.attention_mask.to(device=device, dtype=torch.float32)  # [batch, pos]
+            if exclude_first_token:
+                weight[:, 0] = 0.0  # right padding: column 0 is every row's first token
+            counted = int(weight.sum().item())
+            for recorder in recorders:
+                recorder.token_weight = weight.reshape(-1)
+            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+            ff.n += counted
+            attn.n += counted
+            n_texts += len(batch.text_index)
+            if on_batch is not None:
+                on_batch(ff.n)
+            if ff.n > sample_tokens:
+                break
+    return ActivationStats(ff=ff, attn=attn, n_texts=n_texts)

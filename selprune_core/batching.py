@@ -1,0 +1,75 @@
+"""Turn texts into padded token batches, in order, each text truncated to a token limit.
+
+Collection and evaluation both stream "the first texts of a split" (the authors' fixed order, no
+shuffling), so batches keep input order and every row remembers which text it came from. Rows are
+right-padded; consumers exclude padding through `attention_mask` rather than by boolean indexing,
+which measured 10-20% slower on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["TokenBatch", "iter_token_batches"]
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # [batch, pos] int64
+    attention_mask: torch.Tensor  # [batch, pos] int64, 1 on real tokens, 0 on right padding
+    text_index: list[int]  # [batch] position of each row's text in the input sequence
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum().item())
+
+
+def iter_token_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    token_limit: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    min_tokens: int = 1,
+) -> Iterator[TokenBatch]:
+    """Yield right-padded batches of `batch_size` texts, truncated to `token_limit` tokens each.
+
+    Texts shorter than `min_tokens` tokens are skipped (evaluation needs two tokens for one
+    prediction). The tokenizer's own special tokens are kept, so BOS is position 0 where the model
+    family adds one, as in the authors' runs.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert pad_id is not None, "tokenizer has neither a pad nor an eos token"
+    pending: list[tuple[int, list[int]]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        encoded = tokenizer(chunk, add_special_tokens=True, truncation=True, max_length=token_limit)[
+            "input_ids"
+        ]
+        for offset, ids in enumerate(encoded):
+            if len(ids) >= min_tokens:
+                pending.append((start + offset, list(ids)))
+        while len(pending) >= batch_size:
+            yield _pad(pending[:batch_size], int(pad_id), device)
+            pending = pending[batch_size:]
+    if pending:
+        yield _pad(pending, int(pad_id), device)
+
+
+def _pad(rows: list[tuple[int, list[int]]], pad_id: int, device: torch.device | str) -> TokenBatch:
+    width = max(len(ids) for _, ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (_, ids) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return TokenBatch(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        text_index=[index for index, _ in rows],
+    )

@@ -1,0 +1,269 @@
+"""Next-token evaluation of a causal LM on held-out texts, with bootstrap confidence intervals.
+
+Each text is truncated to `token_limit` tokens and run once; the logits at positions 0..T-2 are scored
+against the targets at 1..T-1 (method.md §6.1), so the prediction from BOS counts. Padding never counts:
+rows are right-padded and each row is sliced to its own length before scoring.
+
+The "skip" metrics drop targets that are among the most common target tokens. The authors used one
+fixed list of Llama token strings for every model (method.md §9.6); here the list is recomputed per
+tokenizer from the evaluation texts by `common_target_ids`.
+
+All metrics are ratios of sums over texts, so we keep one row of sums per text and bootstrap over texts
+for 95% confidence intervals. Accuracies are fractions in [0, 1]; callers that log percentages (the
+trajectory record, method.md §5.5) multiply by 100.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selprune_core.batching import iter_token_batches
+from selprune_core.config import EvalConfig
+from selprune_core.errors import EmptyDatasetError
+
+__all__ = [
+    "EvalResult",
+    "common_target_ids",
+    "evaluate_texts",
+    "evaluate_sets",
+    "relative_drop",
+    "bootstrap_ci",
+]
+
+log = logging.getLogger(__name__)
+
+# Columns of the per-text sums table, [text, N_STATS] float64.
+N_PRED, TOP1, TOPK, N_SKIP, SKIP_TOP1, SKIP_TOPK, CE_SUM, EXP_CE_SUM = range(8)
+N_STATS = 8
+
+# A metric maps summed columns [..., N_STATS] to one value per leading index [...].
+Metric = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _ratio(num: int, den: int) -> Metric:
+    # 0/0 (e.g. no skip targets at all) gives NaN, which the bootstrap skips and as_dict writes as None
+    return lambda sums: sums[..., num] / sums[..., den]
+
+
+# The metrics, each a ratio of sums over texts so that every bootstrap resample is scored the same way.
+METRICS: dict[str, Metric] = {
+    "top1": _ratio(TOP1, N_PRED),
+    "topk": _ratio(TOPK, N_PRED),
+    "skip_top1": _ratio(SKIP_TOP1, N_SKIP),
+    "skip_topk": _ratio(SKIP_TOPK, N_SKIP),
+    "loss": _ratio(CE_SUM, N_PRED),  # mean per-token cross-entropy (nats)
+    "perplexity": lambda sums: torch.exp(sums[..., CE_SUM] / sums[..., N_PRED]),  # standard exp(mean CE)
+    "legacy_perplexity": _ratio(EXP_CE_SUM, N_PRED),  # authors' mean of exp(CE), method.md §9.17
+}
+CI_METRICS = ("top1", "topk", "skip_top1", "skip_topk", "loss", "perplexity")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of one evaluation set; accuracies are fractions, loss is in nats per token."""
+
+    top1: float
+    topk: float
+    skip_top1: float  # NaN when every target was a common token
+    skip_topk: float
+    loss: float
+    perplexity: float  # exp(loss)
+    legacy_perplexity: float  # mean of exp(per-token CE), for parity with the authors' numbers
+    n_tokens: int  # predictions scored
+    n_skip_tokens: int  # predictions whose target is not a common token
+    n_texts: int
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% bootstrap interval per metric
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form: NaN and infinities become None, intervals become two-item lists."""
+        out: dict[str, Any] = {name: _json_float(getattr(self, name)) for name in METRICS}
+        out.update(n_tokens=self.n_tokens, n_skip_tokens=self.n_skip_tokens, n_texts=self.n_texts)
+        out["ci"] = {name: [_json_float(lo), _json_float(hi)] for name, (lo, hi) in self.ci.items()}
+        return out
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def relative_drop(before: float, after: float) -> float:
+    """(before - after) / before, the relative drop of the paper's curves; 0 when before is 0."""
+    if before == 0:
+        return 0.0
+    return (before - after) / before
+
+
+def common_target_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, n: int, token_limit: int
+) -> tuple[int, ...]:
+    """The `n` most frequent target ids (positions 1..T-1 of each truncated text), most frequent first.
+
+    Ties are broken by the smaller id so the list is deterministic. Texts are tokenized exactly as
+    `evaluate_texts` does (special tokens added, truncated to `token_limit`), so BOS is never a target.
+    """
+    if n <= 0:
+        return ()
+    counts: Counter[int] = Counter()
+    chunk = 256
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(
+            list(texts[start : start + chunk]), add_special_tokens=True, truncation=True, max_length=token_limit
+        )["input_ids"]
+        for ids in encoded:
+            counts.update(ids[1:])  # targets only: position 0 is never predicted
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return tuple(int(token) for token, _ in ranked[:n])
+
+
+@torch.no_grad()
+def evaluate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    cfg: EvalConfig,
+    *,
+    common_ids: Sequence[int] = (),
+) -> EvalResult:
+    """Top-1/top-k accuracy, skip variants, loss and perplexity of `model` on `texts`.
+
+    Texts are taken in order until more than `cfg.sample_tokens` skip predictions were scored; the
+    last batch is kept whole. Texts with fewer than two tokens have no prediction and are skipped.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    common = torch.tensor(sorted(set(common_ids)), dtype=torch.long, device=device)  # [n_common]
+    rows: list[torch.Tensor] = []  # one [N_STATS] float64 row per text
+    n_skip_total = 0
+    for batch in iter_token_batches(
+        tokenizer, texts, token_limit=cfg.token_limit, batch_size=cfg.batch_size, device=device, min_tokens=2
+    ):
+        # no cache: one full pass per batch, nothing kept beyond this loop iteration
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        # logits: [batch, pos, vocab] in the model dtype; lengths: [batch]
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        for row, length in enumerate(lengths):
+            stats = _text_stats(logits[row, : length - 1], batch.input_ids[row, 1:length], common, cfg.topk)
+            rows.append(stats)
+            n_skip_total += int(stats[N_SKIP].item())
+        del logits
+        if n_skip_total > cfg.sample_tokens:
+            log.debug("eval: stopping after %d texts, %d skip predictions", len(rows), n_skip_total)
+            break
+    if not rows:
+        raise EmptyDatasetError(
+            f"no text to evaluate: all {len(texts)} texts have fewer than 2 tokens, so there is no prediction"
+        )
+
+    per_text = torch.stack(rows).cpu()  # [text, N_STATS] float64
+    totals = per_text.sum(dim=0)  # [N_STATS]
+    point = {name: float(metric(totals).item()) for name, metric in METRICS.items()}
+    ci = bootstrap_ci(
+        per_text, {name: METRICS[name] for name in CI_METRICS}, n_samples=cfg.bootstrap_samples, seed=cfg.seed
+    )
+    return EvalResult(
+        **point,
+        n_tokens=int(totals[N_PRED].item()),
+        n_skip_tokens=int(totals[N_SKIP].item()),
+        n_texts=per_text.shape[0],
+        ci=ci,
+    )
+
+
+def _text_stats(logits: torch.Tensor, targets: torch.Tensor, common: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums over one text's predictions: logits [pred, vocab] at positions 0..T-2, targets [pred] at 1..T-1."""
+    logits = logits.float()  # fp16/bf16 logits are scored in fp32
+    ce = F.cross_entropy(logits, targets, reduction="none")  # [pred]
+    # hit[p, j]: the j-th highest logit at position p is the target; j = 0 is the top-1 prediction
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [pred, k]
+    hit = top == targets[:, None]  # [pred, k]
+    top1 = hit[:, 0]  # [pred]
+    topk = hit.any(dim=-1)  # [pred]
+    skip = ~torch.isin(targets, common)  # [pred] True where the target is not a common token
+    ce64 = ce.double()
+    return torch.stack(
+        [
+            torch.tensor(float(targets.numel()), dtype=torch.float64, device=logits.device),
+            top1.sum().double(),
+            topk.sum().double(),
+            skip.sum().double(),
+            (top1 & skip).sum().double(),
+            (topk & skip).sum().double(),
+            ce64.sum(),
+            ce64.exp().sum(),  # the authors' "perplexity" averages exp(CE) per token
+        ]
+    )  # [N_STATS]
+
+
+def bootstrap_ci(
+    unit_sums: torch.Tensor, metrics: Mapping[str, Metric], *, n_samples: int, seed: int
+) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of ratio-of-sums metrics, resampling units (texts, prompts) with replacement.
+
+    `unit_sums` is [unit, stat]; each resample draws `unit` indices and sums their rows, and every metric
+    maps those totals [resample, stat] to values [resample]. Resamples where a metric is NaN (0/0) are
+    ignored. Returns {} when `n_samples` is 0.
+    """
+    if n_samples <= 0:
+        return {}
+    sums = unit_sums.double().cpu()  # [unit, stat]
+    n_units = sums.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    # Resample through count weights, chunked so [chunk, unit] stays around 2M entries for any size.
+    chunk = max(1, 2_000_000 // n_units)
+    totals: list[torch.Tensor] = []
+    for start in range(0, n_samples, chunk):
+        size = min(chunk, n_samples - start)
+        idx = torch.randint(n_units, (size, n_units), generator=gen)  # [chunk, unit] drawn unit ids
+        weights = torch.zeros(size, n_units, dtype=torch.float64)
+        weights.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))  # [chunk, unit] draw counts
+        totals.append(weights @ sums)  # [chunk, stat]
+    resampled = torch.cat(totals)  # [resample, stat]
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    ci: dict[str, tuple[float, float]] = {}
+    for name, metric in metrics.items():
+        values = metric(resampled)  # [resample]
+        lo, hi = torch.nanquantile(values, q).tolist()
+        ci[name] = (float(lo), float(hi))
+    return ci
+
+
+def evaluate_sets(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_sets: Mapping[str, Sequence[str]],
+    cfg: EvalConfig,
+    *,
+    common_ids: Sequence[int] | None = None,
+) -> dict[str, EvalResult]:
+    """Evaluate every named set with one shared common-token list.
+
+    When `common_ids` is None the `cfg.skip_common` most common targets of all sets together are
+    computed here; runs compute them once and pass them in so every step skips the same tokens.
+    """
+    if common_ids is None:
+        union = [text for texts in eval_sets.values() for text in texts]
+        common_ids = common_target_ids(tokenizer, union, n=cfg.skip_common, token_limit=cfg.token_limit)
+    results: dict[str, EvalResult] = {}
+    for name, texts in eval_sets.items():
+        try:
+            results[name] = evaluate_texts(model, tokenizer, texts, cfg, common_ids=common_ids)
+        except EmptyDatasetError as exc:
+            raise EmptyDatasetError(f"eval set {name!r}: {exc}") from exc
+        log.info(
+            "eval %s: top1 %.4f skip_top1 %.4f loss %.4f over %d tokens",
+            name,
+            results[name].top1,
+            results[name].skip_top1,
+            results[name].loss,
+            results[name].n_tokens,
+        )
+    return results

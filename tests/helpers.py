@@ -1,0 +1,67 @@
+"""Tiny models and a tokenizer built in code, shared by the unit tests.
+
+Nothing here touches the network: the tokenizer is a byte-level BPE trained on `CORPUS`, and the
+models are random-init transformers configs two layers deep and 32 wide.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+CORPUS = [
+    "the cat sat on the mat and the dog sat on the log",
+    "def add(a, b):\n    return a + b",
+    "for i in range(10):\n    print(i)",
+    "a quick brown fox jumps over the lazy dog",
+    "import torch\nx = torch.zeros(3)",
+    "the weather is nice today and the sun is out",
+    "class Foo:\n    def bar(self):\n        return None",
+    "she sells sea shells by the sea shore",
+]
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with pad/bos/eos/unk that prepends BOS, like the Llama tokenizers."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts or CORPUS, trainer=trainer)
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A random-init causal LM of family `arch` ("llama" or "gpt2"), 2 layers, width 32, in eval mode."""
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if arch == "llama":
+        kwargs: dict[str, Any] = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
+    elif arch == "gpt2":
+        kwargs = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    else:
+        raise ValueError(f"unknown test arch {arch!r}")
+    config = AutoConfig.for_model(arch, **ids, **kwargs, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
