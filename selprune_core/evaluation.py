@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from selprune_core.batching import iter_token_batches
 from selprune_core.config import EvalConfig
@@ -116,7 +117,10 @@ def common_target_ids(
     chunk = 256
     for start in range(0, len(texts), chunk):
         encoded = tokenizer(
-            list(texts[start : start + chunk]), add_special_tokens=True, truncation=True, max_length=token_limit
+            list(texts[start : start + chunk]),
+            add_special_tokens=True,
+            truncation=True,
+            max_length=token_limit,
         )["input_ids"]
         for ids in encoded:
             counts.update(ids[1:])  # targets only: position 0 is never predicted
@@ -126,7 +130,7 @@ def common_target_ids(
 
 @torch.no_grad()
 def evaluate_texts(
-    model: PreTrainedModel,
+    model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     cfg: EvalConfig,
@@ -237,7 +241,7 @@ def bootstrap_ci(
 
 
 def evaluate_sets(
-    model: PreTrainedModel,
+    model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     eval_sets: Mapping[str, Sequence[str]],
     cfg: EvalConfig,

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -209,13 +210,14 @@ def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     # GGUF weights are fully dequantized at load, but transformers still marks the model quantized,
     # so save_pretrained (and .half()/.float()) refuse it. Drop the quantizer and its config entry.
-    quantizer = getattr(model, "hf_quantizer", None)
+    target: Any = model  # these attributes are set dynamically by transformers, outside its stubs
+    quantizer = getattr(target, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
-        quantizer.remove_quantization_config(model)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
+        quantizer.remove_quantization_config(target)
+    target.hf_quantizer = None
+    if hasattr(target.config, "quantization_config"):
+        del target.config.quantization_config
+    target.is_quantized = False
 
 
 # --- load_model ---------------------------------------------------------------------------------
@@ -228,9 +230,10 @@ def load_model(ref: str, *, cache_dir: Path, device: str = "auto", dtype: str = 
     start = time.perf_counter()
 
     model, tokenizer = _load_ref(ref, cache_dir=Path(cache_dir), dtype=torch_dtype)
-    model.to(device=torch_device, dtype=torch_dtype)
-    model.eval()
-    model.requires_grad_(False)
+    module: torch.nn.Module = model  # typed as nn.Module: transformers' wrapped .to() confuses mypy
+    module.to(device=torch_device, dtype=torch_dtype)
+    module.eval()
+    module.requires_grad_(False)
     _ensure_pad_token(ref, model, tokenizer)
 
     sites = resolve_sites(model)  # UnsupportedArchitectureError now, not in the middle of a job

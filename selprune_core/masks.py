@@ -211,8 +211,10 @@ def apply_row_masks(sites: ModelSites, ff_rows: torch.Tensor, attn_rows: torch.T
         factor = rows[layer] if rows.dim() == 2 else rows[:, layer, None, :]  # [d] or [batch, 1, d]
 
         def mask_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            x = args[0]  # [batch, pos, d]
-            return (x * factor.to(x.dtype), *args[1:])
+            x = args[0]  # [batch, pos, d]; OPT flattens its MLP input to [batch * pos, d]
+            if factor.dim() == 3 and x.dim() == 2:
+                return ((x.view(factor.shape[0], -1, x.shape[-1]) * factor).view_as(x), *args[1:])
+            return (x * factor, *args[1:])
 
         return mask_input
 

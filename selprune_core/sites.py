@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ def resolve_sites(model: nn.Module) -> ModelSites:
 
     Raises UnsupportedArchitectureError naming the class and the supported families.
     """
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     spec = ARCHITECTURES.get(str(model_type))
     if spec is None:

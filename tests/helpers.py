@@ -45,7 +45,9 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320) -> Pr
     )
 
 
-def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+def build_model(
+    arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides: Any
+) -> PreTrainedModel:
     """A random-init causal LM of family `arch` ("llama" or "gpt2"), 2 layers, width 32, in eval mode."""
     ids = {
         "vocab_size": len(tokenizer),
@@ -55,7 +57,11 @@ def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **
     }
     if arch == "llama":
         kwargs: dict[str, Any] = dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         )
     elif arch == "gpt2":
         kwargs = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny models of every supported family, a tokenizer built in code, a real Redis.
+
+Nothing here downloads: HF_HUB_OFFLINE makes an accidental hub call fail at once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from tests.helpers import build_tokenizer
+
+# Every family in selprune_core.sites, two layers deep and 32 wide. gemma's heads x head_dim (4 x 16)
+# differs from its hidden size, and llama/mistral/qwen2/gemma use grouped-query attention.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "mistral": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "qwen2": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "gemma": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+    ),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
+    "opt": dict(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=256,
+    ),
+    "gpt_neox": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
+}
+ARCHS = tuple(TINY_CONFIGS)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="device for model tests (cpu or cuda)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--device") == "cpu":
+        skip_gpu = pytest.mark.skip(reason="needs --device cuda")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+def make_tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIGS[arch],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model(tokenizer: PreTrainedTokenizerFast) -> Callable[[str], PreTrainedModel]:
+    """Factory: a fresh tiny model of a family (fresh, because some tests edit weights)."""
+    return lambda arch, seed=0: make_tiny_model(arch, tokenizer, seed)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The Redis server started by .ci/run (SELPRUNE_TEST_REDIS_URL); the db is flushed around each test."""
+    url = os.environ.get("SELPRUNE_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("SELPRUNE_TEST_REDIS_URL is not set (.ci/run starts a Redis server and sets it)")
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()

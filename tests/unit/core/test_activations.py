@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selprune_core.activations import STAT_FIELDS, collect_activations, record_activations
+from selprune_core.batching import iter_token_batches
+from selprune_core.masks import NeuronMask, apply_mask
+from selprune_core.sites import model_fingerprint, resolve_sites
+from tests.conftest import ARCHS
+from tests.helpers import CORPUS
+
+
+def _direct(model, sites, tokenizer, texts, *, skip_first=False):
+    """Capture hook inputs one text at a time (batch 1, no padding) and compute the sums with torch.
+
+    OPT flattens [batch, pos] before its MLP, so inputs are reshaped to [tokens, d] either way.
+    """
+    captured = {"ff": [[] for _ in range(sites.n_layers)], "attn": [[] for _ in range(sites.n_layers)]}
+    handles = []
+    for kind, modules in (("ff", sites.ff_modules), ("attn", sites.attn_modules)):
+        for layer, module in enumerate(modules):
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args, kind=kind, layer=layer: captured[kind][layer].append(
+                        args[0].reshape(-1, args[0].shape[-1]).double()
+                    )
+                )
+            )
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt")["input_ids"]
+                model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for kind in ("ff", "attn"):
+        xs = [
+            torch.cat([t[1:] if skip_first else t for t in captured[kind][layer]])
+            for layer in range(sites.n_layers)
+        ]
+        x = torch.stack(xs)  # [layer, tokens, d]
+        out[kind] = {
+            "n": x.shape[1],
+            "sum": x.sum(1),
+            "sum_sq": (x * x).sum(1),
+            "sum_abs": x.abs().sum(1),
+            "sum_sqrt": x.abs().sqrt().sum(1),
+            "pos_count": (x > 0).double().sum(1),
+        }
+    return out
+
+
+def _collect(model, sites, tokenizer, texts, batch_size=3, **kw):
+    batches = iter_token_batches(tokenizer, texts, token_limit=1000, batch_size=batch_size)
+    return collect_activations(model, sites, batches, sample_tokens=kw.pop("sample_tokens", 10**9), **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stats_equal_direct_computation(tiny_model, tokenizer, arch):
+    model = tiny_model(arch)
+    sites = resolve_sites(model)
+    stats = _collect(model, sites, tokenizer, CORPUS)  # padded batches of 3 texts of unequal length
+    expected = _direct(model, sites, tokenizer, CORPUS)
+    for kind in ("ff", "attn"):
+        got = getattr(stats, kind)
+        assert got.n == expected[kind]["n"]
+        for name in STAT_FIELDS:
+            torch.testing.assert_close(getattr(got, name), expected[kind][name], rtol=1e-5, atol=1e-5)
+
+
+def test_exclude_first_token(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    stats = _collect(model, sites, tokenizer, CORPUS, exclude_first_token=True)
+    expected = _direct(model, sites, tokenizer, CORPUS, skip_first=True)
+    assert stats.ff.n == expected["ff"]["n"]
+    torch.testing.assert_close(stats.ff.sum_abs, expected["ff"]["sum_abs"], rtol=1e-5, atol=1e-5)
+
+
+def test_merge_equals_single_pass(tiny_model, tokenizer):
+    model = tiny_model("gpt2")
+    sites = resolve_sites(model)
+    first = _collect(model, sites, tokenizer, CORPUS[:3])
+    second = _collect(model, sites, tokenizer, CORPUS[3:])
+    whole = _collect(model, sites, tokenizer, CORPUS)
+    merged = first.merge(second)
+    assert merged.n_tokens == whole.n_tokens and merged.n_texts == whole.n_texts == len(CORPUS)
+    for name in STAT_FIELDS:
+        torch.testing.assert_close(getattr(merged.ff, name), getattr(whole.ff, name))
+        torch.testing.assert_close(getattr(merged.attn, name), getattr(whole.attn, name))
+
+
+def test_budget_stops_after_exceeding(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    texts = CORPUS * 4
+    stats = _collect(model, sites, tokenizer, texts, batch_size=2, sample_tokens=30)
+    assert stats.ff.n > 30
+    assert stats.n_texts < len(texts)
+    # The last batch is kept whole: removing it would go back under the budget.
+    last_batch = list(iter_token_batches(tokenizer, texts, token_limit=1000, batch_size=2))[
+        stats.n_texts // 2 - 1
+    ]
+    assert stats.ff.n - last_batch.n_tokens <= 30
+
+
+def test_only_requested_fields_are_collected(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    stats = _collect(model, sites, tokenizer, CORPUS, which=("sum_abs",))
+    assert stats.ff.sum_abs is not None and stats.ff.sum_sq is None
+    with pytest.raises(ValueError, match="sum_sq"):
+        _ = stats.ff.rms
+
+
+def test_pruned_neurons_read_zero(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    mask = NeuronMask.full(sites, model_fingerprint(model))
+    ff_keep, attn_keep = mask.ff_keep.clone(), mask.attn_keep.clone()
+    ff_keep[0, :5] = False
+    attn_keep[1, 8:16] = False
+    mask = NeuronMask(mask.fingerprint, ff_keep, attn_keep, sites.n_heads)
+    with apply_mask(model, sites, mask):
+        stats = _collect(model, sites, tokenizer, CORPUS)
+    assert (stats.ff.sum_abs[0, :5] == 0).all() and (stats.ff.sum_abs[0, 5:] > 0).all()
+    assert (stats.attn.sum_abs[1, 8:16] == 0).all() and (stats.attn.sum_abs[1, :8] > 0).all()
+
+
+def test_hooks_removed_even_on_error(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    stats = _collect(model, sites, tokenizer, CORPUS[:1])
+    bad = torch.full((1, 4), 10**6)  # ids far outside the vocabulary: the embedding raises
+    with pytest.raises(IndexError), record_activations(sites, stats.ff, stats.attn) as recorders:
+        for recorder in recorders:
+            recorder.token_weight = torch.ones(4)
+        model(input_ids=bad)
+    for module in sites.ff_modules + sites.attn_modules:
+        assert not module._forward_pre_hooks
