@@ -11,10 +11,11 @@ is ignored) so the batch shape and the KV cache stay rectangular.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -185,17 +186,22 @@ def _generate_batch(
     new_tokens: list[list[int]] = [[] for _ in range(rows)]
     reasons: list[FinishReason] = ["length"] * rows
     done = [False] * rows  # host-side flags: no device sync per row
-    past = None
+    # transformers 5.x renamed the KV-cache argument `past_key_values` to `cache`; accept both spellings.
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    past: Any = None
     step_ids, step_positions = input_ids, position_ids
     for _ in range(cfg.max_new_tokens):
         out = model(
             input_ids=step_ids,
             attention_mask=attention_mask,
             position_ids=step_positions,
-            past_key_values=past,
             use_cache=True,
+            **{cache_arg: past},
+            **extra,  # only the last position's logits are needed
         )
-        past = out.past_key_values
+        past = out[cache_arg] if cache_arg in out else out.past_key_values
         next_ids = sample_next(out.logits[:, -1], cfg.temperature, cfg.top_k, cfg.top_p, generator)  # [batch]
         finished = torch.tensor(done, device=device)  # [batch]
         next_ids = next_ids.masked_fill(finished, pad_id)  # finished rows are fed padding

@@ -1,0 +1,47 @@
+"""Every Redis key, stream and channel name, in one place.
+
+This module is part of the wire contract: the gateway imports it (stdlib only, no torch) so both
+sides agree on names. Templates take `.format(...)` arguments.
+"""
+
+from __future__ import annotations
+
+PREFIX = "selprune"
+
+# Long work (unlearning, evaluation): a stream consumed by one consumer group. Each entry holds only a
+# job id; the job itself lives in its hash. Unacked entries of a dead worker are reclaimed (XAUTOCLAIM).
+JOB_STREAM = f"{PREFIX}:jobs"
+JOB_GROUP = f"{PREFIX}:job-workers"
+
+# Hash of one job: state, kind, tenant, payload (JSON), timestamps, progress (JSON), result (JSON),
+# error (JSON), attempts, cancel_requested.
+JOB_KEY = PREFIX + ":job:{job_id}"
+# List of completed step reports (JSON), step 0 first: the metrics trajectory and the resume point.
+JOB_STEPS_KEY = PREFIX + ":job:{job_id}:steps"
+# Safetensors bytes of the mask after the last completed step, for resuming after a crash.
+JOB_CHECKPOINT_KEY = PREFIX + ":job:{job_id}:checkpoint"
+# Lease: the id of the worker running the job, with a TTL the worker keeps extending. SET NX on it is
+# what guarantees a job never runs on two workers at once.
+JOB_LEASE_KEY = PREFIX + ":job:{job_id}:lease"
+# Stream of progress events of one job, for server-sent events.
+JOB_EVENTS_KEY = PREFIX + ":job:{job_id}:events"
+# Sorted sets (score = creation time) of a tenant's job ids, and of every job id.
+TENANT_JOBS_KEY = PREFIX + ":tenant:{tenant}:jobs"
+ALL_JOBS_KEY = f"{PREFIX}:jobs:all"
+# Idempotency: maps (tenant, key) to the job id created first with that key.
+IDEMPOTENCY_KEY = PREFIX + ":idem:{tenant}:{key}"
+# Jobs that failed more than the retry cap; a list of job ids, newest first.
+DEAD_LETTER_KEY = f"{PREFIX}:dead-letter"
+
+# Masks: immutable, content-addressed. The hash holds `bits` (safetensors bytes) and `meta` (JSON).
+MASK_KEY = PREFIX + ":mask:{mask_id}"
+TENANT_MASKS_KEY = PREFIX + ":tenant:{tenant}:masks"  # sorted set of mask ids the tenant may see
+
+# Workers announce themselves with a TTL'd key; /readyz looks for any.
+WORKER_HEARTBEAT_KEY = PREFIX + ":worker:{worker_id}"
+WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
+
+# Durations for /metrics: lists of recent seconds, trimmed to a fixed length.
+JOB_DURATIONS_KEY = f"{PREFIX}:stats:job-seconds"
+STEP_DURATIONS_KEY = f"{PREFIX}:stats:step-seconds"
+DURATIONS_KEPT = 1000
