@@ -1,0 +1,38 @@
+"""The seam between a job function and whoever runs it (the Redis worker, or the local CLI).
+
+Job functions in worker/jobs.py never touch Redis; they report through a JobContext. The queue
+implements it on Redis (progress hash, step list, checkpoint, mask store); `selprune prune` implements
+it on the console. Both run the same job code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from worker.payloads import JobProgress
+
+
+class JobContext(Protocol):
+    def progress(self, progress: JobProgress) -> None:
+        """Record where the job is (phase, step, tokens); called often, must be cheap."""
+
+    def step_done(self, report: dict[str, Any], checkpoint: bytes) -> None:
+        """Persist one completed pruning step: its report (JSON-able) and the mask after it.
+
+        Must be atomic: after a crash the job resumes from the last step recorded here.
+        """
+
+    def completed_steps(self) -> list[dict[str, Any]]:
+        """Reports of the steps already completed by an earlier attempt (empty on a first run)."""
+
+    def checkpoint(self) -> bytes | None:
+        """The mask bytes after the last completed step, or None."""
+
+    def should_cancel(self) -> bool:
+        """True once the caller asked to cancel; checked between phases and batches."""
+
+    def store_mask(self, mask_bytes: bytes, meta: dict[str, Any]) -> str:
+        """Store the final mask (immutable, content-addressed); returns its id."""
+
+    def load_mask(self, mask_id: str) -> bytes:
+        """Bytes of a stored mask the job's tenant may use; raises MaskNotFoundError otherwise."""
