@@ -7,7 +7,7 @@ wire form is always `model_dump(mode="json")`; the worker re-validates with `mod
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,8 +66,12 @@ def to_dataset_ref(spec: InlineData | FileData | HubData | BuiltinData) -> Datas
 
 # Pruning parameters ------------------------------------------------------------------------------
 class StopSpec(_Strict):
-    forget_drop: float | None = Field(default=None, ge=0, le=1, description="stop once the forget top-1 drop reaches this")
-    max_retain_drop: float | None = Field(default=None, ge=0, le=1, description="stop once the retain drop exceeds this")
+    forget_drop: float | None = Field(
+        default=None, ge=0, le=1, description="stop once the forget top-1 drop reaches this"
+    )
+    max_retain_drop: float | None = Field(
+        default=None, ge=0, le=1, description="stop once the retain drop exceeds this"
+    )
 
 
 class PruneParams(_Strict):
@@ -75,7 +79,9 @@ class PruneParams(_Strict):
     embedded model finishes in minutes on 2 CPU cores (the paper uses 1e5 tokens per collection)."""
 
     ff_frac: float = Field(default=0.02, ge=0, le=1, description="fraction of all FF neurons pruned per step")
-    attn_frac: float = Field(default=0.0, ge=0, le=1, description="fraction of attention pre-out neurons per step")
+    attn_frac: float = Field(
+        default=0.0, ge=0, le=1, description="fraction of attention pre-out neurons per step"
+    )
     ff_scoring: ScoringName = "abs"
     attn_scoring: ScoringName = "abs"
     ff_eps: float = Field(default=1e-3, gt=0)
@@ -117,7 +123,10 @@ class PruneParams(_Strict):
                 exclude_first_token=self.exclude_first_token,
             ),
             eval=EvalConfig(
-                token_limit=self.token_limit, sample_tokens=self.eval_tokens, batch_size=self.batch_size, seed=self.seed
+                token_limit=self.token_limit,
+                sample_tokens=self.eval_tokens,
+                batch_size=self.batch_size,
+                seed=self.seed,
             ),
         )
 
@@ -134,7 +143,8 @@ class PruneJob(_Strict):
     forget: DatasetSpec
     retain: DatasetSpec
     eval: list[DatasetSpec] | None = Field(
-        default=None, description="extra eval sets; the held-out parts of forget and retain are always evaluated"
+        default=None,
+        description="extra eval sets; the held-out parts of forget and retain are always evaluated",
     )
     name: str | None = None
     params: PruneParams = Field(default_factory=PruneParams)
@@ -160,10 +170,21 @@ class EvaluateJob(_Strict):
     seed: int = 0
 
 
-AnyJob = Annotated[PruneJob | EvaluateJob, Field(discriminator="job_kind")]
+class ExportJob(_Strict):
+    """Fold a mask into the model's weights and write a checkpoint transformers loads."""
+
+    schema_version: Literal[1] = 1
+    job_kind: Literal["export"] = "export"
+    job_id: str
+    tenant: str
+    mask_id: str
+    model: str | None = Field(default=None, description="defaults to the model the mask was made on")
 
 
-class JobState(str, Enum):
+AnyJob = Annotated[PruneJob | EvaluateJob | ExportJob, Field(discriminator="job_kind")]
+
+
+class JobState(StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"

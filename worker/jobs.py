@@ -1,0 +1,193 @@
+"""Job functions: validate, convert to core types, call the core, report, return a small dict.
+
+Each runs the same way under the Redis worker and under `selprune prune` (local): all I/O goes
+through the JobContext it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from selprune_core.config import EvalConfig, SamplingConfig, ToxicityConfig
+from selprune_core.data import describe
+from selprune_core.errors import CancelledError, ConfigError
+from selprune_core.evaluation import evaluate_sets
+from selprune_core.masks import NeuronMask, apply_mask, fold_into_weights
+from selprune_core.pruning import Progress, StepReport, prune_iteratively
+from selprune_core.sites import resolve_sites
+from selprune_core.toxicity import get_scorer, toxicity_metric
+from worker.context import JobContext
+from worker.payloads import EvaluateJob, ExportJob, JobProgress, PruneJob, to_dataset_ref
+from worker.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+def run_job(
+    job: PruneJob | EvaluateJob | ExportJob, runtime: ModelRuntime, ctx: JobContext, **options: Any
+) -> dict[str, Any]:
+    """Dispatch on the job kind."""
+    if isinstance(job, PruneJob):
+        return run_prune(job, runtime, ctx)
+    if isinstance(job, EvaluateJob):
+        return run_evaluate(job, runtime, ctx)
+    return run_export(job, runtime, ctx, export_root=Path(options.get("export_root", "exports")))
+
+
+def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
+    cfg = job.params.to_config()
+    ctx.progress(JobProgress(phase="loading", steps=cfg.n_steps))
+    loaded = runtime.model(job.model)
+    ctx.progress(JobProgress(phase="resolving_data", steps=cfg.n_steps))
+    forget, retain = runtime.dataset(job.forget), runtime.dataset(job.retain)
+    eval_sets: dict[str, tuple[str, ...]] = {"forget": forget.heldout, "retain": retain.heldout}
+    for spec in job.eval or []:
+        eval_sets[describe(to_dataset_ref(spec))] = runtime.dataset(spec).heldout
+
+    history = [StepReport.from_dict(report) for report in ctx.completed_steps()]
+    checkpoint = ctx.checkpoint()
+    resume_mask = NeuronMask.from_bytes(checkpoint) if history and checkpoint else None
+    if history:
+        log.info("job %s: resuming after step %d", job.job_id, history[-1].step)
+    tokens_total = sum(report.tokens_collected for report in history)
+
+    def on_progress(progress: Progress) -> None:
+        ctx.progress(
+            JobProgress(
+                phase=progress.phase,
+                step=progress.step,
+                steps=cfg.n_steps,
+                tokens=progress.tokens,
+                tokens_total=tokens_total + progress.tokens,
+            )
+        )
+
+    def on_step(report: StepReport, mask: NeuronMask) -> None:
+        nonlocal tokens_total
+        tokens_total += report.tokens_collected
+        ctx.step_done(report.as_dict(), mask.to_bytes())
+
+    result = prune_iteratively(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.sites,
+        loaded.fingerprint,
+        forget.train,
+        retain.train,
+        eval_sets,
+        cfg,
+        history=history,
+        resume_mask=resume_mask,
+        on_step=on_step,
+        on_progress=on_progress,
+        should_stop=ctx.should_cancel,
+    )
+    meta = {
+        "name": job.name,
+        "job_id": job.job_id,
+        "model": job.model,
+        "fingerprint": loaded.fingerprint,
+        "forget": describe(to_dataset_ref(job.forget)),
+        "retain": describe(to_dataset_ref(job.retain)),
+        "params": job.params.model_dump(mode="json"),
+        "stopped_reason": result.stopped_reason,
+        "created_at": time.time(),
+        "pruned": result.mask.pruned_counts(),
+        "trajectory": [_trajectory_row(report) for report in result.history],
+    }
+    mask_id = ctx.store_mask(result.mask.to_bytes(), meta)
+    ctx.progress(
+        JobProgress(phase="done", step=result.history[-1].step, steps=cfg.n_steps, tokens_total=tokens_total)
+    )
+    return {
+        "mask_id": mask_id,
+        "steps": result.history[-1].step,
+        "stopped_reason": result.stopped_reason,
+        "pruned": {k: v for k, v in result.mask.pruned_counts().items() if not k.endswith("per_layer")},
+    }
+
+
+def _trajectory_row(report: StepReport) -> dict[str, Any]:
+    """The compact per-step record kept in mask metadata (top-1/top-k/loss per eval set, counts)."""
+    return {
+        "step": report.step,
+        "ff_pruned": report.ff_pruned,
+        "attn_pruned": report.attn_pruned,
+        "drops": report.drops,
+        "metrics": {
+            name: {key: metrics.get(key) for key in ("top1", "topk", "skip_top1", "loss", "perplexity")}
+            for name, metrics in report.metrics.items()
+        },
+    }
+
+
+def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
+    ctx.progress(JobProgress(phase="loading"))
+    loaded = runtime.model(job.model)
+    mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id)) if job.mask_id else None
+    if mask is not None:
+        mask.check_fits(loaded.sites, loaded.fingerprint)
+    if mask is None and not job.include_base:
+        raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
+    ctx.progress(JobProgress(phase="resolving_data"))
+    sets = {describe(to_dataset_ref(spec)): runtime.dataset(spec).heldout for spec in job.datasets}
+    eval_cfg = EvalConfig(token_limit=job.token_limit, sample_tokens=job.eval_tokens, seed=job.seed)
+    tox_cfg = ToxicityConfig(
+        scorer=job.toxicity_scorer,
+        samples_per_prompt=job.toxicity_samples_per_prompt,
+        sampling=SamplingConfig(max_new_tokens=job.toxicity_max_new_tokens, seed=job.seed),
+    )
+    scorer = get_scorer(job.toxicity_scorer) if "toxicity" in job.metrics else None
+    variants: dict[str, NeuronMask | None] = {}
+    if job.include_base:
+        variants["base"] = None
+    if mask is not None:
+        variants["masked"] = mask
+    out: dict[str, Any] = {"model": job.model, "mask_id": job.mask_id, "results": {}}
+    for variant, variant_mask in variants.items():
+        if ctx.should_cancel():
+            raise CancelledError("evaluation cancelled")
+        ctx.progress(JobProgress(phase=f"evaluating_{variant}"))
+        active = (
+            variant_mask if variant_mask is not None else NeuronMask.full(loaded.sites, loaded.fingerprint)
+        )
+        with apply_mask(loaded.model, loaded.sites, active):
+            results: dict[str, Any] = {}
+            if "next_token" in job.metrics:
+                for name, result in evaluate_sets(loaded.model, loaded.tokenizer, sets, eval_cfg).items():
+                    results[name] = {"next_token": result.as_dict()}
+            if scorer is not None:
+                for name, prompts in sets.items():
+                    tox = toxicity_metric(
+                        loaded.model, loaded.tokenizer, prompts, tox_cfg, scorer, seed=job.seed
+                    )
+                    results.setdefault(name, {})["toxicity"] = tox.as_dict()
+        out["results"][variant] = results
+    return out
+
+
+def run_export(
+    job: ExportJob, runtime: ModelRuntime, ctx: JobContext, *, export_root: Path
+) -> dict[str, Any]:
+    """Write `<export_root>/<mask_id>/`: the model with the mask folded into its weights."""
+    mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id))
+    ref = job.model
+    if ref is None:
+        raise ConfigError("export needs the model the mask was made on")
+    ctx.progress(JobProgress(phase="loading"))
+    loaded = runtime.model(ref)
+    mask.check_fits(loaded.sites, loaded.fingerprint)
+    ctx.progress(JobProgress(phase="exporting"))
+    target = export_root / job.mask_id
+    # Fold into a copy: the cached model is shared by every other job and request.
+    model = copy.deepcopy(loaded.model)
+    fold_into_weights(model, resolve_sites(model), mask)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    loaded.tokenizer.save_pretrained(target)
+    del model
+    return {"path": str(target), "mask_id": job.mask_id, "model": ref}
