@@ -124,7 +124,10 @@ def redis_url() -> Iterator[str]:
     """The Redis server started by .ci/run (SELPRUNE_TEST_REDIS_URL); the db is flushed around each test."""
     url = os.environ.get("SELPRUNE_TEST_REDIS_URL")
     if not url:
-        pytest.skip("SELPRUNE_TEST_REDIS_URL is not set (.ci/run starts a Redis server and sets it)")
+        message = "SELPRUNE_TEST_REDIS_URL is not set (./dev test starts a Redis server and sets it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     import redis
 
     client = redis.Redis.from_url(url)

@@ -45,3 +45,9 @@ WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
 JOB_DURATIONS_KEY = f"{PREFIX}:stats:job-seconds"
 STEP_DURATIONS_KEY = f"{PREFIX}:stats:step-seconds"
 DURATIONS_KEPT = 1000
+
+# Added with the job queue (worker/queue.py, worker/store.py) -------------------------------------
+# Set of tenants that hold a mask; its data is deleted when the last one lets go.
+MASK_TENANTS_KEY = MASK_KEY + ":tenants"
+# Approximate cap (XADD MAXLEN ~) on one job's events stream.
+JOB_EVENTS_MAXLEN = 1000

@@ -1,0 +1,1 @@
+"""selprune: the command line, the HTTP client and the local-stack launcher."""

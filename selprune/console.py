@@ -1,0 +1,262 @@
+"""What the CLI shows on a terminal: progress bars, step lines and the before/after table.
+
+`ConsoleContext` implements worker.context.JobContext for a local `selprune prune` run (progress on
+the console, steps and checkpoint in memory, masks as files). `follow_events` shows the same progress
+for a job run by a gateway, from its event stream. `render_table` draws the before/after table for
+both, from the list of step reports (dicts, step 0 first) that both produce.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from worker.payloads import JobProgress
+
+# Eval sets shown first, in this order; others follow in the order the reports list them.
+_PRIMARY_SETS = ("forget", "retain")
+_PHASE_LABELS = {
+    "queued": "queued",
+    "loading": "loading model",
+    "resolving_data": "loading data",
+    "evaluating": "evaluating",
+    "collecting_retain": "collecting retain activations",
+    "collecting_forget": "collecting forget activations",
+    "scoring": "scoring neurons",
+    "done": "done",
+}
+
+
+def phase_label(phase: str) -> str:
+    return _PHASE_LABELS.get(phase, phase.replace("_", " "))
+
+
+# --- the before/after table -----------------------------------------------------------------------------
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _plain(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
+
+
+def _accuracy_cell(metrics: Mapping[str, Any]) -> str:
+    """'45.1% [44.0, 46.2]': top-1 accuracy with its 95% interval (in percent), when there is one."""
+    top1 = _num(metrics.get("top1"))
+    ci = (metrics.get("ci") or {}).get("top1")
+    if top1 is None or not isinstance(ci, list | tuple) or len(ci) != 2:
+        return _pct(top1)
+    lo, hi = _num(ci[0]), _num(ci[1])
+    if lo is None or hi is None:
+        return _pct(top1)
+    return f"{_pct(top1)} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def relative_drop(before: float | None, after: float | None) -> float | None:
+    """(before - after) / before, as the core reports drops; None when undefined."""
+    if before is None or after is None or before == 0:
+        return None
+    return (before - after) / before
+
+
+def _set_names(first: Mapping[str, Any], last: Mapping[str, Any]) -> list[str]:
+    names = list(dict.fromkeys([*(first.get("metrics") or {}), *(last.get("metrics") or {})]))
+    return [n for n in _PRIMARY_SETS if n in names] + [n for n in names if n not in _PRIMARY_SETS]
+
+
+def render_table(steps: Sequence[Mapping[str, Any]]) -> str:
+    """The before (first report) / after (last report) table: one row per eval set.
+
+    Columns: top-1 accuracy before and after with 95% CIs, the relative top-1 drop, and loss and
+    perplexity before -> after.
+    """
+    if not steps:
+        return "no metrics were reported"
+    first, last = steps[0], steps[-1]
+    header = ["eval set", "top-1 before [95% CI]", "top-1 after [95% CI]", "drop", "loss", "perplexity"]
+    rows = [header]
+    for name in _set_names(first, last):
+        before = (first.get("metrics") or {}).get(name) or {}
+        after = (last.get("metrics") or {}).get(name) or {}
+        drop = relative_drop(_num(before.get("top1")), _num(after.get("top1")))
+        if drop is None:  # fall back on the drop the job computed itself
+            drop = _num((last.get("drops") or {}).get(name))
+        rows.append(
+            [
+                name,
+                _accuracy_cell(before),
+                _accuracy_cell(after),
+                _pct(drop),
+                f"{_plain(_num(before.get('loss')))} -> {_plain(_num(after.get('loss')))}",
+                f"{_plain(_num(before.get('perplexity')))} -> {_plain(_num(after.get('perplexity')))}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = (
+        f"before: step {first.get('step', 0)}, after: step {last.get('step', '?')} "
+        f"({last.get('ff_pruned') or 0} FF neurons, {last.get('attn_pruned') or 0} attention neurons pruned)"
+    )
+    return "\n".join([title, *lines])
+
+
+def format_step_line(report: Mapping[str, Any], steps: int | None = None) -> str:
+    """One line per completed step: pruned counts and top-1 of each eval set, with its drop."""
+    step = report.get("step", "?")
+    where = f"step {step}/{steps}" if steps else f"step {step}"
+    parts = [f"{where}: {report.get('ff_pruned') or 0} FF / {report.get('attn_pruned') or 0} attn pruned"]
+    metrics = report.get("metrics") or {}
+    drops = report.get("drops") or {}
+    for name in _set_names(report, report):
+        text = f"{name} top-1 {_pct(_num((metrics.get(name) or {}).get('top1')))}"
+        drop = _num(drops.get(name))
+        if drop is not None and step != 0:
+            text += f" (drop {_pct(drop)})"
+        parts.append(text)
+    return " | ".join(parts)
+
+
+def write_line(text: str, file: TextIO | None = None) -> None:
+    """Write a line without tearing an active progress bar."""
+    tqdm.write(text, file=file or sys.stdout)
+
+
+# --- the local job context ------------------------------------------------------------------------------
+class ConsoleContext:
+    """worker.context.JobContext for `selprune prune`: progress on the console, masks as files.
+
+    Steps and the checkpoint stay in memory (a local run does not resume); `store_mask` writes
+    `<out_dir>/<mask_id>.safetensors` and `<mask_id>.json`. Ctrl-C aborts, so `should_cancel` is False.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        phase_totals: Mapping[str, int] | None = None,
+        file: TextIO | None = None,
+        show_progress: bool | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.steps: list[dict[str, Any]] = []
+        self.mask_id: str | None = None
+        self.mask_path: Path | None = None
+        self._checkpoint: bytes | None = None
+        self._phase_totals = dict(phase_totals or {})
+        self._file = file
+        # None: bars only on a terminal (tqdm's rule); step lines are always written.
+        self._disable = None if show_progress is None else not show_progress
+        self._bar: tqdm[Any] | None = None
+        self._bar_key: tuple[int, str] | None = None
+        self._n_steps = 0
+
+    # JobContext ------------------------------------------------------------------------------------
+    def progress(self, progress: JobProgress) -> None:
+        self._n_steps = progress.steps or self._n_steps
+        key = (progress.step, progress.phase)
+        if key != self._bar_key:
+            self.close()
+            self._bar_key = key
+            self._bar = tqdm(
+                desc=f"step {progress.step}/{progress.steps} {phase_label(progress.phase)}",
+                total=self._phase_totals.get(progress.phase),
+                unit="tok",
+                unit_scale=True,
+                leave=False,
+                disable=self._disable,
+                file=sys.stderr,
+            )
+        if self._bar is not None and progress.tokens:
+            self._bar.update(progress.tokens - self._bar.n)
+
+    def step_done(self, report: dict[str, Any], checkpoint: bytes) -> None:
+        self.close()
+        self.steps.append(report)
+        self._checkpoint = checkpoint
+        write_line(format_step_line(report, self._n_steps), self._file)
+
+    def completed_steps(self) -> list[dict[str, Any]]:
+        return list(self.steps)
+
+    def checkpoint(self) -> bytes | None:
+        return self._checkpoint
+
+    def should_cancel(self) -> bool:
+        return False
+
+    def store_mask(self, mask_bytes: bytes, meta: dict[str, Any]) -> str:
+        from selprune_core.masks import NeuronMask  # torch: only a local run gets here
+
+        mask = NeuronMask.from_bytes(mask_bytes)
+        self.mask_path = mask.save(self.out_dir, meta)
+        self.mask_id = mask.mask_id
+        return mask.mask_id
+
+    def load_mask(self, mask_id: str) -> bytes:
+        from worker.errors import MaskNotFoundError
+
+        path = self.out_dir / f"{mask_id}.safetensors"
+        if not path.is_file():
+            raise MaskNotFoundError(f"no mask {mask_id} in {self.out_dir}")
+        return path.read_bytes()
+
+    # ----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the open progress bar, if any."""
+        if self._bar is not None:
+            self._bar.close()
+        self._bar, self._bar_key = None, None
+
+
+# --- following a remote job -----------------------------------------------------------------------------
+def follow_events(
+    events: Iterable[tuple[str, Any]], *, file: TextIO | None = None, show_progress: bool | None = None
+) -> dict[str, Any] | None:
+    """Show a job's event stream: a bar over pruning steps, the phase, one line per step.
+
+    Returns the data of the last `state` event (None if the stream ended without one).
+    """
+    bar: tqdm[Any] = tqdm(
+        total=None, unit="step", disable=None if show_progress is None else not show_progress, file=sys.stderr
+    )
+    last_state: dict[str, Any] | None = None
+    steps: int | None = None
+    try:
+        for event, data in events:
+            if not isinstance(data, dict):
+                continue
+            if isinstance(data.get("steps"), int) and data["steps"] and data["steps"] != bar.total:
+                steps = data["steps"]
+                bar.total = steps
+                bar.refresh()
+            if event == "step":
+                bar.update(max(0, int(data.get("step") or 0) - bar.n))
+                write_line(format_step_line(data, steps), file)
+            elif event == "state":
+                last_state = data
+                bar.set_description_str(str(data.get("state", "")))
+            else:  # progress (or a polled status)
+                phase = phase_label(str(data.get("phase", "")))
+                tokens = data.get("tokens") or 0
+                bar.set_description_str(phase)
+                bar.set_postfix_str(f"{tokens:,} tok" if tokens else "", refresh=False)
+                bar.refresh()
+    finally:
+        bar.close()
+    return last_state

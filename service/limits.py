@@ -1,0 +1,176 @@
+"""Checks a request passes before anything is queued: known model, datasets that exist and stay inside
+the data root, inline sizes and token budgets under the configured caps, and a body-size limit.
+
+Every failure is an ApiError (422 unless noted) naming the offending field or value, so a rejected
+request leaves Redis untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import PurePosixPath, PureWindowsPath
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, error_response
+from service.settings import GatewaySettings
+from worker.payloads import BuiltinData, DatasetSpec, FileData, HubData, InlineData, PruneParams
+
+# Mirrors of selprune_core's dataset rules (the gateway cannot import core); the worker checks again.
+BUILTIN_DATASETS = ("python_code", "english_prose", "toxic", "toxic_prompts")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# Ids that datasets.load_dataset treats as local-file builders: as hub ids they would escape the data root.
+_PACKAGED_BUILDERS = frozenset(
+    "arrow audiofolder cache csv eval generator hdf5 imagefolder json lance niftifolder pandas parquet "
+    "pdffolder spark sql text videofolder webdataset xml".split()
+)
+_FILTER = re.compile(r"\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _invalid(type: str, message: str) -> ApiError:
+    return ApiError(422, type, message)
+
+
+# Models --------------------------------------------------------------------------------------------
+def check_model(model: str, settings: GatewaySettings) -> None:
+    """The model is in `settings.models`, or any hub id / folder name when `allow_any_model` is set."""
+    if model in settings.models:
+        return
+    if settings.allow_any_model and not _CONTROL.search(model):
+        return
+    raise _invalid("UnknownModel", f"unknown model {model!r}; available: {', '.join(settings.models)}")
+
+
+# Datasets ------------------------------------------------------------------------------------------
+def check_datasets(named: Sequence[tuple[str, DatasetSpec]], settings: GatewaySettings) -> None:
+    """Each dataset resolvable, and the inline ones together under the size caps."""
+    texts = chars = 0
+    for field, spec in named:
+        if isinstance(spec, InlineData):
+            if not any(t.strip() for t in spec.texts):
+                raise _invalid("EmptyDataset", f"{field}: every inline text is empty")
+            texts += len(spec.texts)
+            chars += sum(len(t) for t in spec.texts)
+        elif isinstance(spec, FileData):
+            check_file_path(field, spec.path, settings)
+            _check_filter(field, spec.filter)
+        elif isinstance(spec, HubData):
+            if not _HUB_ID.fullmatch(spec.id) or ".." in spec.id or spec.id.lower() in _PACKAGED_BUILDERS:
+                raise _invalid(
+                    "InvalidDataset", f"{field}: {spec.id!r} is not a hub id like 'name' or 'org/name'"
+                )
+            _check_filter(field, spec.filter)
+        elif isinstance(spec, BuiltinData) and spec.name not in BUILTIN_DATASETS:
+            raise _invalid(
+                "UnknownDataset",
+                f"{field}: unknown builtin dataset {spec.name!r}; available: {', '.join(BUILTIN_DATASETS)}",
+            )
+    if texts > settings.max_inline_texts:
+        raise _invalid(
+            "LimitExceeded", f"inline datasets hold {texts} texts; the limit is {settings.max_inline_texts}"
+        )
+    if chars > settings.max_inline_chars:
+        raise _invalid(
+            "LimitExceeded",
+            f"inline datasets hold {chars} characters; the limit is {settings.max_inline_chars}",
+        )
+
+
+def check_file_path(field: str, path: str, settings: GatewaySettings) -> None:
+    """`path` is relative, has no '..', and resolves (symlinks followed) to a file inside the data root."""
+    if (
+        PurePosixPath(path).is_absolute()
+        or PureWindowsPath(path).is_absolute()
+        or path.startswith(("/", "\\"))
+    ):
+        raise _invalid("PathOutsideDataRoot", f"{field}: path {path!r} must be relative to the data root")
+    if ".." in PurePosixPath(path.replace("\\", "/")).parts or _CONTROL.search(path):
+        raise _invalid("PathOutsideDataRoot", f"{field}: path {path!r} must not contain '..'")
+    if not path.endswith(FILE_SUFFIXES):
+        raise _invalid(
+            "InvalidDataset", f"{field}: {path!r} has an unsupported format; use one of {FILE_SUFFIXES}"
+        )
+    root = os.path.realpath(settings.data_root)
+    full = os.path.realpath(os.path.join(root, path))
+    if os.path.commonpath([root, full]) != root:
+        raise _invalid("PathOutsideDataRoot", f"{field}: path {path!r} resolves outside the data root")
+    if not os.path.isfile(full):
+        raise _invalid("DatasetNotFound", f"{field}: file {path!r} not found under the data root")
+
+
+def _check_filter(field: str, expr: str | None) -> None:
+    if expr is not None and not _FILTER.fullmatch(expr):
+        raise _invalid("InvalidDataset", f"{field}: filter {expr!r} is not like 'field >= value'")
+
+
+# Budgets -------------------------------------------------------------------------------------------
+def check_budget(field: str, value: int, cap: int) -> None:
+    if value > cap:
+        raise _invalid("LimitExceeded", f"{field} = {value} exceeds the limit {cap}")
+
+
+def check_prune_params(params: PruneParams, settings: GatewaySettings) -> None:
+    check_budget("params.collect_tokens", params.collect_tokens, settings.max_collect_tokens)
+    check_budget("params.eval_tokens", params.eval_tokens, settings.max_eval_tokens)
+    check_budget("params.steps", params.steps, settings.max_steps)
+
+
+# Body size -----------------------------------------------------------------------------------------
+class BodySizeLimitMiddleware:
+    """413 for a body over `max_bytes`, judged by Content-Length and by the bytes actually received.
+
+    A POST/PUT/PATCH body is read whole (it is at most `max_bytes`) and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await error_response(400, "BadRequest", "invalid Content-Length")(scope, receive, send)
+                return
+            if int(declared) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body exceeds {self.max_bytes} bytes"
+        await error_response(413, "PayloadTooLarge", message, {"Connection": "close"})(scope, receive, send)

@@ -1,0 +1,45 @@
+"""The gateway app: `create_app(settings)` wires settings, the Redis-backed QueueClient (opened and closed
+by the lifespan), the body-size limit, the error handlers and the routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimitMiddleware
+from service.queue_client import QueueClient
+from service.routes import evaluate, health, jobs, masks, unlearn
+from service.settings import GatewaySettings, get_settings
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Unlearning as a service. `POST /v1/unlearn` queues a selective-pruning job and answers 202
+with a job id; follow it with `GET /v1/jobs/{id}` or its server-sent events; the result is a neuron mask
+(`/v1/masks`). Every error is `{"error": {"type", "message"}}`."""
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The gateway; `settings` defaults to the environment's (`get_settings()`)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.auth_enabled:
+            logger.warning("SELPRUNE_API_KEYS is not set: authentication is off (serve on loopback only)")
+        app.state.queue = QueueClient.from_url(str(settings.redis_url))
+        try:
+            yield
+        finally:
+            await app.state.queue.aclose()
+
+    app = FastAPI(title="selprune", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    for module in (unlearn, jobs, evaluate, masks, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,343 @@
+"""QueueClient: every Redis command the gateway sends. No other module in service/ talks to Redis.
+
+Layout (names in worker/keys.py; the worker reads and writes the same keys):
+
+- job hash `JOB_KEY`: state, kind, tenant, payload (JSON), created_at / started_at / finished_at (unix
+  seconds as strings), progress (JSON JobProgress), result (JSON), error (JSON ErrorInfo), attempts,
+  cancel_requested ("1"). Step reports (JSON) in the list `JOB_STEPS_KEY`, step 0 first.
+- job events stream `JOB_EVENTS_KEY`: entries with `event` (progress|step|state) and `data` (JSON).
+- enqueue is one MULTI: HSET job hash, ZADD `TENANT_JOBS_KEY` and `ALL_JOBS_KEY` (score created_at),
+  XADD `JOB_STREAM` {"job_id": id}. An idempotency key is claimed first with SET NX.
+- mask hash `MASK_KEY`: bits (safetensors bytes), meta (JSON); the tenants that may see a mask are the
+  sorted set `TENANT_MASKS_KEY` per tenant and the set `MASK_TENANTS_KEY` per mask.
+
+Methods return plain data (decoded hashes, lists); routes turn it into response models. Lookups take
+the caller's tenant and answer None for another tenant's id, exactly as for an unknown one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker import keys
+from worker.payloads import JobState
+
+# Exceptions meaning "Redis is unreachable": the error handlers answer 503 for these.
+QUEUE_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
+
+# TODO(keys): owners of a mask; to move into worker/keys.py as MASK_TENANTS_KEY.
+MASK_TENANTS_KEY: str = getattr(keys, "MASK_TENANTS_KEY", keys.MASK_KEY + ":tenants")
+
+EVENTS_MAXLEN = 10_000  # approximate cap on one job's events stream
+_FINISHED = tuple(s.value for s in JobState if s.finished)
+
+# Cancel atomically, so a worker that takes the job at the same moment sees a consistent hash.
+# KEYS: job hash, events stream. ARGV: now, state event data. Returns {state before, state after}.
+_CANCEL_LUA = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return false end
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return {st, st} end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+if st == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'state', 'data', ARGV[2])
+  return {st, 'cancelled'}
+end
+return {st, st}
+"""
+
+# Drop a tenant's claim on a mask; delete the mask once its owners set has emptied (a mask whose owners
+# set does not list this tenant is left alone). KEYS: tenant masks zset, owners set, mask hash.
+# ARGV: mask id, tenant. Returns 1 if the tenant held the mask.
+_DELETE_MASK_LUA = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('SREM', KEYS[2], ARGV[2]) == 1 and redis.call('SCARD', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[3])
+end
+return 1
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job hash (decoded) and its step reports."""
+
+    job_id: str
+    fields: dict[str, str]
+    steps: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's events stream."""
+
+    id: str
+    event: str
+    data: str
+
+
+class QueueClient:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    @classmethod
+    def from_url(cls, url: str) -> QueueClient:
+        # No socket timeout: the events endpoint blocks in XREAD for up to sse_block_ms.
+        return cls(aioredis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30))
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    # Health ------------------------------------------------------------------------------------------
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def worker_count(self, limit: int = 1000) -> int:
+        """Live worker heartbeat keys (stops counting at `limit`)."""
+        n = 0
+        async for _ in self.redis.scan_iter(match=keys.WORKER_HEARTBEAT_PATTERN, count=100):
+            n += 1
+            if n >= limit:
+                break
+        return n
+
+    # Jobs --------------------------------------------------------------------------------------------
+    async def enqueue(
+        self,
+        payload: dict[str, Any],
+        *,
+        progress: dict[str, Any],
+        idempotency_key: str | None = None,
+        idempotency_ttl_s: int = 86400,
+    ) -> tuple[str, bool]:
+        """Queue a validated payload (its `job_id`, `job_kind`, `tenant` fields are used).
+
+        Returns (job id, created). With an idempotency key already used by this tenant, returns the
+        job it created and queues nothing.
+        """
+        job_id, tenant = str(payload["job_id"]), str(payload["tenant"])
+        idem = keys.IDEMPOTENCY_KEY.format(tenant=tenant, key=idempotency_key) if idempotency_key else None
+        if idem is not None and not await self.redis.set(idem, job_id, nx=True, ex=idempotency_ttl_s):
+            existing = await self.redis.get(idem)
+            if existing is not None and await self.redis.exists(keys.JOB_KEY.format(job_id=_s(existing))):
+                return _s(existing), False
+            await self.redis.set(idem, job_id, ex=idempotency_ttl_s)  # the job it named is gone
+        now = time.time()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    keys.JOB_KEY.format(job_id=job_id),
+                    mapping={
+                        "state": JobState.queued.value,
+                        "kind": str(payload["job_kind"]),
+                        "tenant": tenant,
+                        "payload": json.dumps(payload),
+                        "created_at": repr(now),
+                        "progress": json.dumps(progress),
+                        "attempts": "0",
+                    },
+                )
+                pipe.zadd(keys.TENANT_JOBS_KEY.format(tenant=tenant), {job_id: now})
+                pipe.zadd(keys.ALL_JOBS_KEY, {job_id: now})
+                pipe.xadd(keys.JOB_STREAM, {"job_id": job_id})
+                await pipe.execute()
+        except BaseException:
+            if idem is not None:
+                await self.redis.delete(idem)
+            raise
+        return job_id, True
+
+    async def get_job(self, job_id: str, tenant: str, *, with_steps: bool = True) -> JobRecord | None:
+        """The job and its step reports, or None when unknown or another tenant's."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.JOB_KEY.format(job_id=job_id))
+            pipe.lrange(keys.JOB_STEPS_KEY.format(job_id=job_id), 0, -1)
+            raw, raw_steps = await pipe.execute()
+        fields = _decode_hash(raw)
+        if not fields or fields.get("tenant") != tenant:
+            return None
+        steps = [json.loads(s) for s in raw_steps] if with_steps else []
+        return JobRecord(job_id, fields, [s for s in steps if isinstance(s, dict)])
+
+    async def list_jobs(self, tenant: str, state: JobState | None, limit: int) -> list[JobRecord]:
+        """The tenant's jobs, newest first, optionally only those in `state` (steps not loaded)."""
+        out: list[JobRecord] = []
+        page, start = max(limit, 100), 0
+        tenant_key = keys.TENANT_JOBS_KEY.format(tenant=tenant)
+        while len(out) < limit:
+            ids = [_s(i) for i in await self.redis.zrevrange(tenant_key, start, start + page - 1)]
+            if not ids:
+                break
+            start += page
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(keys.JOB_KEY.format(job_id=job_id))
+                hashes = await pipe.execute()
+            for job_id, raw in zip(ids, hashes, strict=True):
+                fields = _decode_hash(raw)
+                if fields.get("tenant") != tenant or (
+                    state is not None and fields.get("state") != state.value
+                ):
+                    continue
+                out.append(JobRecord(job_id, fields, []))
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def cancel(self, job_id: str, tenant: str) -> tuple[str, str] | None:
+        """Ask a job to stop; a queued job is cancelled at once. Returns (state before, state after)."""
+        job_key = keys.JOB_KEY.format(job_id=job_id)
+        if _s(await self.redis.hget(job_key, "tenant") or b"") != tenant:
+            return None
+        data = json.dumps({"job_id": job_id, "state": JobState.cancelled.value})
+        events_key = keys.JOB_EVENTS_KEY.format(job_id=job_id)
+        result = await self.redis.eval(
+            _CANCEL_LUA, 2, job_key, events_key, repr(time.time()), data, EVENTS_MAXLEN
+        )
+        if not result:
+            return None
+        return _s(result[0]), _s(result[1])
+
+    async def job_fields(self, job_id: str) -> dict[str, str]:
+        return _decode_hash(await self.redis.hgetall(keys.JOB_KEY.format(job_id=job_id)))
+
+    async def read_events(
+        self, job_id: str, after: str, *, block_ms: int | None, count: int = 100
+    ) -> list[Event]:
+        """Events after stream id `after`; waits up to `block_ms` for the first one (None: no wait)."""
+        key = keys.JOB_EVENTS_KEY.format(job_id=job_id)
+        resp = await self.redis.xread({key: after}, count=count, block=block_ms)
+        entries: list[Any] = []
+        if isinstance(resp, dict):  # RESP3: {name: [[(id, fields), ...]]}
+            streams = [v[0] if v and isinstance(v[0], list) else v for v in resp.values()]
+            entries = [e for stream in streams for e in stream]
+        else:  # RESP2: [[name, [(id, fields), ...]]]
+            entries = [e for _, stream in resp or [] for e in stream]
+        events = []
+        for entry_id, raw in entries:
+            fields = _decode_hash(raw)
+            data = fields.get("data", "{}")
+            events.append(Event(_s(entry_id), fields.get("event") or _event_name(data), data))
+        return events
+
+    # Masks -------------------------------------------------------------------------------------------
+    async def list_masks(self, tenant: str, limit: int) -> list[dict[str, Any]]:
+        """Meta of the tenant's masks, newest first."""
+        ids = [
+            _s(i)
+            for i in await self.redis.zrevrange(keys.TENANT_MASKS_KEY.format(tenant=tenant), 0, limit - 1)
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for mask_id in ids:
+                pipe.hget(keys.MASK_KEY.format(mask_id=mask_id), "meta")
+            metas = await pipe.execute()
+        return [_meta(mask_id, raw) for mask_id, raw in zip(ids, metas, strict=True) if raw is not None]
+
+    async def mask_visible(self, mask_id: str, tenant: str) -> bool:
+        return await self.redis.zscore(keys.TENANT_MASKS_KEY.format(tenant=tenant), mask_id) is not None
+
+    async def mask_meta(self, mask_id: str, tenant: str) -> dict[str, Any] | None:
+        if not await self.mask_visible(mask_id, tenant):
+            return None
+        raw = await self.redis.hget(keys.MASK_KEY.format(mask_id=mask_id), "meta")
+        return None if raw is None else _meta(mask_id, raw)
+
+    async def mask_bits(self, mask_id: str, tenant: str) -> bytes | None:
+        if not await self.mask_visible(mask_id, tenant):
+            return None
+        raw = await self.redis.hget(keys.MASK_KEY.format(mask_id=mask_id), "bits")
+        if raw is None:
+            return None
+        return raw if isinstance(raw, bytes) else str(raw).encode()
+
+    async def delete_mask(self, mask_id: str, tenant: str) -> bool:
+        """Remove the tenant's claim; the mask's data goes once no tenant holds it."""
+        held = await self.redis.eval(
+            _DELETE_MASK_LUA,
+            3,
+            keys.TENANT_MASKS_KEY.format(tenant=tenant),
+            MASK_TENANTS_KEY.format(mask_id=mask_id),
+            keys.MASK_KEY.format(mask_id=mask_id),
+            mask_id,
+            tenant,
+        )
+        return bool(held)
+
+    # Metrics -----------------------------------------------------------------------------------------
+    async def queue_depth(self) -> tuple[int, int]:
+        """(entries not yet delivered to a worker, entries delivered but not acknowledged)."""
+        length = int(await self.redis.xlen(keys.JOB_STREAM))
+        try:
+            groups = await self.redis.xinfo_groups(keys.JOB_STREAM)
+        except Exception:  # no stream yet
+            groups = []
+        for group in groups:
+            info = _decode_hash(group) if isinstance(group, dict) else {}
+            if info.get("name") == keys.JOB_GROUP:
+                lag = info.get("lag")
+                depth = int(lag) if lag not in (None, "", "None") else length
+                return depth, int(info.get("pending", 0))
+        return length, 0
+
+    async def job_state_counts(self, scan_limit: int) -> dict[str, int]:
+        """Jobs by state over the newest `scan_limit` jobs."""
+        counts = {s.value: 0 for s in JobState}
+        ids = await self.redis.zrevrange(keys.ALL_JOBS_KEY, 0, scan_limit - 1)
+        for start in range(0, len(ids), 500):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids[start : start + 500]:
+                    pipe.hget(keys.JOB_KEY.format(job_id=_s(job_id)), "state")
+                for state in await pipe.execute():
+                    if state is not None:
+                        counts[_s(state)] = counts.get(_s(state), 0) + 1
+        return counts
+
+    async def durations(self, key: str) -> list[float]:
+        out = []
+        for raw in await self.redis.lrange(key, 0, -1):
+            try:
+                out.append(float(_s(raw)))
+            except ValueError:
+                continue
+        return out
+
+
+def _event_name(data: str) -> str:
+    """Event name for an entry without an `event` field: the data's "event"/"type", else progress."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return "progress"
+    name = (obj.get("event") or obj.get("type")) if isinstance(obj, dict) else None
+    return name if isinstance(name, str) else "progress"
+
+
+def _meta(mask_id: str, raw: Any) -> dict[str, Any]:
+    try:
+        meta = json.loads(_s(raw))
+    except ValueError:
+        meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    meta.setdefault("mask_id", mask_id)
+    return meta
+
+
+def is_finished(state: str | None) -> bool:
+    return state in _FINISHED

@@ -1,0 +1,45 @@
+"""Probes and metrics, outside /v1 and without authentication: /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from service.deps import QueueDep, SettingsDep
+from service.errors import error_response, error_responses
+from service.metrics import render_metrics
+from service.queue_client import QUEUE_DOWN_ERRORS
+from service.schemas import HealthResponse, ReadyResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    """200 while the process is up."""
+    return HealthResponse()
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses=error_responses(503))
+async def readyz(queue: QueueDep) -> ReadyResponse | JSONResponse:
+    """200 when Redis answers and at least one worker has a live heartbeat; else 503 saying which."""
+    try:
+        await queue.ping()
+    except QUEUE_DOWN_ERRORS:
+        return error_response(503, "NotReady", "Redis does not answer PING")
+    workers = await queue.worker_count()
+    if workers == 0:
+        return error_response(503, "NotReady", "no worker heartbeat: start a worker (`selprune worker`)")
+    return ReadyResponse(redis=True, workers=workers)
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    response_model=None,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4"}},
+)
+async def metrics(queue: QueueDep, settings: SettingsDep) -> PlainTextResponse:
+    """Queue depth, jobs by state, worker count, job and step durations (Prometheus text format)."""
+    text = await render_metrics(queue, settings)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,282 @@
+"""HTTP models, named by role. Request models compose the queue contract (worker/payloads.py) rather
+than re-declare it; response models read the job and mask hashes the worker writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
+
+from worker.payloads import (
+    EMBEDDED_MODEL,
+    DatasetSpec,
+    ErrorInfo,
+    EvaluateJob,
+    JobProgress,
+    JobState,
+    PruneJob,
+    PruneParams,
+)
+
+logger = logging.getLogger(__name__)
+
+_IDEMPOTENCY_HELP = "repeat a request with the same key to get the first job back instead of a new one"
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx response."""
+
+    error: ErrorInfo
+
+
+# Requests ----------------------------------------------------------------------------------------
+class UnlearnRequest(BaseModel):
+    """Prune neurons that matter for `forget` more than for `retain`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "forget": {"kind": "builtin", "name": "python_code"},
+                    "retain": {"kind": "builtin", "name": "english_prose"},
+                    "name": "no-python",
+                    "params": {"ff_frac": 0.02, "steps": 5},
+                }
+            ]
+        },
+    )
+
+    model: str = Field(default=EMBEDDED_MODEL, min_length=1, max_length=200)
+    forget: DatasetSpec
+    retain: DatasetSpec
+    eval: list[DatasetSpec] | None = Field(default=None, max_length=32, description="extra eval sets")
+    name: str | None = Field(default=None, max_length=200)
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, description=_IDEMPOTENCY_HELP
+    )
+    params: PruneParams = Field(default_factory=PruneParams)
+
+    def datasets(self) -> list[DatasetSpec]:
+        return [self.forget, self.retain, *(self.eval or [])]
+
+    def to_job(self, job_id: str, tenant: str) -> PruneJob:
+        return PruneJob(
+            job_id=job_id,
+            tenant=tenant,
+            model=self.model,
+            forget=self.forget,
+            retain=self.retain,
+            eval=self.eval,
+            name=self.name,
+            params=self.params,
+        )
+
+
+class EvaluateRequest(EvaluateJob):
+    """An EvaluateJob without `job_id` and `tenant`, which the gateway assigns."""
+
+    job_id: SkipJsonSchema[str] = Field(default="", exclude=True)
+    tenant: SkipJsonSchema[str] = Field(default="", exclude=True)
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, exclude=True, description=_IDEMPOTENCY_HELP
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ids_are_assigned(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"job_id", "tenant"} & data.keys():
+            raise ValueError("job_id and tenant are assigned by the gateway; leave them out")
+        return data
+
+    def to_job(self, job_id: str, tenant: str) -> EvaluateJob:
+        return EvaluateJob.model_validate({**self.model_dump(), "job_id": job_id, "tenant": tenant})
+
+
+# Jobs --------------------------------------------------------------------------------------------
+class JobAccepted(BaseModel):
+    """A queued job (or, for a repeated idempotency key, the job the key first created)."""
+
+    job_id: str
+    kind: str
+    state: JobState
+    created: bool = Field(description="false when an earlier request with the same idempotency key made it")
+    status_url: str
+    events_url: str
+
+
+class EvalMetrics(BaseModel):
+    """Next-token metrics on one eval set, with confidence intervals under `ci`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    top1: float | None = None
+    topk: float | None = None
+    loss: float | None = None
+    perplexity: float | None = None
+    ci: dict[str, Any] | None = None
+
+
+class StepMetrics(BaseModel):
+    """One pruning step's report; step 0 is the model before pruning."""
+
+    step: int
+    ff_selected: int | None = None
+    attn_selected: int | None = None
+    ff_pruned: int | None = None
+    attn_pruned: int | None = None
+    metrics: dict[str, EvalMetrics] = Field(default_factory=dict)
+    drops: dict[str, Any] | None = None
+    seconds: float | None = None
+    mask_id: str | None = None
+
+
+def _json(fields: dict[str, str], key: str) -> Any:
+    raw = fields.get(key)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        logger.warning("job field %s is not JSON: %.80s", key, raw)
+        return None
+
+
+def _time(fields: dict[str, str], key: str) -> float | None:
+    try:
+        return float(fields[key]) if fields.get(key) else None
+    except ValueError:
+        return None
+
+
+def _state(raw: str | None) -> JobState:
+    try:
+        return JobState(raw or "")
+    except ValueError:
+        logger.warning("unknown job state %r, shown as running", raw)
+        return JobState.running
+
+
+def _summary_fields(job_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """The fields JobSummary and JobStatusResponse share, read from a job hash."""
+    payload = _json(fields, "payload")
+    payload = payload if isinstance(payload, dict) else {}
+    result = _json(fields, "result")
+    error = _json(fields, "error")
+    return {
+        "job_id": job_id,
+        "kind": fields.get("kind") or payload.get("job_kind", "unknown"),
+        "name": payload.get("name"),
+        "state": _state(fields.get("state")),
+        "created_at": _time(fields, "created_at"),
+        "started_at": _time(fields, "started_at"),
+        "finished_at": _time(fields, "finished_at"),
+        "mask_id": result.get("mask_id") if isinstance(result, dict) else None,
+        "error": ErrorInfo.model_validate(error) if isinstance(error, dict) and "type" in error else None,
+    }
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    kind: str
+    name: str | None = None
+    state: JobState
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    mask_id: str | None = None
+    error: ErrorInfo | None = None
+
+    @classmethod
+    def from_fields(cls, job_id: str, fields: dict[str, str]) -> JobSummary:
+        return cls.model_validate(_summary_fields(job_id, fields))
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+
+
+class JobStatusResponse(JobSummary):
+    """Where a job is: state, phase and token counts, the metrics trajectory, the result or error."""
+
+    phase: str
+    step: int
+    steps: int
+    tokens: int = Field(description="tokens processed in the current phase")
+    tokens_total: int = Field(description="tokens processed over the whole job")
+    metrics: list[StepMetrics] = Field(description="one entry per completed step; step 0 is before pruning")
+    result: dict[str, Any] | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+
+    @classmethod
+    def from_job(cls, job_id: str, fields: dict[str, str], steps: list[dict[str, Any]]) -> JobStatusResponse:
+        common = _summary_fields(job_id, fields)
+        raw_progress = _json(fields, "progress")
+        progress = (
+            JobProgress.model_validate(raw_progress) if isinstance(raw_progress, dict) else JobProgress()
+        )
+        result = _json(fields, "result")
+        metrics = []
+        for report in steps:
+            try:
+                metrics.append(StepMetrics.model_validate(report))
+            except ValueError:
+                logger.warning("job %s: skipping a malformed step report", job_id)
+        try:
+            attempts = int(fields.get("attempts") or 0)
+        except ValueError:
+            attempts = 0
+        return cls(
+            **common,
+            phase=progress.phase,
+            step=progress.step,
+            steps=progress.steps,
+            tokens=progress.tokens,
+            tokens_total=progress.tokens_total,
+            metrics=metrics,
+            result=result if isinstance(result, dict) else None,
+            attempts=attempts,
+            cancel_requested=fields.get("cancel_requested") == "1",
+        )
+
+
+# Masks -------------------------------------------------------------------------------------------
+class MaskSummary(BaseModel):
+    mask_id: str
+    model: str | None = None
+    name: str | None = None
+    job_id: str | None = None
+    created_at: float | None = None
+
+
+class MaskList(BaseModel):
+    masks: list[MaskSummary]
+
+
+class MaskInfo(MaskSummary):
+    """A mask's metadata as the worker stored it (further fields pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    fingerprint: str | None = None
+    params: dict[str, Any] | None = None
+
+
+class MaskDeleted(BaseModel):
+    mask_id: str
+    deleted: bool
+
+
+# Health ------------------------------------------------------------------------------------------
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: str = "ready"
+    redis: bool
+    workers: int

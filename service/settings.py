@@ -1,0 +1,72 @@
+"""Gateway settings: every SELPRUNE_* variable the gateway reads, in one place.
+
+Built once by `get_settings()` (cached) in `python -m service`; tests pass their own instance to
+`create_app(settings)`. `redis_url` has no default, so a gateway without a queue fails at start.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, RedisDsn, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.payloads import EMBEDDED_MODEL
+
+
+def _split_commas(value: Any) -> Any:
+    """`"a, b,,c"` -> `["a", "b", "c"]`; lists pass through."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SELPRUNE_", extra="ignore")
+
+    # Redis (or Valkey) holding the job queue, job state and masks, e.g. redis://127.0.0.1:6379/0.
+    redis_url: RedisDsn
+    # Address and port `python -m service` binds; a non-loopback host requires api_keys.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # Comma-separated Bearer keys; each key is its own tenant. Empty = auth off, loopback only.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Folder that {"kind": "file"} dataset paths resolve inside (the worker must see the same folder).
+    data_root: Path = Path("./data")
+    # Model ids a job may name (comma-separated in the environment).
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [EMBEDDED_MODEL])
+    # Also accept any hub id or local folder name as a model (the worker must be able to load it).
+    allow_any_model: bool = False
+    # Largest request body in bytes; larger bodies get 413 before they are parsed.
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Largest total number of characters over all inline datasets of one request.
+    max_inline_chars: int = Field(default=2_000_000, ge=1)
+    # Largest number of texts over all inline datasets of one request.
+    max_inline_texts: int = Field(default=10_000, ge=1)
+    # Caps on a job's budgets: tokens collected per dataset, tokens evaluated per eval set, pruning steps.
+    max_collect_tokens: int = Field(default=1_000_000, ge=1)
+    max_eval_tokens: int = Field(default=1_000_000, ge=1)
+    max_steps: int = Field(default=200, ge=1)
+    # Seconds an idempotency key keeps pointing at the job it created.
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    # Milliseconds one XREAD BLOCK of the events endpoint waits before a keep-alive comment.
+    sse_block_ms: int = Field(default=15_000, ge=10)
+    # Most jobs a GET /metrics scan reads to count jobs by state (newest first).
+    metrics_scan_limit: int = Field(default=10_000, ge=1)
+
+    @field_validator("api_keys", "models", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+@lru_cache
+def get_settings() -> GatewaySettings:
+    """The process's settings, read from the environment once."""
+    return GatewaySettings()  # type: ignore[call-arg]  # redis_url comes from the environment

@@ -1,0 +1,94 @@
+"""WorkerSettings: every setting of a worker process, read from SELPRUNE_* environment variables.
+
+Built once by `get_settings()` in `python -m worker` and passed down; nothing reads os.environ
+elsewhere. `redis_url` has no default, so a worker without it fails at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DTYPES = {"auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"}  # as in core loading
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "selprune"
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SELPRUNE_", extra="ignore")
+
+    # Redis holding the job stream, job hashes and masks, e.g. redis://127.0.0.1:6379/0. Required.
+    redis_url: str
+    # Model and dataset caches (downloaded and embedded model weights, resolved datasets).
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # Folder that {"kind": "file"} dataset references resolve inside; paths may not leave it.
+    data_root: Path = Path("data")
+    # Folder where export jobs write folded checkpoints (<export_root>/<mask_id>/).
+    export_root: Path = Path("exports")
+    # Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.
+    device: str = "auto"
+    # Weight dtype: auto (float32 on the CPU, bfloat16 on GPUs that support it, else float16),
+    # float32/fp32, float16/fp16/half or bfloat16/bf16.
+    dtype: str = "auto"
+    # How many loaded models the worker keeps (LRU); each costs device memory.
+    model_cache_size: int = Field(default=2, ge=1)
+    # Seconds a job lease lives without renewal; a heartbeat thread renews it every lease_seconds/3.
+    # A worker that stops renewing (killed, hung) loses the job after this long.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    # Seconds an unacknowledged stream entry idles before another worker claims it (XAUTOCLAIM).
+    # The running worker touches its entry at every heartbeat, so keep this above lease_seconds/3.
+    visibility_timeout: float = Field(default=60.0, gt=0)
+    # Starts of one job (the first included) before it is dead-lettered as RetriesExhausted.
+    max_attempts: int = Field(default=3, ge=1)
+    # This worker's consumer name in the stream group and its heartbeat key; unique per process.
+    worker_id: str = Field(default_factory=_default_worker_id, min_length=1)
+    # Seconds a finished job's hash, step list and events are kept (default 7 days).
+    job_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    # Milliseconds one XREADGROUP waits for a new job; also bounds how fast SIGTERM is noticed when idle.
+    poll_block_ms: int = Field(default=1000, ge=1)
+    # Logging level of `python -m worker` (DEBUG, INFO, WARNING, ...).
+    log_level: str = "INFO"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(sorted(_DTYPES))}, not {value!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, not {value!r}")
+        return value
+
+
+@lru_cache
+def get_settings() -> WorkerSettings:
+    """The process's settings, read from the environment once."""
+    return WorkerSettings()  # type: ignore[call-arg]  # redis_url comes from the environment
