@@ -32,15 +32,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--token-limit", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cache-dir", default=os.environ.get("SELPRUNE_CACHE_DIR", str(Path.home() / ".cache/selprune")))
+    parser.add_argument(
+        "--cache-dir", default=os.environ.get("SELPRUNE_CACHE_DIR", str(Path.home() / ".cache/selprune"))
+    )
     args = parser.parse_args()
 
     loaded = load_model(EMBEDDED_MODEL, cache_dir=Path(args.cache_dir), device=args.device, dtype=args.dtype)
     model, sites = loaded.model, loaded.sites
-    texts = load_builtin("python_code", Path(args.cache_dir), max_texts=args.batches * args.batch_size * 2).train
+    texts = load_builtin(
+        "python_code", Path(args.cache_dir), max_texts=args.batches * args.batch_size * 2
+    ).train
     batches = list(
         iter_token_batches(
-            loaded.tokenizer, texts, token_limit=args.token_limit, batch_size=args.batch_size, device=loaded.device
+            loaded.tokenizer,
+            texts,
+            token_limit=args.token_limit,
+            batch_size=args.batch_size,
+            device=loaded.device,
         )
     )[: args.batches]
     n_tokens = sum(b.n_tokens for b in batches)
@@ -55,7 +63,11 @@ def main() -> None:
         collect_activations(model, sites, batches, sample_tokens=10**12, which=which)
 
     default_fields = required_fields("abs", "abs")  # what the default job collects
-    variants = {"forward": plain, "collect_all": lambda: collect(STAT_FIELDS), "collect": lambda: collect(default_fields)}
+    variants = {
+        "forward": plain,
+        "collect_all": lambda: collect(STAT_FIELDS),
+        "collect": lambda: collect(default_fields),
+    }
     plain()  # warm-up
     seconds = dict.fromkeys(variants, 0.0)
     for _ in range(args.rounds):

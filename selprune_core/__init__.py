@@ -1,1 +1,129 @@
-"""selprune_core: selective pruning (Pochinkov & Schoots) as a plain library."""
+"""selprune_core: selective pruning (Pochinkov & Schoots) as a plain library.
+
+Load a model, resolve forget/retain datasets, collect per-neuron activation statistics through scoped
+hooks, score neurons as importance(forget) / (importance(retain) + eps), prune the top fraction, repeat,
+and evaluate after every step. The result is a NeuronMask: keep flags for every feed-forward and
+attention pre-out neuron, content-addressed and bound to its model's fingerprint.
+
+This package imports torch and transformers only: no web, queue or environment settings.
+"""
+
+from __future__ import annotations
+
+from selprune_core.activations import ActivationStats, ComponentStats, collect_activations, record_activations
+from selprune_core.batching import TokenBatch, iter_token_batches
+from selprune_core.config import (
+    CollectConfig,
+    EvalConfig,
+    PruneConfig,
+    SamplingConfig,
+    StopConfig,
+    ToxicityConfig,
+)
+from selprune_core.corpora import BUILTIN_CORPORA, load_builtin, setup_corpora
+from selprune_core.data import (
+    BuiltinRef,
+    DatasetRef,
+    FileRef,
+    HubRef,
+    InlineRef,
+    TextSplits,
+    dataset_ref_from_dict,
+    describe,
+    resolve_dataset,
+)
+from selprune_core.errors import (
+    CancelledError,
+    ConfigError,
+    DatasetError,
+    DatasetNotFoundError,
+    EmptyDatasetError,
+    MaskMismatchError,
+    ModelLoadError,
+    ScorerUnavailableError,
+    SelPruneError,
+    UnsupportedArchitectureError,
+)
+from selprune_core.evaluation import (
+    EvalResult,
+    common_target_ids,
+    evaluate_sets,
+    evaluate_texts,
+    relative_drop,
+)
+from selprune_core.generation import Generation, apply_chat_template, generate, sample_next
+from selprune_core.loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_model, load_model
+from selprune_core.masks import NeuronMask, apply_mask, apply_row_masks, fold_into_weights
+from selprune_core.pruning import Progress, PruneResult, StepReport, prune_iteratively
+from selprune_core.scoring import SCORERS, score_neurons, select_top_neurons
+from selprune_core.sites import ARCHITECTURES, ModelSites, model_fingerprint, resolve_sites
+from selprune_core.toxicity import ToxicityResult, ToxicityScorer, get_scorer, toxicity_metric
+
+__all__ = [
+    "ARCHITECTURES",
+    "BUILTIN_CORPORA",
+    "EMBEDDED_MODEL",
+    "SCORERS",
+    "ActivationStats",
+    "BuiltinRef",
+    "CancelledError",
+    "CollectConfig",
+    "ComponentStats",
+    "ConfigError",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DatasetRef",
+    "EmptyDatasetError",
+    "EvalConfig",
+    "EvalResult",
+    "FileRef",
+    "Generation",
+    "HubRef",
+    "InlineRef",
+    "LoadedModel",
+    "MaskMismatchError",
+    "ModelLoadError",
+    "ModelSites",
+    "NeuronMask",
+    "Progress",
+    "PruneConfig",
+    "PruneResult",
+    "SamplingConfig",
+    "ScorerUnavailableError",
+    "SelPruneError",
+    "StepReport",
+    "StopConfig",
+    "TextSplits",
+    "TokenBatch",
+    "ToxicityConfig",
+    "ToxicityResult",
+    "ToxicityScorer",
+    "UnsupportedArchitectureError",
+    "apply_chat_template",
+    "apply_mask",
+    "apply_row_masks",
+    "collect_activations",
+    "common_target_ids",
+    "dataset_ref_from_dict",
+    "describe",
+    "ensure_embedded_model",
+    "evaluate_sets",
+    "evaluate_texts",
+    "fold_into_weights",
+    "generate",
+    "get_scorer",
+    "iter_token_batches",
+    "load_builtin",
+    "load_model",
+    "model_fingerprint",
+    "prune_iteratively",
+    "record_activations",
+    "relative_drop",
+    "resolve_dataset",
+    "resolve_sites",
+    "sample_next",
+    "score_neurons",
+    "select_top_neurons",
+    "setup_corpora",
+    "toxicity_metric",
+]

@@ -25,7 +25,15 @@ def test_code_pruning_is_selective_and_beats_random(embedded):
         collect=CollectConfig(token_limit=128, sample_tokens=4000, batch_size=8),
         eval=EvalConfig(token_limit=128, sample_tokens=1500, batch_size=8, bootstrap_samples=200),
     )
-    args = (embedded.model, embedded.tokenizer, embedded.sites, embedded.fingerprint, code.train, prose.train, eval_sets)
+    args = (
+        embedded.model,
+        embedded.tokenizer,
+        embedded.sites,
+        embedded.fingerprint,
+        code.train,
+        prose.train,
+        eval_sets,
+    )
     selective = prune_iteratively(*args, cfg)
     before, after = selective.history[0].metrics, selective.history[-1].metrics
     random_cfg = PruneConfig(**{**cfg.__dict__, "random_baseline": True, "run_pre_test": False})

@@ -23,7 +23,9 @@ def _cfg(**kw):
         attn_frac=0.05,
         steps=3,
         collect=CollectConfig(token_limit=64, sample_tokens=10_000, batch_size=4),
-        eval=EvalConfig(token_limit=64, sample_tokens=10_000, batch_size=4, bootstrap_samples=20, skip_common=5),
+        eval=EvalConfig(
+            token_limit=64, sample_tokens=10_000, batch_size=4, bootstrap_samples=20, skip_common=5
+        ),
     )
     base.update(kw)
     return PruneConfig(**base)
@@ -78,7 +80,11 @@ def test_resume_continues_exactly(tiny_model, tokenizer):
         _run(model, tokenizer, _cfg(), on_step=stop_after_two)
     resumed = []
     result = _run(
-        model, tokenizer, _cfg(), history=[r for r, _ in partial], resume_mask=partial[-1][1],
+        model,
+        tokenizer,
+        _cfg(),
+        history=[r for r, _ in partial],
+        resume_mask=partial[-1][1],
         on_step=lambda r, m: resumed.append((r, m)),
     )
     assert [r.step for r, _ in resumed] == [2, 3]
@@ -142,7 +148,13 @@ def test_start_mask_is_respected_and_config_errors(tiny_model, tokenizer):
     with pytest.raises(ConfigError, match="forget"):
         sites = resolve_sites(model)
         prune_iteratively(
-            model, tokenizer, sites, start.fingerprint, CODE, PROSE, {"retain": PROSE},
+            model,
+            tokenizer,
+            sites,
+            start.fingerprint,
+            CODE,
+            PROSE,
+            {"retain": PROSE},
             _cfg(stop=StopConfig(forget_drop=0.5)),
         )
     with pytest.raises(ConfigError):
