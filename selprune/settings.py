@@ -26,6 +26,8 @@ class CliSettings(BaseSettings):
     url: str = "http://127.0.0.1:8000"
     # Bearer key sent to the gateway; unset for a loopback gateway without SELPRUNE_API_KEYS.
     api_key: str | None = None
+    # The gateway's comma-separated keys; read only to pick a key for a stack `selprune up` starts itself.
+    api_keys: str = ""
     # Redis for `selprune up` and `selprune worker`; unset means `selprune up` starts a local one.
     redis_url: str | None = None
     # Where `selprune up` binds the gateway.
