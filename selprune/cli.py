@@ -117,33 +117,43 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     """Dataset and algorithm flags shared by `prune` and `submit`; unset flags keep PruneParams defaults."""
     fields = PruneParams.model_fields
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model reference (default: %(default)s)")
+    kinds = "builtin:NAME, file:PATH (under the data root), inline:TEXT1|TEXT2 or hub:ID"
     p.add_argument(
-        "--forget", type=dataset_spec, default=DEFAULT_FORGET, help="what to unlearn (%(default)s)"
+        "--forget",
+        type=dataset_spec,
+        default=DEFAULT_FORGET,
+        metavar="DATA",
+        help=f"what to unlearn: {kinds} (default: %(default)s)",
     )
-    p.add_argument("--retain", type=dataset_spec, default=DEFAULT_RETAIN, help="what to keep (%(default)s)")
+    p.add_argument(
+        "--retain",
+        type=dataset_spec,
+        default=DEFAULT_RETAIN,
+        metavar="DATA",
+        help="what to keep (%(default)s)",
+    )
     p.add_argument("--name", help="a name for the job and its mask")
 
-    def knob(flag: str, field: str, kind: Callable[[str], Any]) -> None:
-        p.add_argument(
-            flag,
-            type=kind,
-            default=None,
-            help=f"{fields[field].description or field} (default: {fields[field].default})",
-        )
+    def knob(flag: str, field: str, kind: Callable[[str], Any], metavar: str, what: str = "") -> None:
+        info = fields[field]
+        help_text = f"{what or info.description or field} (default: {info.default})"
+        p.add_argument(flag, type=kind, default=None, metavar=metavar, help=help_text)
 
-    knob("--ff-frac", "ff_frac", float)
-    knob("--attn-frac", "attn_frac", float)
-    knob("--steps", "steps", int)
-    knob("--collect-tokens", "collect_tokens", int)
-    knob("--eval-tokens", "eval_tokens", int)
-    knob("--token-limit", "token_limit", int)
-    knob("--batch-size", "batch_size", int)
-    knob("--seed", "seed", int)
+    knob("--ff-frac", "ff_frac", float, "F")
+    knob("--attn-frac", "attn_frac", float, "F")
+    knob("--steps", "steps", int, "N", "pruning steps")
+    knob("--collect-tokens", "collect_tokens", int, "N")
+    knob("--eval-tokens", "eval_tokens", int, "N")
+    knob("--token-limit", "token_limit", int, "N", "tokens per text (longer texts are truncated)")
+    knob("--batch-size", "batch_size", int, "N", "texts per forward pass")
+    knob("--seed", "seed", int, "N", "seed of sampling and random selection")
     p.add_argument(
         "--scoring",
         choices=get_args(ScoringName),
         default=None,
-        help=f"scoring function for FF and attention neurons (default: {fields['ff_scoring'].default})",
+        metavar="NAME",
+        help=f"neuron scoring for FF and attention: {', '.join(get_args(ScoringName))} "
+        f"(default: {fields['ff_scoring'].default})",
     )
     p.add_argument(
         "--random-baseline", action="store_true", default=None, help="prune random neurons (a control)"
