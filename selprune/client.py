@@ -74,7 +74,8 @@ class SseParser:
         self._event = ""
         self._data: list[str] = []
         self._retry: int | None = None
-        self.last_event_id: str | None = None
+        self._id: str | None = None  # the id field seen so far; becomes last_event_id on dispatch
+        self.last_event_id: str | None = None  # the id to resume from: that of the last complete event
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         text = self._decoder.decode(chunk)
@@ -108,7 +109,7 @@ class SseParser:
         elif name == "data":
             self._data.append(value)
         elif name == "id" and "\0" not in value:
-            self.last_event_id = value
+            self._id = value
         elif name == "retry" and value.isdigit():
             self._retry = int(value)
         return None
@@ -116,6 +117,7 @@ class SseParser:
     def _dispatch(self) -> SseEvent | None:
         event, data, retry = self._event, self._data, self._retry
         self._event, self._data, self._retry = "", [], None
+        self.last_event_id = self._id
         if not data:
             return None
         return SseEvent(event or "message", "\n".join(data), self.last_event_id, retry)

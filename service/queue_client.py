@@ -33,9 +33,6 @@ from worker.payloads import JobState
 # Exceptions meaning "Redis is unreachable": the error handlers answer 503 for these.
 QUEUE_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
 
-# TODO(keys): owners of a mask; to move into worker/keys.py as MASK_TENANTS_KEY.
-MASK_TENANTS_KEY: str = getattr(keys, "MASK_TENANTS_KEY", keys.MASK_KEY + ":tenants")
-
 EVENTS_MAXLEN = 10_000  # approximate cap on one job's events stream
 _FINISHED = tuple(s.value for s in JobState if s.finished)
 
@@ -67,7 +64,7 @@ return 1
 
 
 def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
@@ -205,7 +202,7 @@ class QueueClient:
         job_key = keys.JOB_KEY.format(job_id=job_id)
         if _s(await self.redis.hget(job_key, "tenant") or b"") != tenant:
             return None
-        data = json.dumps({"job_id": job_id, "state": JobState.cancelled.value})
+        data = json.dumps({"type": "state", "job_id": job_id, "state": JobState.cancelled.value})
         events_key = keys.JOB_EVENTS_KEY.format(job_id=job_id)
         result = await self.redis.eval(
             _CANCEL_LUA, 2, job_key, events_key, repr(time.time()), data, EVENTS_MAXLEN
@@ -239,24 +236,26 @@ class QueueClient:
     # Masks -------------------------------------------------------------------------------------------
     async def list_masks(self, tenant: str, limit: int) -> list[dict[str, Any]]:
         """Meta of the tenant's masks, newest first."""
-        ids = [
-            _s(i)
-            for i in await self.redis.zrevrange(keys.TENANT_MASKS_KEY.format(tenant=tenant), 0, limit - 1)
-        ]
+        tenant_key = keys.TENANT_MASKS_KEY.format(tenant=tenant)
+        pairs: list[Any] = await self.redis.zrevrange(tenant_key, 0, limit - 1, withscores=True)
+        held = [(_s(i), float(t)) for i, t in pairs]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for mask_id in ids:
+            for mask_id, _ in held:
                 pipe.hget(keys.MASK_KEY.format(mask_id=mask_id), "meta")
             metas = await pipe.execute()
-        return [_meta(mask_id, raw) for mask_id, raw in zip(ids, metas, strict=True) if raw is not None]
+        return [
+            _meta(mask_id, raw, t) for (mask_id, t), raw in zip(held, metas, strict=True) if raw is not None
+        ]
 
     async def mask_visible(self, mask_id: str, tenant: str) -> bool:
         return await self.redis.zscore(keys.TENANT_MASKS_KEY.format(tenant=tenant), mask_id) is not None
 
     async def mask_meta(self, mask_id: str, tenant: str) -> dict[str, Any] | None:
-        if not await self.mask_visible(mask_id, tenant):
-            return None
-        raw = await self.redis.hget(keys.MASK_KEY.format(mask_id=mask_id), "meta")
-        return None if raw is None else _meta(mask_id, raw)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zscore(keys.TENANT_MASKS_KEY.format(tenant=tenant), mask_id)
+            pipe.hget(keys.MASK_KEY.format(mask_id=mask_id), "meta")
+            held_since, raw = await pipe.execute()
+        return None if held_since is None or raw is None else _meta(mask_id, raw, float(held_since))
 
     async def mask_bits(self, mask_id: str, tenant: str) -> bytes | None:
         if not await self.mask_visible(mask_id, tenant):
@@ -272,7 +271,7 @@ class QueueClient:
             _DELETE_MASK_LUA,
             3,
             keys.TENANT_MASKS_KEY.format(tenant=tenant),
-            MASK_TENANTS_KEY.format(mask_id=mask_id),
+            keys.MASK_TENANTS_KEY.format(mask_id=mask_id),
             keys.MASK_KEY.format(mask_id=mask_id),
             mask_id,
             tenant,
@@ -328,7 +327,8 @@ def _event_name(data: str) -> str:
     return name if isinstance(name, str) else "progress"
 
 
-def _meta(mask_id: str, raw: Any) -> dict[str, Any]:
+def _meta(mask_id: str, raw: Any, held_since: float) -> dict[str, Any]:
+    """Decoded meta; `created_at` defaults to when the tenant got the mask."""
     try:
         meta = json.loads(_s(raw))
     except ValueError:
@@ -336,6 +336,7 @@ def _meta(mask_id: str, raw: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         meta = {}
     meta.setdefault("mask_id", mask_id)
+    meta.setdefault("created_at", held_since)
     return meta
 
 

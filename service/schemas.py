@@ -263,6 +263,7 @@ class MaskInfo(MaskSummary):
     model_config = ConfigDict(extra="allow")
 
     fingerprint: str | None = None
+    size_bytes: int | None = None
     params: dict[str, Any] | None = None
 
 

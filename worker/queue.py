@@ -10,7 +10,8 @@ Job hash `JOB_KEY`, all values strings:
     payload           JSON of the job model (`model_dump(mode="json")`), incl. job_id and tenant
     created_at        unix seconds (repr of a float); started_at (of the latest attempt), finished_at
     progress          JSON payloads.JobProgress; enqueue writes {"phase": "queued", ...}
-    attempts          starts so far ("0" when queued); above max_attempts the job is dead-lettered
+    attempts          starts so far ("0" when queued); a job picked up again after max_attempts
+                      starts is failed as RetriesExhausted and its id LPUSHed on DEAD_LETTER_KEY
     worker            consumer name of the worker that started the latest attempt
     result            JSON object returned by the job (on succeeded)
     error             JSON {"type", "message"} (payloads.ErrorInfo) on failed
@@ -113,12 +114,10 @@ class JobQueue:
     ) -> tuple[str, bool]:
         """Queue a job payload. Returns (job id, created); created is False when `idempotency_key`
         was already used by this tenant, and then the first job's id comes back and nothing is queued."""
-        payload = dict(job)
-        job_id = str(payload.setdefault("job_id", uuid.uuid4().hex))
-        if payload.setdefault("tenant", tenant) != tenant or payload.setdefault("job_kind", kind) != kind:
-            raise ValueError(
-                f"payload tenant/job_kind {payload['tenant']}/{payload['job_kind']} != {tenant}/{kind}"
-            )
+        payload = {"job_id": uuid.uuid4().hex, "tenant": tenant, "job_kind": kind, **job}
+        job_id = str(payload["job_id"])
+        if (payload["tenant"], payload["job_kind"]) != (tenant, kind):
+            raise ValueError(f"payload is for {payload['tenant']}/{payload['job_kind']}, not {tenant}/{kind}")
         idem = keys.IDEMPOTENCY_KEY.format(tenant=tenant, key=idempotency_key) if idempotency_key else None
         if idem and not self.redis.set(idem, job_id, nx=True, ex=self.idempotency_ttl):
             existing = self.redis.get(idem)
@@ -230,8 +229,8 @@ class Worker:
     """Takes jobs from the stream one at a time and runs them with `runner` (non-forking)."""
 
     def __init__(self, settings: WorkerSettings, redis_client: redis.Redis, runner: Runner) -> None:
-        kwargs = redis_client.connection_pool.connection_kwargs
-        assert not kwargs.get("decode_responses"), "the worker needs a bytes client (masks are binary)"
+        if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("the worker needs a client with decode_responses=False (masks are binary)")
         self.settings = settings
         self.redis = redis_client
         self.runner = runner

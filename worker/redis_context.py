@@ -193,7 +193,16 @@ class RedisJobContext:
         return self._cancel_seen
 
     def store_mask(self, mask_bytes: bytes, meta: dict[str, Any]) -> str:
-        return self.store.put(mask_bytes, meta, self.tenant)
+        mask_id, meta_json = self.store.describe(mask_bytes, meta)
+
+        def write(pipe: Pipeline) -> None:
+            pipe.multi()
+            self.store.queue_put(pipe, mask_id, mask_bytes, meta_json, self.tenant)
+
+        held, _ = self.lease.transaction(write)  # a fenced-off worker must not publish a mask
+        if not held:
+            raise LeaseLostError(f"job {self.job_id}: lease lost; mask not stored")
+        return mask_id
 
     def load_mask(self, mask_id: str) -> bytes:
         return self.store.get_bytes(mask_id, self.tenant)

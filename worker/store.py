@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from worker import keys
 from worker.errors import MaskNotFoundError
@@ -61,25 +62,33 @@ class MaskStore:
 
     def put(self, mask_bytes: bytes, meta: dict[str, Any], tenant: str) -> str:
         """Store a mask for `tenant` (validating it) and return its content-addressed id."""
+        mask_id, meta_json = self.describe(mask_bytes, meta)
+        with self.redis.pipeline(transaction=True) as pipe:
+            self.queue_put(pipe, mask_id, mask_bytes, meta_json, tenant)
+            pipe.execute()
+        return mask_id
+
+    def describe(self, mask_bytes: bytes, meta: dict[str, Any]) -> tuple[str, str]:
+        """Validate mask bytes; returns (mask id, meta JSON as stored). MaskMismatchError if not a mask."""
         from selprune_core.masks import NeuronMask
 
-        mask = NeuronMask.from_bytes(mask_bytes)  # MaskMismatchError for anything but a mask file
-        mask_id = mask.mask_id
+        mask = NeuronMask.from_bytes(mask_bytes)
         full_meta = {
             **meta,
-            "mask_id": mask_id,
+            "mask_id": mask.mask_id,
             "fingerprint": mask.fingerprint,
             "shape": mask.shape_key,
             "size_bytes": len(mask_bytes),
         }
+        return mask.mask_id, json.dumps(full_meta, sort_keys=True)
+
+    def queue_put(self, pipe: Pipeline, mask_id: str, mask_bytes: bytes, meta_json: str, tenant: str) -> None:
+        """Queue the writes of `put` on a MULTI pipeline (so a caller can guard them, e.g. by a lease)."""
         mask_key = keys.MASK_KEY.format(mask_id=mask_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(mask_key, "bits", mask_bytes)
-            pipe.hsetnx(mask_key, "meta", json.dumps(full_meta, sort_keys=True))
-            pipe.sadd(keys.MASK_TENANTS_KEY.format(mask_id=mask_id), tenant)
-            pipe.zadd(keys.TENANT_MASKS_KEY.format(tenant=tenant), {mask_id: time.time()}, nx=True)
-            pipe.execute()
-        return mask_id
+        pipe.hsetnx(mask_key, "bits", mask_bytes)
+        pipe.hsetnx(mask_key, "meta", meta_json)
+        pipe.sadd(keys.MASK_TENANTS_KEY.format(mask_id=mask_id), tenant)
+        pipe.zadd(keys.TENANT_MASKS_KEY.format(tenant=tenant), {mask_id: time.time()}, nx=True)
 
     def get_bytes(self, mask_id: str, tenant: str) -> bytes:
         """The mask's safetensors bytes; MaskNotFoundError unless `tenant` holds it."""

@@ -11,7 +11,7 @@ from service.deps import MaskIdDep, QueueDep, SettingsDep, TenantDep, mask_not_f
 from service.errors import error_responses
 from service.routes.jobs import accept_job, new_job_id
 from service.schemas import JobAccepted, MaskDeleted, MaskInfo, MaskList, MaskSummary
-from worker.payloads import SCHEMA_VERSION
+from worker.payloads import ExportJob, dump
 
 router = APIRouter(prefix="/v1/masks", tags=["masks"])
 
@@ -62,16 +62,8 @@ async def export_mask(
     meta = await queue.mask_meta(mask_id, tenant)
     if meta is None:
         raise mask_not_found(mask_id)
-    # TODO(payloads): an ExportJob model in worker/payloads.py; until then the same fields as a dict.
-    payload = {
-        "schema_version": SCHEMA_VERSION,
-        "job_kind": "export",
-        "job_id": new_job_id(),
-        "tenant": tenant,
-        "mask_id": mask_id,
-        "model": meta.get("model"),
-    }
-    return await accept_job(queue, settings, response, payload)
+    job = ExportJob(job_id=new_job_id(), tenant=tenant, mask_id=mask_id, model=meta.get("model"))
+    return await accept_job(queue, settings, response, dump(job))
 
 
 @router.delete("/{mask_id}", response_model=MaskDeleted, responses=error_responses(401, 404, 503))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -180,7 +181,9 @@ def test_killed_worker_job_is_reclaimed_and_resumes_from_checkpoint(queue, clien
     assert job["attempts"] == 2 and job["result"]["resumed_from"] == 2
     assert runner.seen == {"resumed_from": 2, "checkpoint_id": mask_after(2).mask_id}
     assert [s["step"] for s in queue.steps(job_id)] == [1, 2, 3, 4]
-    succeeded = [d for name, d in event_types(client, job_id) if name == "state" and d["state"] == "succeeded"]
+    succeeded = [
+        d for name, d in event_types(client, job_id) if name == "state" and d["state"] == "succeeded"
+    ]
     assert len(succeeded) == 1 and client.llen(keys.JOB_DURATIONS_KEY) == 1
     masks = MaskStore(client).list(TENANT)
     assert [m["mask_id"] for m in masks] == [mask_after(4).mask_id] == [job["result"]["mask_id"]]
@@ -188,7 +191,8 @@ def test_killed_worker_job_is_reclaimed_and_resumes_from_checkpoint(queue, clien
 
 
 # Leases ------------------------------------------------------------------------------------------
-def test_two_workers_never_run_the_same_job(queue, client, start_worker):
+def test_two_workers_never_run_the_same_job(queue, client, start_worker, caplog):
+    caplog.set_level(logging.DEBUG, logger="worker.queue")
     job_id, _ = queue.enqueue(prune_payload(), tenant=TENANT, kind="prune")
 
     def slow_runner(job, ctx):
@@ -204,6 +208,7 @@ def test_two_workers_never_run_the_same_job(queue, client, start_worker):
     time.sleep(0.5)
     assert int(client.get(f"test:runs:{job_id}")) == 1
     assert queue.get_job(job_id)["attempts"] == 1
+    assert any("leaving it" in r.getMessage() for r in caplog.records)  # the other one did try
 
 
 def test_entry_leased_by_a_live_worker_is_left_alone(queue, client, make_worker):
@@ -226,12 +231,14 @@ def test_fenced_off_worker_writes_nothing(queue, client, make_worker):
         seen["fenced"] = wait_for(ctx.should_cancel, timeout=5)  # the heartbeat notices
         with pytest.raises(LeaseLostError):
             ctx.step_done({"step": 1}, mask_after(1).to_bytes())
+        with pytest.raises(LeaseLostError):
+            ctx.store_mask(mask_after(1).to_bytes(), {})
         return {"ok": True}
 
     make_worker(stalled_runner, lease_seconds=0.3).run(burst=True)
     job = queue.get_job(job_id)
     assert seen["fenced"] and job["state"] == "running" and "result" not in job
-    assert queue.steps(job_id) == [] and pending_count(client) == 1
+    assert queue.steps(job_id) == [] and pending_count(client) == 1 and MaskStore(client).list(TENANT) == []
     assert client.get(lease_key) == b"new-holder:token"
 
 
@@ -320,7 +327,7 @@ def test_job_that_kills_its_worker_is_dead_lettered_after_max_attempts(queue, cl
     make_worker(deadly_runner, max_attempts=2, visibility_timeout=0.05).run(burst=True)
 
     job = queue.get_job(job_id)
-    assert len(calls) == 2 and job["state"] == "failed" and job["attempts"] == 3
+    assert len(calls) == 2 and job["state"] == "failed" and job["attempts"] == 2
     assert job["error"]["type"] == "RetriesExhausted"
     assert client.lrange(keys.DEAD_LETTER_KEY, 0, -1) == [job_id.encode()]
     assert pending_count(client) == 0

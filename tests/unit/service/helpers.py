@@ -10,7 +10,6 @@ from typing import Any
 import redis
 
 from service.auth import tenant_for_key
-from service.queue_client import MASK_TENANTS_KEY
 from worker import keys
 
 KEY_A = "key-a-secret"
@@ -66,7 +65,7 @@ def put_mask(r: redis.Redis, mask_id: str, *tenants: str, model: str = "smollm2-
     }
     r.hset(keys.MASK_KEY.format(mask_id=mask_id), mapping={"bits": bits, "meta": json.dumps(meta)})
     for tenant in tenants:
-        r.sadd(MASK_TENANTS_KEY.format(mask_id=mask_id), tenant)
+        r.sadd(keys.MASK_TENANTS_KEY.format(mask_id=mask_id), tenant)
         r.zadd(keys.TENANT_MASKS_KEY.format(tenant=tenant), {mask_id: time.time()})
     return bits
 

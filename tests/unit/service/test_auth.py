@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -73,6 +74,16 @@ def test_same_idempotency_key_in_two_tenants_makes_two_jobs(authed):
     a = authed.post("/v1/unlearn", json=body, headers=auth(KEY_A)).json()["job_id"]
     b = authed.post("/v1/unlearn", json=body, headers=auth(KEY_B)).json()["job_id"]
     assert a != b
+
+
+def test_auth_off_is_logged_at_start(make_client, caplog):
+    with caplog.at_level(logging.WARNING, logger="service.main"):
+        make_client()
+    assert "authentication is off" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="service.main"):
+        make_client(api_keys=KEY_A)
+    assert "authentication is off" not in caplog.text
 
 
 def test_loopback_hosts():

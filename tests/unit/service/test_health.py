@@ -53,6 +53,21 @@ def test_metrics_text(client, r):
         assert line in text.splitlines(), line
 
 
+def test_queue_depth_counts_undelivered_and_pending(client, r):
+    r.xgroup_create(keys.JOB_STREAM, keys.JOB_GROUP, id="0", mkstream=True)
+    for _ in range(3):
+        client.post(
+            "/v1/unlearn",
+            json={
+                "forget": {"kind": "builtin", "name": "toxic"},
+                "retain": {"kind": "builtin", "name": "toxic"},
+            },
+        )
+    r.xreadgroup(keys.JOB_GROUP, "worker-1", {keys.JOB_STREAM: ">"}, count=1)
+    lines = client.get("/metrics").text.splitlines()
+    assert "selprune_queue_depth 2" in lines and "selprune_queue_pending 1" in lines
+
+
 def test_framework_errors_use_the_error_shape(client):
     assert_error(client.get("/v1/nothing-here"), 404, "NotFound")
     assert_error(client.put("/v1/unlearn", json={}), 405, "MethodNotAllowed")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from service.queue_client import MASK_TENANTS_KEY
 from tests.unit.service.helpers import assert_error, put_mask, snapshot
 from worker import keys
 from worker.payloads import EvaluateJob
@@ -39,12 +38,12 @@ def test_delete_keeps_data_while_another_tenant_holds_it(client, r):
     assert client.delete("/v1/masks/shared").json() == {"mask_id": "shared", "deleted": True}
     assert_error(client.get("/v1/masks/shared"), 404, "MaskNotFound")
     assert r.exists(keys.MASK_KEY.format(mask_id="shared"))
-    assert r.smembers(MASK_TENANTS_KEY.format(mask_id="shared")) == {b"someone-else"}
+    assert r.smembers(keys.MASK_TENANTS_KEY.format(mask_id="shared")) == {b"someone-else"}
     assert_error(client.delete("/v1/masks/shared"), 404, "MaskNotFound")
 
     put_mask(r, "mine", "local")
     assert client.delete("/v1/masks/mine").status_code == 200
-    assert not r.exists(keys.MASK_KEY.format(mask_id="mine"), MASK_TENANTS_KEY.format(mask_id="mine"))
+    assert not r.exists(keys.MASK_KEY.format(mask_id="mine"), keys.MASK_TENANTS_KEY.format(mask_id="mine"))
 
 
 def test_export_queues_an_export_job(client, r):

@@ -1,0 +1,144 @@
+"""Import boundaries (style guide §10.1): service -> worker.payloads/worker.keys, worker -> selprune_core,
+and selprune_core imports nothing of ours nor of the web/queue stack.
+
+Runtime checks import in a fresh interpreter (this test process has torch loaded already); static checks
+parse the sources with `ast`, which also sees imports hidden inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "selprune_core", "transformers")
+CORE_FORBIDDEN = ("fastapi", "starlette", "uvicorn", "redis", "rq", "pydantic_settings", "service", "worker")
+# The gateway may use these two worker modules (stdlib + pydantic) and nothing else from worker/.
+WORKER_WIRE_MODULES = {"worker.payloads", "worker.keys"}
+CORE_MODULES = sorted(p.stem for p in (ROOT / "selprune_core").glob("*.py") if p.stem != "__init__")
+
+
+def loaded_after(code: str) -> list[str]:
+    """Top-level package names in sys.modules after running `code` in a fresh interpreter."""
+    script = f"import sys, json\n{code}\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded: list[str] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+def imports(path: Path) -> list[tuple[str, ast.AST, list[ast.AST]]]:
+    """(imported module, import node, enclosing nodes) for every import in a file, relative ones resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found: list[tuple[str, ast.AST, list[ast.AST]]] = []
+
+    def visit(node: ast.AST, parents: list[ast.AST]) -> None:
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, node, parents) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this file's package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            # `from worker import keys` imports the module worker.keys.
+            found.extend(
+                (f"{base}.{alias.name}" if base in ("worker", "service") else base, node, parents)
+                for alias in node.names
+            )
+        for child in ast.iter_child_nodes(node):
+            visit(child, [*parents, node])
+
+    visit(tree, [])
+    return found
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _lazy(parents: list[ast.AST]) -> bool:
+    return any(
+        isinstance(p, ast.FunctionDef | ast.AsyncFunctionDef) or _is_type_checking_block(p) for p in parents
+    )
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+# Runtime --------------------------------------------------------------------------------------------
+def test_gateway_import_leaves_torch_out():
+    loaded = loaded_after("import service.main, service.__main__\nservice.main.create_app")
+    assert not set(HEAVY) & set(loaded), f"importing the gateway loaded {set(HEAVY) & set(loaded)}"
+
+
+def test_wire_modules_import_light():
+    loaded = loaded_after("import worker.payloads, worker.keys")
+    assert not set(HEAVY) & set(loaded)
+
+
+def test_core_imports_no_web_or_queue_stack():
+    """Each core module in turn; a forbidden package is blamed on the first module that brought it in."""
+    code = (
+        "import importlib\nblame = {}\n"
+        f"for name in ['selprune_core'] + ['selprune_core.' + m for m in {CORE_MODULES!r}]:\n"
+        "    importlib.import_module(name)\n"
+        f"    for bad in {CORE_FORBIDDEN!r}:\n"
+        "        if bad in sys.modules and bad not in blame:\n"
+        "            blame[bad] = name\n"
+        "print(json.dumps(blame))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, json\n" + code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    blame = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert blame == {}, f"core pulled in the web/queue stack: {blame}"
+
+
+# Static ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "service").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_gateway_imports_only_the_wire_modules_of_worker(path):
+    for name, node, _ in imports(path):
+        assert _top(name) not in HEAVY, f"{path.name}:{node.lineno} imports {name}"
+        if _top(name) == "worker":
+            assert name in WORKER_WIRE_MODULES, f"{path.name}:{node.lineno} imports {name}"
+
+
+@pytest.mark.parametrize(
+    "path", [ROOT / "worker" / "payloads.py", ROOT / "worker" / "keys.py"], ids=lambda p: p.name
+)
+def test_wire_modules_import_only_stdlib_and_pydantic(path):
+    for name, node, parents in imports(path):
+        top = _top(name)
+        if top in sys.stdlib_module_names or top in ("__future__", "pydantic"):
+            continue
+        assert top == "selprune_core" and _lazy(parents), (
+            f"{path.name}:{node.lineno} imports {name}: only stdlib and pydantic at import time "
+            "(selprune_core only inside a function or under TYPE_CHECKING)"
+        )
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "selprune_core").rglob("*.py")), ids=lambda p: p.name)
+def test_core_sources_import_nothing_of_ours_and_read_no_environment(path):
+    for name, node, _ in imports(path):
+        assert _top(name) not in CORE_FORBIDDEN, f"{path.name}:{node.lineno} imports {name}"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb"):
+            assert not (isinstance(node.value, ast.Name) and node.value.id == "os"), (
+                f"{path.name}:{node.lineno} reads the environment; settings belong to worker/ and service/"
+            )

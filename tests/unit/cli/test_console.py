@@ -1,0 +1,101 @@
+"""The before/after table, step lines, ConsoleContext and the event follower."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from selprune.console import ConsoleContext, follow_events, format_step_line, render_table
+from selprune_core.masks import NeuronMask
+from worker.payloads import JobProgress
+
+
+def _report(step, forget, retain, ff_pruned=0, drops=None):
+    def metrics(top1, ci, loss, ppl):
+        return {"top1": top1, "topk": 0.9, "loss": loss, "perplexity": ppl, "ci": {"top1": ci}}
+
+    return {
+        "step": step,
+        "ff_pruned": ff_pruned,
+        "attn_pruned": 0,
+        "metrics": {"retain": metrics(*retain), "forget": metrics(*forget)},
+        "drops": drops or {},
+    }
+
+
+STEPS = [
+    _report(0, (0.50, [0.48, 0.52], 2.0, 7.389), (0.40, [0.38, 0.42], 2.5, 12.18)),
+    _report(
+        5, (0.10, [0.09, 0.11], 4.5, 90.02), (0.38, [0.36, 0.40], 2.6, 13.46), 1843, {"forget": 0.8}
+    ),
+]
+
+
+def test_table_shows_before_after_drop_and_cis():
+    table = render_table(STEPS)
+    lines = table.splitlines()
+    assert "step 0" in lines[0] and "step 5" in lines[0] and "1843 FF" in lines[0]
+    assert lines[1].split()[:2] == ["eval", "set"]
+    forget = next(line for line in lines if line.startswith("forget"))
+    retain = next(line for line in lines if line.startswith("retain"))
+    assert lines.index(forget) < lines.index(retain)  # forget first, whatever the dict order
+    assert "50.0% [48.0, 52.0]" in forget and "10.0% [9.0, 11.0]" in forget
+    assert "80.0%" in forget  # (0.50 - 0.10) / 0.50
+    assert "2.000 -> 4.500" in forget and "7.389 -> 90.0" in forget
+    assert "40.0% [38.0, 42.0]" in retain and "38.0% [36.0, 40.0]" in retain
+    assert "5.0%" in retain  # computed: the report gave no retain drop
+
+
+def test_table_handles_missing_values_and_no_steps():
+    assert render_table([]) == "no metrics were reported"
+    bare = [{"step": 0, "metrics": {"forget": {"top1": None, "ci": {}}}}]
+    assert "n/a" in render_table(bare)
+
+
+def test_step_line():
+    line = format_step_line(STEPS[1], steps=5)
+    assert line.startswith("step 5/5: 1843 FF / 0 attn pruned")
+    assert "forget top-1 10.0% (drop 80.0%)" in line
+
+
+def _mask():
+    return NeuronMask("fp", torch.ones(2, 8, dtype=torch.bool), torch.ones(2, 8, dtype=torch.bool), 2)
+
+
+def test_console_context_keeps_steps_and_writes_the_mask(tmp_path):
+    lines = io.StringIO()
+    ctx = ConsoleContext(tmp_path / "masks", file=lines, show_progress=False)
+    assert ctx.completed_steps() == [] and ctx.checkpoint() is None and not ctx.should_cancel()
+    ctx.progress(JobProgress(phase="collecting_forget", step=1, steps=5, tokens=100))
+    mask = _mask()
+    checkpoint = mask.to_bytes()
+    ctx.step_done(STEPS[0], checkpoint)
+    assert ctx.completed_steps() == [STEPS[0]]
+    assert ctx.checkpoint() == checkpoint
+    assert "step 0/5" in lines.getvalue()
+
+    mask_id = ctx.store_mask(mask.to_bytes(), {"name": "test"})
+    assert mask_id == mask.mask_id
+    assert ctx.mask_path == tmp_path / "masks" / f"{mask_id}.safetensors"
+    assert NeuronMask.load(ctx.mask_path) == mask
+    assert '"name": "test"' in (tmp_path / "masks" / f"{mask_id}.json").read_text()
+    assert ctx.load_mask(mask_id) == ctx.mask_path.read_bytes()
+    from worker.errors import MaskNotFoundError
+
+    with pytest.raises(MaskNotFoundError):
+        ctx.load_mask("0" * 24)
+
+
+def test_follow_events_returns_the_final_state():
+    lines = io.StringIO()
+    events = [
+        ("progress", {"phase": "evaluating", "step": 0, "steps": 5, "tokens": 0}),
+        ("step", STEPS[0]),
+        ("progress", {"phase": "collecting_forget", "step": 1, "steps": 5, "tokens": 512}),
+        ("step", STEPS[1]),
+        ("state", {"state": "succeeded"}),
+    ]
+    assert follow_events(events, file=lines, show_progress=False) == {"state": "succeeded"}
+    assert lines.getvalue().count("\n") == 2  # one line per step
