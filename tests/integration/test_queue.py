@@ -331,3 +331,34 @@ def test_job_that_kills_its_worker_is_dead_lettered_after_max_attempts(queue, cl
     assert job["error"]["type"] == "RetriesExhausted"
     assert client.lrange(keys.DEAD_LETTER_KEY, 0, -1) == [job_id.encode()]
     assert pending_count(client) == 0
+
+
+# The real job function ---------------------------------------------------------------------------
+def test_real_prune_job_on_a_tiny_model(queue, client, make_worker, tiny_model, tokenizer, tmp_path):
+    """worker.jobs.run_job through the queue: steps, checkpoint and the final mask land in Redis."""
+    from tests.helpers import CORPUS
+    from worker.jobs import run_job
+    from worker.runtime import ModelRuntime
+
+    model_dir = tmp_path / "tiny-gpt2"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    runtime = ModelRuntime(cache_dir=tmp_path / "cache", data_root=tmp_path, device="cpu", dtype="float32")
+    params = {"steps": 2, "collect_tokens": 200, "eval_tokens": 100, "token_limit": 32, "batch_size": 4}
+    job_id, _ = queue.enqueue(
+        prune_payload(
+            model=str(model_dir),
+            forget={"kind": "inline", "texts": CORPUS[1::2] * 4},
+            retain={"kind": "inline", "texts": CORPUS[0::2] * 4},
+            params=params,
+        ),
+        tenant=TENANT,
+        kind="prune",
+    )
+    make_worker(lambda job, ctx: run_job(job, runtime, ctx, export_root=tmp_path)).run(burst=True)
+
+    job = queue.get_job(job_id)
+    assert job["state"] == "succeeded", job.get("error")
+    assert job["result"]["steps"] == 2 and len(queue.steps(job_id)) == 3  # step 0 (baseline), 1, 2
+    mask = NeuronMask.from_bytes(MaskStore(client).get_bytes(job["result"]["mask_id"], TENANT))
+    assert mask.pruned_counts()["ff"] == job["result"]["pruned"]["ff"] > 0
