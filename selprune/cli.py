@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, get_args
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
@@ -287,9 +289,18 @@ def _print_stack(stack: LocalStack) -> None:
         "",
         f"selprune is up: API  {stack.url}",
         f"                docs {stack.url}/docs",
-        f"                Redis {stack.redis_url}",
+        f"                Redis {_redact(stack.redis_url or '')}",
         f"logs: {stack.log_dir}/ ({', '.join(c.log_path.name for c in stack.children)})",
     )
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def cmd_up(args: argparse.Namespace, settings: CliSettings) -> int:
@@ -299,7 +310,24 @@ def cmd_up(args: argparse.Namespace, settings: CliSettings) -> int:
     port = args.port if args.port is not None else settings.port
     if port_in_use(host, port):  # before starting anything
         raise CliError(port_taken_message(host, port))
-    cfg = _stack_config(args, settings, host, port)
+
+    def then(stack: LocalStack) -> int:
+        if args.demo:
+            with SelpruneClient(stack.url, settings.api_key or _first_api_key(settings)) as client:
+                return _run_demo(client, stack_owned=True)
+        out("press Ctrl-C to stop")
+        try:
+            stack.supervise()
+        except KeyboardInterrupt:  # the normal way to stop `up`
+            out("")
+        return EXIT_OK
+
+    return _with_stack(_stack_config(args, settings, host, port), then)
+
+
+def _with_stack(cfg: StackConfig, then: Callable[[LocalStack], int]) -> int:
+    """Start a local stack, run `then(stack)`, and stop the stack whatever happens (Ctrl-C, SIGTERM,
+    a failed child); errors are reported before the stack stops, so they are not lost in its logs."""
     code = EXIT_OK
     with signals_as_interrupt():
         _ensure_setup(cfg.cache_dir, model=True, corpora=False)
@@ -307,15 +335,15 @@ def cmd_up(args: argparse.Namespace, settings: CliSettings) -> int:
         try:
             stack.start()
             _print_stack(stack)
-            if args.demo:
-                with SelpruneClient(stack.url, settings.api_key or _first_api_key(settings)) as client:
-                    code = _run_demo(client, stack_owned=True)
-            else:
-                out("press Ctrl-C to stop")
-                stack.supervise()
+            code = then(stack)
         except KeyboardInterrupt:
-            out("", "stopping...")
+            out("", "interrupted")
+            code = EXIT_INTERRUPTED
+        except (ClientError, LauncherError) as exc:
+            err(_error_text(exc))
+            code = EXIT_ERROR
         finally:
+            out("stopping the local stack...")
             stack.stop()
     out("stopped")
     return code
@@ -347,23 +375,13 @@ def cmd_demo(args: argparse.Namespace, settings: CliSettings) -> int:
     client.close()
     out(f"no gateway at {url}; starting a local stack for the demo")
     port = settings.port if not port_in_use("127.0.0.1", settings.port) else free_port()
-    cfg = _stack_config(args, settings, "127.0.0.1", port)
-    with signals_as_interrupt():
-        _ensure_setup(cfg.cache_dir, model=True, corpora=False)
-        with LocalStack(cfg, on_status=out) as stack:
-            try:
-                stack.start()
-            except KeyboardInterrupt:
-                out("", "stopping...")
-                return EXIT_INTERRUPTED
-            _print_stack(stack)
-            with SelpruneClient(
-                stack.url, args.api_key or settings.api_key or _first_api_key(settings)
-            ) as local:
-                try:
-                    return _run_demo(local, stack_owned=True)
-                finally:
-                    out("stopping the local stack...")
+    api_key = args.api_key or settings.api_key or _first_api_key(settings)
+
+    def then(stack: LocalStack) -> int:
+        with SelpruneClient(stack.url, api_key) as local:
+            return _run_demo(local, stack_owned=True)
+
+    return _with_stack(_stack_config(args, settings, "127.0.0.1", port), then)
 
 
 def _run_demo(client: SelpruneClient, *, stack_owned: bool) -> int:
@@ -523,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_text(exc: Exception) -> str:
+    if isinstance(exc, ApiError):
+        return f"the gateway answered {exc.status} {exc.type}: {exc.message}"
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -544,15 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         err(str(exc))
         return exc.code
-    except ApiError as exc:
-        err(f"the gateway answered {exc.status} {exc.type}: {exc.message}")
-        return EXIT_ERROR
     except (ClientError, LauncherError) as exc:
-        err(str(exc))
+        err(_error_text(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:
         err("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `selprune status --json | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -175,16 +175,18 @@ class SelpruneClient:
         return self._probe("/readyz")
 
     def events(
-        self, job_id: str, *, max_retries: int = 5, poll_on_missing: bool = True
+        self, job_id: str, *, max_retries: int = 5, poll_interval: float = 2.0
     ) -> Iterator[tuple[str, Any]]:
         """Follow GET /v1/jobs/{id}/events, yielding (event, data) until the job finishes.
 
-        A dropped connection is resumed with Last-Event-ID (up to `max_retries` failures in a row).
-        If the gateway has no events route (404 on it while the job exists), falls back to polling.
+        A dropped connection is resumed with Last-Event-ID. After `max_retries` failures in a row, or
+        if the gateway has no events route, it polls GET /v1/jobs/{id} instead (progress events plus a
+        step event per new step report), as long as that answers.
         """
         path = f"/v1/jobs/{quote(job_id, safe='')}/events"
         last_id: str | None = None
         failures = 0
+        seen_step = -1  # highest step whose report was yielded
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_id is not None:
@@ -195,19 +197,24 @@ class SelpruneClient:
                 # No read timeout would hide a dead connection; a quiet stream just reconnects.
                 timeout = httpx.Timeout(10.0, read=60.0)
                 with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
-                    if response.status_code == 404 and poll_on_missing:
+                    if response.status_code == 404 or response.status_code == 405:
                         response.read()
                         self.job(job_id)  # raises ApiError if the job itself does not exist
-                        yield from self._poll(job_id)
+                        yield from self._poll(job_id, seen_step, poll_interval)
                         return
                     if response.status_code >= 400:
                         response.read()
-                        raise _api_error(response)
+                        error = _api_error(response)
+                        if response.status_code < 500:
+                            raise error
+                        raise httpx.TransportError(str(error))  # a 5xx is worth a retry
                     for chunk in response.iter_bytes():
                         for event in parser.feed(chunk):
                             failures = 0
                             delay_ms = event.retry or delay_ms
                             data = event.json()
+                            if event.event == "step" and isinstance(data, dict):
+                                seen_step = max(seen_step, int(data.get("step") or 0))
                             yield event.event, data
                             if _is_final(event.event, data):
                                 return
@@ -216,9 +223,9 @@ class SelpruneClient:
                 last_id = parser.last_event_id or last_id
                 failures += 1
                 if failures > max_retries:
-                    raise GatewayUnreachableError(
-                        f"lost the event stream of job {job_id} at {self.url}: {exc}"
-                    ) from exc
+                    log.warning("the event stream of job %s keeps failing (%s); polling instead", job_id, exc)
+                    yield from self._poll(job_id, seen_step, poll_interval)
+                    return
                 log.info("event stream dropped (%s); reconnecting (try %d)", exc, failures)
             else:
                 # The stream ended without a final state: ask whether the job is done, else reconnect.
@@ -228,10 +235,15 @@ class SelpruneClient:
                     return
             time.sleep(min(10.0, (delay_ms or 1000) / 1000 * max(1, failures)))
 
-    def _poll(self, job_id: str, interval: float = 2.0) -> Iterator[tuple[str, Any]]:
-        """Stand-in for the event stream: yields ("progress", status) until a final state."""
+    def _poll(self, job_id: str, seen_step: int, interval: float) -> Iterator[tuple[str, Any]]:
+        """Stand-in for the event stream, from GET /v1/jobs/{id}: ("step", report) for each report past
+        `seen_step`, ("progress", status), and finally ("state", status)."""
         while True:
             status = self.job(job_id)
+            for report in status.get("metrics") or []:
+                if isinstance(report, dict) and int(report.get("step") or 0) > seen_step:
+                    seen_step = int(report.get("step") or 0)
+                    yield "step", report
             if str(status.get("state")) in FINISHED_STATES:
                 yield "state", status
                 return

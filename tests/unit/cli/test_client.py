@@ -82,3 +82,17 @@ def test_events_reconnect_with_last_event_id(monkeypatch):
         events = list(client.events("job-1"))
     assert seen == [None, "1-0"]
     assert events == [("progress", {"phase": "scoring"}), ("state", {"state": "failed", "error": {"type": "E"}})]
+
+
+def test_events_fall_back_to_polling(monkeypatch):
+    monkeypatch.setattr("selprune.client.time.sleep", lambda _s: None)
+    report = {"step": 0, "metrics": {}}
+
+    def handler(request):
+        if request.url.path.endswith("/events"):
+            return httpx.Response(503, json={"error": {"type": "QueueUnavailable", "message": "down"}})
+        return httpx.Response(200, json={"state": "succeeded", "metrics": [report]})
+
+    with _client(handler) as client:
+        events = list(client.events("job-1", max_retries=1))
+    assert events == [("step", report), ("state", {"state": "succeeded", "metrics": [report]})]
