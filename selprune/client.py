@@ -179,6 +179,9 @@ class SelpruneClient:
     ) -> Iterator[tuple[str, Any]]:
         """Follow GET /v1/jobs/{id}/events, yielding (event, data) until the job finishes.
 
+        Events are "progress" (phase, step, steps, tokens), "step" (data: the step report itself) and
+        "state" (state, and the error of a failed job).
+
         A dropped connection is resumed with Last-Event-ID. After `max_retries` failures in a row, or
         if the gateway has no events route, it polls GET /v1/jobs/{id} instead (progress events plus a
         step event per new step report), as long as that answers.
@@ -214,6 +217,9 @@ class SelpruneClient:
                             delay_ms = event.retry or delay_ms
                             data = event.json()
                             if event.event == "step" and isinstance(data, dict):
+                                # The worker wraps the report: {"type": "step", "report": {...}}.
+                                report = data.get("report")
+                                data = report if isinstance(report, dict) else data
                                 seen_step = max(seen_step, int(data.get("step") or 0))
                             yield event.event, data
                             if _is_final(event.event, data):

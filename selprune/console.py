@@ -173,14 +173,19 @@ class ConsoleContext:
         if key != self._bar_key:
             self.close()
             self._bar_key = key
+            if progress.phase == "done":
+                return
+            total = self._phase_totals.get(progress.phase)
             self._bar = tqdm(
                 desc=f"step {progress.step}/{progress.steps} {phase_label(progress.phase)}",
-                total=self._phase_totals.get(progress.phase),
+                total=total,
                 unit="tok",
                 unit_scale=True,
                 leave=False,
                 disable=self._disable,
                 file=sys.stderr,
+                # Phases without a token budget (loading, evaluating, scoring) show elapsed time only.
+                bar_format=None if total else "{desc}: {elapsed}",
             )
         if self._bar is not None and progress.tokens:
             self._bar.update(progress.tokens - self._bar.n)

@@ -43,7 +43,14 @@ def test_gateway_requires_api_keys_and_dockerfiles_exist():
 def test_env_example_lists_operator_settings():
     text = (ROOT / ".env.example").read_text()
     for name in (
-        "SELPRUNE_REDIS_URL", "SELPRUNE_HOST", "SELPRUNE_PORT", "SELPRUNE_API_KEYS", "SELPRUNE_DATA_ROOT",
-        "SELPRUNE_EXPORT_ROOT", "SELPRUNE_CACHE_DIR", "SELPRUNE_DEVICE", "SELPRUNE_DTYPE",
+        "SELPRUNE_REDIS_URL",
+        "SELPRUNE_HOST",
+        "SELPRUNE_PORT",
+        "SELPRUNE_API_KEYS",
+        "SELPRUNE_DATA_ROOT",
+        "SELPRUNE_EXPORT_ROOT",
+        "SELPRUNE_CACHE_DIR",
+        "SELPRUNE_DEVICE",
+        "SELPRUNE_DTYPE",
     ):
         assert f"{name}=" in text, name

@@ -20,13 +20,21 @@ def test_prune_and_masked_generation_on_cuda(tiny_model, tokenizer, device, dtyp
     model = tiny_model("llama").to(device=device, dtype=dtype)
     sites = resolve_sites(model)
     cfg = PruneConfig(
-        ff_frac=0.1, attn_frac=0.05, steps=2,
+        ff_frac=0.1,
+        attn_frac=0.05,
+        steps=2,
         collect=CollectConfig(token_limit=64, sample_tokens=2000, batch_size=4),
         eval=EvalConfig(token_limit=64, sample_tokens=500, batch_size=4, bootstrap_samples=50),
     )
     result = prune_iteratively(
-        model, tokenizer, sites, model_fingerprint(model), CORPUS[1::2], CORPUS[0::2],
-        {"forget": CORPUS[1::2], "retain": CORPUS[0::2]}, cfg,
+        model,
+        tokenizer,
+        sites,
+        model_fingerprint(model),
+        CORPUS[1::2],
+        CORPUS[0::2],
+        {"forget": CORPUS[1::2], "retain": CORPUS[0::2]},
+        cfg,
     )
     assert result.mask.pruned_counts()["ff"] > 0
     greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)

@@ -43,19 +43,27 @@ def model_dir(tiny_model, tokenizer, tmp_path) -> Path:
 
 @pytest.fixture
 def gateway(redis_url, model_dir, tmp_path):
-    settings = GatewaySettings(redis_url=redis_url, data_root=tmp_path, models=[str(model_dir)], sse_block_ms=50)
+    settings = GatewaySettings(
+        redis_url=redis_url, data_root=tmp_path, models=[str(model_dir)], sse_block_ms=50
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
 
 def _worker(redis_url: str, tmp_path: Path, **overrides) -> Worker:
     settings = WorkerSettings(
-        redis_url=redis_url, cache_dir=tmp_path / "cache", data_root=tmp_path, export_root=tmp_path / "exports",
-        poll_block_ms=50, **overrides,
+        redis_url=redis_url,
+        cache_dir=tmp_path / "cache",
+        data_root=tmp_path,
+        export_root=tmp_path / "exports",
+        poll_block_ms=50,
+        **overrides,
     )
     runtime = ModelRuntime(cache_dir=settings.cache_dir, data_root=tmp_path, device="cpu", dtype="float32")
     return Worker(
-        settings, redis.Redis.from_url(redis_url), lambda job, ctx: run_job(job, runtime, ctx, export_root=settings.export_root)
+        settings,
+        redis.Redis.from_url(redis_url),
+        lambda job, ctx: run_job(job, runtime, ctx, export_root=settings.export_root),
     )
 
 
@@ -65,8 +73,16 @@ def _unlearn_body(model_dir: Path, **params) -> dict:
         "forget": {"kind": "inline", "texts": CODE * 3},
         "retain": {"kind": "inline", "texts": PROSE * 3},
         "name": "tiny-code",
-        "params": {"ff_frac": 0.1, "attn_frac": 0.05, "steps": 2, "collect_tokens": 300, "eval_tokens": 200,
-                   "token_limit": 32, "batch_size": 4, **params},
+        "params": {
+            "ff_frac": 0.1,
+            "attn_frac": 0.05,
+            "steps": 2,
+            "collect_tokens": 300,
+            "eval_tokens": 200,
+            "token_limit": 32,
+            "batch_size": 4,
+            **params,
+        },
     }
 
 
@@ -115,8 +131,13 @@ def test_evaluate_job_compares_base_and_mask(gateway, redis_url, model_dir, tmp_
     job_id = gateway.post("/v1/unlearn", json=_unlearn_body(model_dir, steps=1)).json()["job_id"]
     _worker(redis_url, tmp_path).run(burst=True)
     mask_id = gateway.get(f"/v1/jobs/{job_id}").json()["mask_id"]
-    body = {"model": str(model_dir), "mask_id": mask_id, "datasets": [{"kind": "inline", "texts": CODE}],
-            "eval_tokens": 100, "token_limit": 32}
+    body = {
+        "model": str(model_dir),
+        "mask_id": mask_id,
+        "datasets": [{"kind": "inline", "texts": CODE}],
+        "eval_tokens": 100,
+        "token_limit": 32,
+    }
     accepted = gateway.post("/v1/evaluate", json=body)
     assert accepted.status_code == 202, accepted.text
     _worker(redis_url, tmp_path).run(burst=True)
@@ -143,7 +164,9 @@ def test_killed_worker_mid_job_is_finished_by_another_without_lost_or_repeated_s
     gateway, redis_url, model_dir, tmp_path
 ):
     # Enough collection per step that the job runs for seconds, so the kill lands mid-job.
-    body = _unlearn_body(model_dir, steps=6, ff_frac=0.05, attn_frac=0.0, collect_tokens=20_000, token_limit=64)
+    body = _unlearn_body(
+        model_dir, steps=6, ff_frac=0.05, attn_frac=0.0, collect_tokens=20_000, token_limit=64
+    )
     body["forget"]["texts"] = CODE * 200
     body["retain"]["texts"] = PROSE * 200
     job_id = gateway.post("/v1/unlearn", json=body).json()["job_id"]

@@ -9,11 +9,11 @@ from selprune.client import ApiError, GatewayUnreachableError, SelpruneClient, S
 
 STREAM = (
     b"\xef\xbb\xbf: keep-alive\r\n\r\n"
-    b"id: 1-0\r\nevent: progress\r\ndata: {\"phase\": \"evaluating\", \"step\": 0}\r\n\r\n"
-    b"event: step\nid: 2-0\ndata: {\"step\": 1,\ndata:  \"name\": \"caf\xc3\xa9\"}\n\n"
+    b'id: 1-0\r\nevent: progress\r\ndata: {"phase": "evaluating", "step": 0}\r\n\r\n'
+    b'event: step\nid: 2-0\ndata: {"step": 1,\ndata:  "name": "caf\xc3\xa9"}\n\n'
     b"retry: 500\rdata:plain text\r\r"
     b"event: ignored-without-data\n\n"
-    b"event: state\nid: 3-0\ndata: {\"state\": \"succeeded\"}\n\n"
+    b'event: state\nid: 3-0\ndata: {"state": "succeeded"}\n\n'
     b"data: incomplete, never dispatched\n"
 )
 EXPECTED = [
@@ -75,13 +75,18 @@ def test_events_reconnect_with_last_event_id(monkeypatch):
         if len(seen) == 1:
             first = b'id: 1-0\nevent: progress\ndata: {"phase": "scoring"}\n\nid: 2-0\ndata: {"half'
             return httpx.Response(200, stream=_Dropping([first]))
-        body = b'id: 3-0\nevent: state\ndata: {"state": "failed", "error": {"type": "E"}}\n\n'
+        body = b'id: 3-0\nevent: step\ndata: {"type": "step", "report": {"step": 1}}\n\n'
+        body += b'id: 4-0\nevent: state\ndata: {"state": "failed", "error": {"type": "E"}}\n\n'
         return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
 
     with _client(handler) as client:
         events = list(client.events("job-1"))
     assert seen == [None, "1-0"]
-    assert events == [("progress", {"phase": "scoring"}), ("state", {"state": "failed", "error": {"type": "E"}})]
+    assert events == [
+        ("progress", {"phase": "scoring"}),
+        ("step", {"step": 1}),  # the worker's {"type": "step", "report": ...} is unwrapped
+        ("state", {"state": "failed", "error": {"type": "E"}}),
+    ]
 
 
 def test_events_fall_back_to_polling(monkeypatch):
