@@ -16,18 +16,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, error_response
 from service.settings import GatewaySettings
-from worker.payloads import BuiltinData, DatasetSpec, FileData, HubData, InlineData, PruneParams
-
-# Mirrors of selprune_core's dataset rules (the gateway cannot import core); the worker checks again.
-BUILTIN_DATASETS = ("python_code", "english_prose", "toxic", "toxic_prompts")
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-# Ids that datasets.load_dataset treats as local-file builders: as hub ids they would escape the data root.
-_PACKAGED_BUILDERS = frozenset(
-    "arrow audiofolder cache csv eval generator hdf5 imagefolder json lance niftifolder pandas parquet "
-    "pdffolder spark sql text videofolder webdataset xml".split()
+from worker.payloads import (
+    BUILTIN_DATASETS,
+    FILE_SUFFIXES,
+    BuiltinData,
+    DatasetSpec,
+    FileData,
+    HubData,
+    InlineData,
+    PruneParams,
 )
-_FILTER = re.compile(r"\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*")
+from worker.payloads import (
+    FILTER_PATTERN as _FILTER,
+)
+from worker.payloads import (
+    HUB_ID_PATTERN as _HUB_ID,
+)
+from worker.payloads import (
+    PACKAGED_BUILDERS as _PACKAGED_BUILDERS,
+)
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

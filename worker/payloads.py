@@ -7,6 +7,7 @@ wire form is always `model_dump(mode="json")`; the worker re-validates with `mod
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -28,6 +29,19 @@ class _Strict(BaseModel):
 
 
 # Dataset references ------------------------------------------------------------------------------
+# The rules the gateway checks before queueing, mirroring selprune_core's (which the gateway cannot
+# import); tests/test_contract_sync.py keeps the two copies equal.
+BUILTIN_DATASETS = ("python_code", "english_prose", "toxic", "toxic_prompts")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# Ids that datasets.load_dataset treats as local-file builders: as hub ids they would escape the data root.
+PACKAGED_BUILDERS = frozenset(
+    "arrow audiofolder cache csv eval generator hdf5 imagefolder json lance niftifolder pandas parquet "
+    "pdffolder spark sql text videofolder webdataset xml".split()
+)
+FILTER_PATTERN = re.compile(r"\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*")
+
+
 class InlineData(_Strict):
     kind: Literal["inline"] = "inline"
     texts: list[str] = Field(min_length=1, description="the texts themselves")
