@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from selprune.client import ApiError, ClientError, SelpruneClient
 from selprune.console import ConsoleContext, follow_events, format_step_line, phase_label, render_table
 from selprune.launcher import (
+    BUILTIN_DATASETS,
     EMBEDDED_MODEL,
     LauncherError,
     LocalStack,
@@ -48,7 +49,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 
 DEFAULT_FORGET = "builtin:python_code"
 DEFAULT_RETAIN = "builtin:english_prose"
-_TOXIC_BUILTINS = ("toxic", "toxic_prompts")  # the built-in corpora that need `selprune setup`
+_TOXIC_BUILTINS = ("toxic", "toxic_prompts")  # the built-in datasets that need `selprune setup`
 
 
 # --- output -----------------------------------------------------------------------------------------------
@@ -80,11 +81,9 @@ def dataset_spec(text: str) -> dict[str, Any]:
     if not sep:
         raise argparse.ArgumentTypeError(f"dataset {text!r} has no kind; use {kinds} (e.g. {DEFAULT_FORGET})")
     if kind == "builtin":
-        from selprune_core.corpora import BUILTIN_CORPORA  # stdlib only, no torch
-
-        if rest not in BUILTIN_CORPORA:
+        if rest not in BUILTIN_DATASETS:
             raise argparse.ArgumentTypeError(
-                f"unknown builtin dataset {rest!r}; available: {', '.join(sorted(BUILTIN_CORPORA))}"
+                f"unknown builtin dataset {rest!r}; available: {', '.join(BUILTIN_DATASETS)}"
             )
         return {"kind": "builtin", "name": rest}
     if kind == "file":
@@ -552,11 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "generate":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.command != "worker":  # the worker configures its own logging (SELPRUNE_LOG_LEVEL)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     try:
         settings = CliSettings()
     except ValidationError as exc:

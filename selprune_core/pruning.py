@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from selprune_core.evaluation import EvalResult, common_target_ids, evaluate_sets, relative_drop
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -30,6 +29,7 @@ from selprune_core.activations import ActivationStats, collect_activations
 from selprune_core.batching import iter_token_batches
 from selprune_core.config import PruneConfig
 from selprune_core.errors import CancelledError, ConfigError
+from selprune_core.evaluation import EvalResult, common_target_ids, evaluate_sets, relative_drop
 from selprune_core.masks import NeuronMask, apply_mask
 from selprune_core.scoring import (
     Selection,

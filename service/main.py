@@ -30,7 +30,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.auth_enabled:
             logger.warning("SELPRUNE_API_KEYS is not set: authentication is off (serve on loopback only)")
-        app.state.queue = QueueClient.from_url(str(settings.redis_url))
+        app.state.queue = QueueClient.from_url(str(settings.redis_url), block_ms=settings.sse_block_ms)
         try:
             yield
         finally:

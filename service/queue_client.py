@@ -94,9 +94,15 @@ class QueueClient:
         self.redis = redis
 
     @classmethod
-    def from_url(cls, url: str) -> QueueClient:
-        # No socket timeout: the events endpoint blocks in XREAD for up to sse_block_ms.
-        return cls(aioredis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30))
+    def from_url(cls, url: str, *, block_ms: int = 15_000) -> QueueClient:
+        # The read timeout must outlast the events endpoint's XREAD BLOCK: left unset, redis-py falls
+        # back to the connect timeout (5 s) and every idle event stream died after 5 s.
+        read_timeout = block_ms / 1000 + 10
+        return cls(
+            aioredis.Redis.from_url(
+                url, socket_connect_timeout=5, socket_timeout=read_timeout, health_check_interval=30
+            )
+        )
 
     async def aclose(self) -> None:
         await self.redis.aclose()

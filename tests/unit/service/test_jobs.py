@@ -159,3 +159,23 @@ def test_events_of_unknown_job_and_bad_last_event_id(client, r):
     assert_error(client.get("/v1/jobs/nope/events"), 404, "JobNotFound")
     put_job(r, "j3", "local", "succeeded")
     assert_error(client.get("/v1/jobs/j3/events", headers={"Last-Event-ID": "x"}), 422, "ValidationError")
+
+
+def test_events_survive_a_quiet_job_longer_than_the_connect_timeout(make_client, r):
+    """An XREAD BLOCK longer than 5 s must not time out (regression: the read timeout defaulted to
+    the 5 s connect timeout and every quiet event stream broke)."""
+    client = make_client(sse_block_ms=6000)
+    put_job(r, "quiet", "local", "running")
+
+    def finish_later() -> None:
+        time.sleep(6.5)
+        add_event(r, "quiet", "state", {"state": "succeeded"})
+        r.hset(keys.JOB_KEY.format(job_id="quiet"), "state", "succeeded")
+
+    thread = threading.Thread(target=finish_later)
+    thread.start()
+    with client.stream("GET", "/v1/jobs/quiet/events") as resp:
+        text = resp.read().decode()
+    thread.join()
+    assert resp.status_code == 200
+    assert [e["event"] for e in parse_sse(text)][-1] == "state"
