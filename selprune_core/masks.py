@@ -136,11 +136,17 @@ class NeuronMask:
 
     # Serialization -----------------------------------------------------------------------------
     def to_bytes(self, metadata: dict[str, Any] | None = None) -> bytes:
-        """Safetensors bytes (uint8 keep flags); metadata is stored JSON-encoded in the header."""
-        header = {"format": _FORMAT, "fingerprint": self.fingerprint, "n_heads": str(self.n_heads)}
+        """Safetensors bytes holding the keep flags packed 8 per byte; metadata goes in the header as JSON."""
+        header = {
+            "format": _FORMAT,
+            "fingerprint": self.fingerprint,
+            "n_heads": str(self.n_heads),
+            "ff_shape": json.dumps(list(self.ff_keep.shape)),
+            "attn_shape": json.dumps(list(self.attn_keep.shape)),
+        }
         if metadata:
             header["meta"] = json.dumps(metadata, sort_keys=True)
-        tensors = {"ff_keep": self.ff_keep.to(torch.uint8), "attn_keep": self.attn_keep.to(torch.uint8)}
+        tensors = {"ff_keep": _pack(self.ff_keep), "attn_keep": _pack(self.attn_keep)}
         return bytes(save(tensors, metadata=header))
 
     @classmethod
@@ -151,8 +157,8 @@ class NeuronMask:
         tensors = load(data)
         return cls(
             fingerprint=header["fingerprint"],
-            ff_keep=tensors["ff_keep"].bool(),
-            attn_keep=tensors["attn_keep"].bool(),
+            ff_keep=_unpack(tensors["ff_keep"], json.loads(header["ff_shape"])),
+            attn_keep=_unpack(tensors["attn_keep"], json.loads(header["attn_shape"])),
             n_heads=int(header["n_heads"]),
         )
 
@@ -173,6 +179,17 @@ class NeuronMask:
     @classmethod
     def load(cls, path: Path) -> NeuronMask:
         return cls.from_bytes(Path(path).read_bytes())
+
+
+def _pack(keep: torch.Tensor) -> torch.Tensor:
+    # [layer, width] bool -> [ceil(layer * width / 8)] uint8, numpy big-endian bit order.
+    return torch.from_numpy(np.packbits(keep.flatten().numpy()))
+
+
+def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    count = shape[0] * shape[1]
+    bits = np.unpackbits(packed.numpy(), count=count)
+    return torch.from_numpy(bits.astype(np.bool_)).view(shape[0], shape[1])
 
 
 def _read_header(data: bytes) -> dict[str, str]:

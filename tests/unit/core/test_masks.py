@@ -72,8 +72,10 @@ def test_id_is_content_addressed_and_roundtrips(tiny_model, tmp_path):
     assert loaded.mask_id == mask.mask_id and torch.equal(loaded.attn_keep, mask.attn_keep)
     assert (tmp_path / f"{mask.mask_id}.json").exists()
     assert NeuronMask.from_bytes(mask.to_bytes()).mask_id == mask.mask_id
-    # Packed bits: one bit per neuron.
-    assert len(mask.packed_bits()) == (mask.ff_keep.numel() + mask.attn_keep.numel() + 7) // 8
+    # Packed bits: one bit per neuron, in memory and in the stored file (plus a small header).
+    n_bits = mask.ff_keep.numel() + mask.attn_keep.numel()
+    assert len(mask.packed_bits()) == (n_bits + 7) // 8
+    assert len(mask.to_bytes()) < n_bits // 8 + 1024
 
 
 def test_union_intersection_and_counts(tiny_model):
