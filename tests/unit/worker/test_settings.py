@@ -38,7 +38,16 @@ def test_reads_prefixed_env_and_ignores_unknown(monkeypatch):
     assert s.data_root == Path("/srv/data") and s.dtype == "bf16"
 
 
-def test_defaults():
+def test_defaults(monkeypatch):
+    # Defaults, not whatever the shell running the tests exports (./dev sets SELPRUNE_CACHE_DIR).
+    for name in (
+        "SELPRUNE_CACHE_DIR",
+        "SELPRUNE_DATA_ROOT",
+        "SELPRUNE_EXPORT_ROOT",
+        "SELPRUNE_DEVICE",
+        "SELPRUNE_DTYPE",
+    ):
+        monkeypatch.delenv(name, raising=False)
     s = WorkerSettings(redis_url="redis://localhost:6379/0")
     assert (s.device, s.dtype, s.model_cache_size, s.max_attempts) == ("auto", "auto", 2, 3)
     assert (s.lease_seconds, s.visibility_timeout, s.poll_block_ms) == (30.0, 60.0, 1000)
