@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -16,60 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from tests.helpers import build_tokenizer
-
-# Every family in selprune_core.sites, two layers deep and 32 wide. gemma's heads x head_dim (4 x 16)
-# differs from its hidden size, and llama/mistral/qwen2/gemma use grouped-query attention.
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "mistral": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "qwen2": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "gemma": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-    ),
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
-    "opt": dict(
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=256,
-    ),
-    "gpt_neox": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    ),
-}
-ARCHS = tuple(TINY_CONFIGS)
+from tests.helpers import build_model, build_tokenizer
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -100,17 +48,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
-    config = AutoConfig.for_model(
-        arch,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_CONFIGS[arch],
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
+    return build_model(arch, tokenizer, seed)
 
 
 @pytest.fixture

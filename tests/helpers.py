@@ -45,29 +45,72 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320) -> Pr
     )
 
 
+# Every family in selprune_core.sites, two layers deep and 32 wide. gemma's heads x head_dim (4 x 16)
+# differs from its hidden size, and llama/mistral/qwen2/gemma use grouped-query attention.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "mistral": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "qwen2": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "gemma": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+    ),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
+    "opt": dict(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=256,
+    ),
+    "gpt_neox": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
+}
+ARCHS = tuple(TINY_CONFIGS)
+
+
 def build_model(
     arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides: Any
 ) -> PreTrainedModel:
-    """A random-init causal LM of family `arch` ("llama" or "gpt2"), 2 layers, width 32, in eval mode."""
-    ids = {
-        "vocab_size": len(tokenizer),
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    if arch == "llama":
-        kwargs: dict[str, Any] = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    elif arch == "gpt2":
-        kwargs = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)
-    else:
+    """A random-init causal LM of a family in TINY_CONFIGS, 2 layers, width 32, in eval mode."""
+    if arch not in TINY_CONFIGS:
         raise ValueError(f"unknown test arch {arch!r}")
-    config = AutoConfig.for_model(arch, **ids, **kwargs, **overrides)
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**TINY_CONFIGS[arch], **overrides},
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.eval()

@@ -7,8 +7,7 @@ from selprune_core.activations import STAT_FIELDS, collect_activations, record_a
 from selprune_core.batching import iter_token_batches
 from selprune_core.masks import NeuronMask, apply_mask
 from selprune_core.sites import model_fingerprint, resolve_sites
-from tests.conftest import ARCHS
-from tests.helpers import CORPUS
+from tests.helpers import ARCHS, CORPUS
 
 
 def _direct(model, sites, tokenizer, texts, *, skip_first=False):

@@ -6,8 +6,7 @@ import torch
 from selprune_core.errors import MaskMismatchError
 from selprune_core.masks import NeuronMask, apply_mask, fold_into_weights
 from selprune_core.sites import model_fingerprint, resolve_sites
-from tests.conftest import ARCHS
-from tests.helpers import CORPUS
+from tests.helpers import ARCHS, CORPUS
 
 
 def _random_mask(model, frac=0.3, seed=0):

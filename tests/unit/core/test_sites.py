@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from selprune_core.errors import UnsupportedArchitectureError
 from selprune_core.sites import model_fingerprint, resolve_sites
-from tests.conftest import ARCHS, TINY_CONFIGS
+from tests.helpers import ARCHS, TINY_CONFIGS
 
 
 @pytest.mark.parametrize("arch", ARCHS)
