@@ -28,14 +28,18 @@ log = logging.getLogger(__name__)
 
 
 def run_job(
-    job: PruneJob | EvaluateJob | ExportJob, runtime: ModelRuntime, ctx: JobContext, **options: Any
+    job: PruneJob | EvaluateJob | ExportJob,
+    runtime: ModelRuntime,
+    ctx: JobContext,
+    *,
+    export_root: Path = Path("exports"),
 ) -> dict[str, Any]:
     """Dispatch on the job kind."""
     if isinstance(job, PruneJob):
         return run_prune(job, runtime, ctx)
     if isinstance(job, EvaluateJob):
         return run_evaluate(job, runtime, ctx)
-    return run_export(job, runtime, ctx, export_root=Path(options.get("export_root", "exports")))
+    return run_export(job, runtime, ctx, export_root=export_root)
 
 
 def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
