@@ -55,6 +55,15 @@ class GatewaySettings(BaseSettings):
     sse_block_ms: int = Field(default=15_000, ge=10)
     # Most jobs a GET /metrics scan reads to count jobs by state (newest first).
     metrics_scan_limit: int = Field(default=10_000, ge=1)
+    # Seconds a generation request waits for a serving worker (for its first event, and between
+    # streamed events) before the gateway answers 504.
+    generate_timeout_s: float = Field(default=60.0, gt=0)
+    # Cap on max_new_tokens (max_tokens in the OpenAI routes) of one request.
+    max_new_tokens: int = Field(default=512, ge=1)
+    # Cap on the characters of one request's prompts or messages (the worker caps tokens itself).
+    max_prompt_chars: int = Field(default=32_000, ge=1)
+    # Cap on the rows of one generation request: prompts x n.
+    max_generate_rows: int = Field(default=16, ge=1)
 
     @field_validator("api_keys", "models", mode="before")
     @classmethod

@@ -51,3 +51,18 @@ DURATIONS_KEPT = 1000
 MASK_TENANTS_KEY = MASK_KEY + ":tenants"
 # Approximate cap (XADD MAXLEN ~) on one job's events stream.
 JOB_EVENTS_MAXLEN = 1000
+
+# Serving lane (worker/serving.py, service/serving_client.py) -------------------------------------
+# Generation requests: a stream consumed by the serving workers' group. Each entry holds one request
+# as JSON (payloads.GenerateTask) in the field "task". Entries are acked and deleted as they are read:
+# generation is latency-bound, so a request whose worker dies is answered 504 by the gateway, not retried.
+GENERATE_STREAM = f"{PREFIX}:generate"
+GENERATE_GROUP = f"{PREFIX}:generate-workers"
+GENERATE_STREAM_MAXLEN = 10_000  # approximate cap (XADD MAXLEN ~); only unread requests stay
+# The list a worker RPUSHes one request's reply events onto (payloads.GenerateEvent JSON); the gateway
+# BLPOPs it. Every push refreshes its TTL, so a reply nobody reads disappears on its own.
+GENERATE_REPLY_KEY = PREFIX + ":generate:{request_id}:reply"
+GENERATE_REPLY_TTL_S = 120
+# Serving workers announce themselves with a TTL'd key (JSON: worker_id, models, at).
+SERVER_HEARTBEAT_KEY = PREFIX + ":server:{worker_id}"
+SERVER_HEARTBEAT_PATTERN = f"{PREFIX}:server:*"

@@ -11,10 +11,10 @@ import re
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
-    from selprune_core.config import PruneConfig
+    from selprune_core.config import PruneConfig, SamplingConfig
     from selprune_core.data import DatasetRef
 
 SCHEMA_VERSION = 1
@@ -230,3 +230,112 @@ class JobProgress(BaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """The wire form."""
     return model.model_dump(mode="json")
+
+
+# Serving lane ------------------------------------------------------------------------------------
+# A generation request crosses as one GenerateTask (stream entry field "task"); the worker answers on
+# the request's reply list (keys.GENERATE_REPLY_KEY) with GenerateEvent items: deltas when streaming,
+# then exactly one `done` or `error`. Caps (prompt size, max_new_tokens, rows) are the gateway's job;
+# the worker re-checks what only it can measure (prompt tokens, the model's context length).
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingParams(_Strict):
+    """Decoding settings of one request; every row of the request uses them."""
+
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="1 = off")
+    top_k: int = Field(default=0, ge=0, description="0 = off")
+    seed: int | None = Field(default=None, description="row i samples with seed + i; None = random")
+    stop: list[str] = Field(default_factory=list, max_length=4)
+
+    def to_config(self, row: int = 0) -> SamplingConfig:
+        """The core's config for row `row` of the request (its seed offset by the row index)."""
+        from selprune_core.config import SamplingConfig
+
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=None if self.seed is None else self.seed + row,
+            stop=tuple(self.stop),
+        )
+
+
+class GenerateTask(_Strict):
+    """One generation request for the serving lane: len(prompts) x n rows (or n rows for a chat),
+    all on one model and one mask. Row i = prompt i // n, sample i % n; choice index = row index."""
+
+    schema_version: Literal[1] = 1
+    request_id: str
+    tenant: str
+    model: str = EMBEDDED_MODEL
+    mask_id: str | None = None
+    prompts: list[str] | None = None  # raw text, tokenized with the tokenizer's special tokens
+    messages: list[ChatMessage] | None = None  # rendered with the model's chat template
+    n: int = Field(default=1, ge=1)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    stream: bool = False  # send `delta` events as text is produced
+    enqueued_at: float  # unix seconds, set by the gateway
+    deadline: float  # unix seconds; past it the gateway has given up, so the worker skips the task
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateTask:
+        if (self.prompts is None) == (self.messages is None):
+            raise ValueError("exactly one of prompts and messages must be given")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("prompts must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+    @property
+    def rows(self) -> int:
+        return (len(self.prompts) if self.prompts is not None else 1) * self.n
+
+
+class GenerateDelta(_Strict):
+    kind: Literal["delta"] = "delta"
+    index: int  # the choice (row) this text extends
+    text: str
+
+
+class GenerateChoice(_Strict):
+    index: int
+    text: str  # cut before the first stop string
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateUsage(_Strict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateTimings(_Strict):
+    queue_ms: float  # enqueued_at -> the batch holding this request started
+    model_ms: float  # time the batch spent in the model (prefill + decoding + sampling)
+    batch_rows: int  # rows in that batch, this request's and others'
+
+
+class GenerateDone(_Strict):
+    kind: Literal["done"] = "done"
+    model: str
+    mask_id: str | None
+    choices: list[GenerateChoice]
+    usage: GenerateUsage
+    timings: GenerateTimings
+
+
+class GenerateFailed(_Strict):
+    kind: Literal["error"] = "error"
+    error: ErrorInfo
+
+
+GenerateEvent = Annotated[GenerateDelta | GenerateDone | GenerateFailed, Field(discriminator="kind")]

@@ -12,11 +12,13 @@ import secrets
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+Role = Literal["jobs", "serve"]
 _DTYPES = {"auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"}  # as in core loading
 
 
@@ -63,6 +65,34 @@ class WorkerSettings(BaseSettings):
     poll_block_ms: int = Field(default=1000, ge=1)
     # Logging level of `python -m worker` (DEBUG, INFO, WARNING, ...).
     log_level: str = "INFO"
+
+    # Serving lane -------------------------------------------------------------------------------
+    # What this process does, comma-separated: "jobs" (unlearning, evaluation, export), "serve"
+    # (generation requests), or both. With both, serving runs in its own thread beside the job loop and
+    # shares the loaded models, so a long job does not hold up generation.
+    roles: Annotated[list[Role], NoDecode] = Field(default_factory=lambda: list[Role](["jobs", "serve"]))
+    # Most rows (prompts x n, over all requests) the serving loop runs as one batch.
+    serve_max_batch: int = Field(default=8, ge=1, le=256)
+    # Milliseconds the serving loop waits, after a first request arrives, for more to share its batch.
+    serve_batch_window_ms: int = Field(default=5, ge=0, le=1000)
+    # Masks kept on the device per model (LRU by mask id); each costs layers x (d_mlp + d_attn) bytes.
+    serve_mask_cache: int = Field(default=256, ge=1)
+    # Longest prompt in tokens the serving loop accepts; longer ones are answered PromptTooLong.
+    max_prompt_tokens: int = Field(default=2048, ge=1)
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _split_roles(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _check_roles(cls, value: list[Role]) -> list[Role]:
+        if not value:
+            raise ValueError('roles must name at least one of "jobs" and "serve"')
+        return list(dict.fromkeys(value))
 
     @field_validator("device")
     @classmethod
