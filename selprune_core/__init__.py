@@ -51,7 +51,16 @@ from selprune_core.evaluation import (
     evaluate_texts,
     relative_drop,
 )
-from selprune_core.generation import Generation, apply_chat_template, generate, sample_next
+from selprune_core.generation import (
+    Generation,
+    GenerationRow,
+    apply_chat_template,
+    encode_prompts,
+    generate,
+    generate_rows,
+    sample_next,
+)
+from selprune_core.hooks import scoped_pre_hooks
 from selprune_core.loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_model, load_model
 from selprune_core.masks import NeuronMask, apply_mask, apply_row_masks, fold_into_weights
 from selprune_core.pruning import Progress, PruneResult, StepReport, prune_iteratively
@@ -78,6 +87,7 @@ __all__ = [
     "EvalResult",
     "FileRef",
     "Generation",
+    "GenerationRow",
     "HubRef",
     "InlineRef",
     "LoadedModel",
@@ -106,11 +116,13 @@ __all__ = [
     "common_target_ids",
     "dataset_ref_from_dict",
     "describe",
+    "encode_prompts",
     "ensure_embedded_model",
     "evaluate_sets",
     "evaluate_texts",
     "fold_into_weights",
     "generate",
+    "generate_rows",
     "get_scorer",
     "iter_token_batches",
     "load_builtin",
@@ -122,6 +134,7 @@ __all__ = [
     "resolve_dataset",
     "resolve_sites",
     "sample_next",
+    "scoped_pre_hooks",
     "score_neurons",
     "select_top_neurons",
     "setup_corpora",

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from selprune_core.batching import TokenBatch
+from selprune_core.hooks import scoped_pre_hooks
 from selprune_core.sites import ModelSites
 
 __all__ = ["STAT_FIELDS", "ComponentStats", "ActivationStats", "record_activations", "collect_activations"]
@@ -162,17 +163,15 @@ class _Recorder:
 def record_activations(
     sites: ModelSites, ff: ComponentStats, attn: ComponentStats
 ) -> Iterator[tuple[_Recorder, _Recorder]]:
-    """Register recording pre-hooks on every layer; they are removed on exit, even on error."""
+    """Register recording pre-hooks on every layer, for this thread only; removed on exit, even on error."""
     recorders = (_Recorder(ff), _Recorder(attn))
-    handles = []
-    try:
-        for recorder, modules in zip(recorders, (sites.ff_modules, sites.attn_modules), strict=True):
-            for layer, module in enumerate(modules):
-                handles.append(module.register_forward_pre_hook(recorder.hook(layer)))
+    hooks = [
+        (module, recorder.hook(layer))
+        for recorder, modules in zip(recorders, (sites.ff_modules, sites.attn_modules), strict=True)
+        for layer, module in enumerate(modules)
+    ]
+    with scoped_pre_hooks(hooks):
         yield recorders
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -23,7 +23,15 @@ from transformers import PreTrainedTokenizerBase
 
 from selprune_core.config import SamplingConfig
 
-__all__ = ["Generation", "generate", "sample_next", "apply_chat_template"]
+__all__ = [
+    "Generation",
+    "GenerationRow",
+    "apply_chat_template",
+    "encode_prompts",
+    "generate",
+    "generate_rows",
+    "sample_next",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +64,15 @@ def sample_next(
     temperature: float | torch.Tensor,
     top_k: int | torch.Tensor,
     top_p: float | torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """Pick one token per row from last-position logits [batch, vocab]; returns ids [batch].
 
     Each setting is a scalar or a [batch] tensor. Rows with temperature 0 are greedy. The others are
     sampled from softmax(logits / temperature), restricted first to the `top_k` largest logits (0 = off,
     ties at the k-th value kept) and then to the smallest set of most likely tokens holding `top_p`
-    of the mass (1 = off), the same filters and order as Hugging Face's warpers.
+    of the mass (1 = off), the same filters and order as Hugging Face's warpers. `generator` is one
+    generator for the batch or one per row (None entries use torch's global generator).
     """
     logits = logits.float()  # [batch, vocab]
     rows, vocab = logits.shape
@@ -92,7 +101,13 @@ def sample_next(
     remove |= (mass_above >= p[:, None]) & (p < 1)[:, None]
 
     probs = sorted_vals.masked_fill(remove, float("-inf")).softmax(dim=-1)  # [batch, vocab]
-    choice = torch.multinomial(probs, 1, generator=generator)  # [batch, 1] index in sorted order
+    if generator is None or isinstance(generator, torch.Generator):
+        choice = torch.multinomial(probs, 1, generator=generator)  # [batch, 1] index in sorted order
+    else:
+        # One draw per row from the row's own generator: a row's samples ignore its batch companions.
+        assert len(generator) == rows, f"{len(generator)} generators for {rows} rows"
+        choice = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generator)])
+        choice = choice[:, None]  # [batch, 1]
     sampled = sorted_idx.gather(1, choice).squeeze(1)  # [batch] token ids
     return torch.where(sampled_rows, sampled, greedy)
 
@@ -125,6 +140,29 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return text[: min(cuts)], True
 
 
+@dataclass(frozen=True)
+class GenerationRow:
+    """One row of a batch: its prompt tokens and its own decoding settings (rows of one batch may
+    differ in every setting, which is how requests from different callers share a batch)."""
+
+    prompt_ids: list[int]  # at least one token
+    sampling: SamplingConfig
+
+
+# Called once per decoding step with the (row, text) pieces that step produced, for streaming.
+OnText = Callable[[list[tuple[int, str]]], None]
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, add_special_tokens: bool = True
+) -> list[list[int]]:
+    """Token ids of each prompt; an empty prompt becomes [BOS] (or EOS, as GPT-2 has no BOS)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    return [list(ids) if len(ids) > 0 else [int(start_id or 0)] for ids in encoded]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -137,62 +175,97 @@ def generate(
 ) -> list[Generation]:
     """Complete every prompt, `batch_size` at a time, in input order.
 
-    With `cfg.seed` set, one generator seeded once drives the whole call, so the same prompts, seed
-    and batch size give the same texts. Pass `add_special_tokens=False` for prompts that already carry
-    BOS (chat templates usually do).
+    With `cfg.seed` set, prompt i samples from its own generator seeded with seed + i, so a prompt's
+    text depends on the seed and its position, never on the batch size or its batch companions. Pass
+    `add_special_tokens=False` for prompts that already carry BOS (chat templates usually do).
     """
     assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
-    model.eval()
-    device = next(model.parameters()).device
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    encoded = encode_prompts(tokenizer, prompts, add_special_tokens=add_special_tokens)
+    rows = [
+        GenerationRow(ids, cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + i))
+        for i, ids in enumerate(encoded)
+    ]
     results: list[Generation] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start : start + batch_size])
-        results.extend(_generate_batch(model, tokenizer, batch, cfg, generator, device, add_special_tokens))
+    for start in range(0, len(rows), batch_size):
+        results.extend(generate_rows(model, tokenizer, rows[start : start + batch_size]))
     return results
 
 
-def _generate_batch(
+class _TextStream:
+    """Turns one row's growing token list into safe-to-show text pieces.
+
+    Holds back a trailing partial character (U+FFFD from an incomplete byte sequence) and, while the row
+    runs, the last len(longest stop) - 1 characters, which could still become the start of a stop string.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.shown = 0
+
+    def piece(self, text: str, final: bool) -> str:
+        safe = text if final else text[: max(len(text) - self.hold, 0)]
+        if not final:
+            safe = safe.rstrip("\ufffd")
+        out, self.shown = safe[self.shown :], max(self.shown, len(safe))
+        return out
+
+
+@torch.no_grad()
+def generate_rows(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    cfg: SamplingConfig,
-    generator: torch.Generator | None,
-    device: torch.device,
-    add_special_tokens: bool,
+    rows: Sequence[GenerationRow],
+    *,
+    on_text: OnText | None = None,
 ) -> list[Generation]:
+    """Run `rows` as one batch, each with its own settings; returns their generations in order.
+
+    A row with a seed samples from its own generator, so its text does not depend on what else is in
+    the batch; a row without one uses torch's global generator. Each row stops at its own EOS, stop
+    string or max_new_tokens; finished rows are fed padding until the last row ends. `on_text`, when
+    given, receives each step's new text per row, for streaming.
+    """
+    assert rows, "generate_rows needs at least one row"
+    model.eval()
+    device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = int(pad_id) if pad_id is not None else 0
-    # An empty prompt still needs one input token: start from BOS (or EOS, as GPT-2 does).
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id
-    encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
-    encoded = [list(ids) if len(ids) > 0 else [int(start_id)] for ids in encoded]
+    n = len(rows)
+    generators = [
+        None if r.sampling.seed is None else torch.Generator(device=device).manual_seed(r.sampling.seed)
+        for r in rows
+    ]
+    temperature = torch.tensor([r.sampling.temperature for r in rows], device=device)  # [batch]
+    top_k = torch.tensor([r.sampling.top_k for r in rows], device=device)  # [batch]
+    top_p = torch.tensor([r.sampling.top_p for r in rows], device=device)  # [batch]
+    limits = [r.sampling.max_new_tokens for r in rows]
 
     # Left-pad by hand, leaving the tokenizer's padding_side alone (it is shared with other callers).
-    rows, width = len(encoded), max(len(ids) for ids in encoded)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)  # [batch, prompt]
-    attention_mask = torch.zeros((rows, width), dtype=torch.long)  # [batch, prompt]
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
+    width = max(len(r.prompt_ids) for r in rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # [batch, prompt]
+    attention_mask = torch.zeros((n, width), dtype=torch.long)  # [batch, prompt]
+    for row, r in enumerate(rows):
+        assert r.prompt_ids, f"row {row} has no prompt tokens"
+        input_ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        attention_mask[row, width - len(r.prompt_ids) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # Positions count real tokens only, so a padded row sees the same positions as it would alone.
     position_ids = (attention_mask.cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 1)  # [batch, prompt]
     next_position = position_ids[:, -1:] + 1  # [batch, 1]
 
-    new_tokens: list[list[int]] = [[] for _ in range(rows)]
-    reasons: list[FinishReason] = ["length"] * rows
-    done = [False] * rows  # host-side flags: no device sync per row
+    new_tokens: list[list[int]] = [[] for _ in range(n)]
+    reasons: list[FinishReason] = ["length"] * n
+    done = [False] * n  # host-side flags: no device sync per row
+    streams = [_TextStream(r.sampling.stop) for r in rows]
     # transformers 5.x renamed the KV-cache argument `past_key_values` to `cache`; accept both spellings.
     params = inspect.signature(model.forward).parameters
     cache_arg = "cache" if "cache" in params else "past_key_values"
     extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     past: Any = None
     step_ids, step_positions = input_ids, position_ids
-    for _ in range(cfg.max_new_tokens):
+    for _ in range(max(limits)):
         out = model(
             input_ids=step_ids,
             attention_mask=attention_mask,
@@ -202,40 +275,47 @@ def _generate_batch(
             **extra,  # only the last position's logits are needed
         )
         past = out[cache_arg] if cache_arg in out else out.past_key_values
-        next_ids = sample_next(out.logits[:, -1], cfg.temperature, cfg.top_k, cfg.top_p, generator)  # [batch]
-        finished = torch.tensor(done, device=device)  # [batch]
-        next_ids = next_ids.masked_fill(finished, pad_id)  # finished rows are fed padding
+        next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generators)  # [batch]
+        next_ids = next_ids.masked_fill(torch.tensor(done, device=device), pad_id)  # finished rows: padding
+        pieces: list[tuple[int, str]] = []
         for row, token in enumerate(next_ids.tolist()):
             if done[row]:
                 continue
             if token in eos_ids:
                 done[row], reasons[row] = True, "stop"
+            else:
+                new_tokens[row].append(token)
+                done[row] = len(new_tokens[row]) >= limits[row]
+            stops = rows[row].sampling.stop
+            if not (stops or on_text):
                 continue
-            new_tokens[row].append(token)
-            if cfg.stop:
-                text = _decode(tokenizer, new_tokens[row])
-                if _cut_at_stop(text, cfg.stop)[1]:
-                    done[row], reasons[row] = True, "stop"
+            text, stopped = _cut_at_stop(_decode(tokenizer, new_tokens[row]), stops)
+            if stopped:
+                done[row], reasons[row] = True, "stop"
+            if on_text is not None and (piece := streams[row].piece(text, final=done[row])):
+                pieces.append((row, piece))
+        if on_text is not None and pieces:
+            on_text(pieces)
         if all(done):
             break
         # Next step feeds one token per row: the mask grows by one real column, positions by one.
         step_ids = next_ids[:, None]  # [batch, 1]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)  # [batch, seq]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)  # [batch, seq]
         step_positions, next_position = next_position, next_position + 1
 
     results = []
-    for row in range(rows):
-        text, _ = _cut_at_stop(_decode(tokenizer, new_tokens[row]), cfg.stop)
+    for row, r in enumerate(rows):
+        text, _ = _cut_at_stop(_decode(tokenizer, new_tokens[row]), r.sampling.stop)
         results.append(
             Generation(
                 text=text,
                 token_ids=new_tokens[row],
-                prompt_tokens=len(encoded[row]),
+                prompt_tokens=len(r.prompt_ids),
                 completion_tokens=len(new_tokens[row]),
                 finish_reason=reasons[row],
             )
         )
-    log.debug("generated %d completions, %d tokens", rows, sum(len(t) for t in new_tokens))
+    log.debug("generated %d completions, %d tokens", n, sum(len(t) for t in new_tokens))
     return results
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from selprune_core.errors import MaskMismatchError
+from selprune_core.hooks import PreHook, scoped_pre_hooks
 from selprune_core.sites import ModelSites
 
 __all__ = ["NeuronMask", "apply_mask", "apply_row_masks", "fold_into_weights"]
@@ -218,13 +219,11 @@ def apply_row_masks(sites: ModelSites, ff_rows: torch.Tensor, attn_rows: torch.T
     """Multiply hooked inputs by per-row keep factors for the duration of the block.
 
     `ff_rows` is [layer, d_mlp] (one mask for all rows) or [batch, layer, d_mlp] (one per row);
-    `attn_rows` likewise with n_heads * d_head. Hooks are removed on exit, even on error.
+    `attn_rows` likewise with n_heads * d_head. The hooks act only in the calling thread (another thread
+    may be serving through the same model) and are removed on exit, even on error.
     """
-    handles = []
 
-    def make_hook(
-        rows: torch.Tensor, layer: int
-    ) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+    def make_hook(rows: torch.Tensor, layer: int) -> PreHook:
         factor = rows[layer] if rows.dim() == 2 else rows[:, layer, None, :]  # [d] or [batch, 1, d]
 
         def mask_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -235,14 +234,13 @@ def apply_row_masks(sites: ModelSites, ff_rows: torch.Tensor, attn_rows: torch.T
 
         return mask_input
 
-    try:
-        for rows, modules in ((ff_rows, sites.ff_modules), (attn_rows, sites.attn_modules)):
-            for layer, module in enumerate(modules):
-                handles.append(module.register_forward_pre_hook(make_hook(rows, layer)))
+    hooks = [
+        (module, make_hook(rows, layer))
+        for rows, modules in ((ff_rows, sites.ff_modules), (attn_rows, sites.attn_modules))
+        for layer, module in enumerate(modules)
+    ]
+    with scoped_pre_hooks(hooks):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager

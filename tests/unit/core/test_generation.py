@@ -1,10 +1,19 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from selprune_core.config import SamplingConfig
-from selprune_core.generation import apply_chat_template, generate, sample_next
+from selprune_core.generation import (
+    GenerationRow,
+    apply_chat_template,
+    encode_prompts,
+    generate,
+    generate_rows,
+    sample_next,
+)
 from tests.helpers import build_model, build_tokenizer
 
 PROMPTS = ["the cat sat on the mat and", "def", "a quick brown fox jumps over the"]  # 3 different lengths
@@ -123,3 +132,46 @@ def test_apply_chat_template():
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     assert apply_chat_template(plain, messages) == "<system>be nice\n<user>hi\n<assistant>"
+
+
+def test_rows_in_a_batch_generate_what_they_would_alone(model, tokenizer):
+    """Mixed settings in one batch: every row, greedy or seeded-sampled, matches its run alone."""
+    ids = encode_prompts(tokenizer, PROMPTS)
+    settings = [
+        SamplingConfig(max_new_tokens=6, temperature=0.0),
+        SamplingConfig(max_new_tokens=9, temperature=0.9, top_k=5, seed=11),
+        SamplingConfig(max_new_tokens=3, temperature=1.3, top_p=0.8, seed=12),
+    ]
+    rows = [GenerationRow(i, cfg) for i, cfg in zip(ids, settings, strict=False)]
+    together = generate_rows(model, tokenizer, rows)
+    alone = [generate_rows(model, tokenizer, [row])[0] for row in rows]
+    assert together == alone
+    assert [g.completion_tokens for g in together] == [6, 9, 3]  # each row its own limit (no EOS here)
+
+
+def test_seeded_prompt_ignores_batch_size(model, tokenizer):
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=0, seed=3)
+    assert generate(model, tokenizer, PROMPTS, cfg, batch_size=1) == generate(
+        model, tokenizer, PROMPTS, cfg, batch_size=3
+    )
+
+
+def test_streamed_pieces_add_up_to_the_text(tokenizer):
+    model = build_model("llama", tokenizer, seed=3)
+    base = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=0, seed=0)
+    full = generate(model, tokenizer, ["the cat"], base)[0]
+    stop = tokenizer.decode(full.token_ids[5:7])
+    ids = encode_prompts(tokenizer, ["the cat", "a dog"])
+    rows = [GenerationRow(ids[0], replace(base, stop=(stop,))), GenerationRow(ids[1], base)]
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    steps: list[int] = []
+
+    def on_text(step: list[tuple[int, str]]) -> None:
+        steps.append(len(step))
+        for row, text in step:
+            pieces[row].append(text)
+
+    out = generate_rows(model, tokenizer, rows, on_text=on_text)
+    assert "".join(pieces[0]) == out[0].text and "".join(pieces[1]) == out[1].text
+    assert out[0].finish_reason == "stop" and stop not in out[0].text
+    assert len(steps) > 1 and max(steps) <= 2  # one call per step, at most one piece per row

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from selprune_core.activations import ComponentStats, record_activations
 from selprune_core.errors import MaskMismatchError
 from selprune_core.masks import NeuronMask, apply_mask, fold_into_weights
 from selprune_core.sites import model_fingerprint, resolve_sites
@@ -112,3 +115,27 @@ def test_mask_hooks_removed_on_error(tiny_model):
         raise RuntimeError("boom")
     for module in sites.ff_modules + sites.attn_modules:
         assert not module._forward_pre_hooks
+
+
+@torch.no_grad()
+def test_hooks_act_only_in_the_registering_thread(tiny_model, tokenizer):
+    """A job thread's mask and statistics hooks must not reach a serving thread's forwards."""
+    model = tiny_model("llama")
+    sites, mask = _random_mask(model)
+    ids, attn = _batch(tokenizer, CORPUS[:2])
+    plain = model(input_ids=ids, attention_mask=attn).logits
+    cpu = torch.device("cpu")
+    stats = ComponentStats.zeros(sites.n_layers, sites.d_mlp, ["sum_abs"], cpu)
+    attn_stats = ComponentStats.zeros(sites.n_layers, sites.d_attn, ["sum_abs"], cpu)
+    seen: dict[str, torch.Tensor] = {}
+
+    def other_thread() -> None:
+        with torch.no_grad():
+            seen["logits"] = model(input_ids=ids, attention_mask=attn).logits
+
+    with apply_mask(model, sites, mask), record_activations(sites, stats, attn_stats):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert torch.equal(seen["logits"], plain)
+    assert stats.sum_abs is not None and float(stats.sum_abs.abs().sum()) == 0.0
