@@ -1,8 +1,10 @@
 """`python -m worker`: one worker process against SELPRUNE_REDIS_URL.
 
 Order matters: settings and Redis are checked first (fail fast, before torch is imported), then the
-model runtime is built once, then the loop runs until SIGTERM/SIGINT, which stop it after the job in
-hand. A second SIGINT interrupts at once (the job is then redelivered after visibility_timeout).
+model runtime is built once, then the lanes named by SELPRUNE_ROLES run until SIGTERM/SIGINT: the
+job loop in the main thread and the serving loop in a thread beside it (sharing the loaded models), or
+either alone. A signal stops them after the job or batch in hand; a second SIGINT interrupts at once
+(the job is then redelivered after visibility_timeout).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from pydantic import ValidationError
@@ -22,6 +24,10 @@ from worker.context import JobContext
 from worker.errors import WorkerFatalError
 from worker.queue import Job, Worker, ensure_group
 from worker.settings import WorkerSettings, get_settings
+
+if TYPE_CHECKING:
+    from worker.runtime import ModelRuntime
+    from worker.serving import ServeLoop
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info(
-            "worker %s: %s received; stopping after the current job",
+            "worker %s: %s received; stopping after the current job or batch",
             settings.worker_id,
             signal.Signals(signum).name,
         )
@@ -76,14 +82,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log.info("worker %s: roles %s", settings.worker_id, ", ".join(settings.roles))
+    serving = _start_serving(settings, runtime, stop) if "serve" in settings.roles else None
     try:
-        Worker(settings, client, runner).run(stop_event=stop)
+        if "jobs" in settings.roles:
+            Worker(settings, client, runner).run(stop_event=stop)
+        elif serving is not None:
+            stop.wait()
     except WorkerFatalError as exc:
         log.error("worker %s: exiting: %s", settings.worker_id, exc)
         return 1
     finally:
+        stop.set()
+        if serving is not None:
+            serving.join()
         client.close()
-    return 0
+    return 1 if serving is not None and serving.failed else 0
+
+
+class _ServingThread(threading.Thread):
+    """The serving lane beside the job loop; if it dies, it stops the whole process (`stop`), so the
+    supervisor restarts a worker that serves again instead of one that silently only runs jobs."""
+
+    def __init__(self, loop: ServeLoop, stop: threading.Event) -> None:
+        super().__init__(name="selprune-serving", daemon=True)
+        self.loop, self.stop, self.failed = loop, stop, False
+
+    def run(self) -> None:
+        try:
+            self.loop.run(stop_event=self.stop)
+        except BaseException:
+            log.exception("serving loop crashed; stopping the worker")
+            self.failed = True
+            self.stop.set()
+        finally:
+            self.loop.redis.close()
+
+
+def _start_serving(settings: WorkerSettings, runtime: ModelRuntime, stop: threading.Event) -> _ServingThread:
+    from worker.serving import ServeLoop
+
+    thread = _ServingThread(ServeLoop(settings, connect(settings), runtime), stop)
+    thread.start()
+    return thread
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""ServeLoop: the serving lane. Pulls generation requests from Redis in batches and answers each.
+
+Contract (key names in worker/keys.py; the gateway's side is service/serving_client.py):
+
+    request   XADD GENERATE_STREAM {"task": GenerateTask JSON}; read by the group GENERATE_GROUP
+    reply     RPUSH GENERATE_REPLY_KEY <GenerateEvent JSON> (EXPIRE GENERATE_REPLY_TTL_S on every push):
+              `delta` events while streaming, then exactly one `done` or `error`
+    presence  SET SERVER_HEARTBEAT_KEY {"worker_id", "models", "at"} PX (TTL), refreshed every loop
+
+Batching. Each turn reads every waiting request (up to serve_max_batch rows' worth) and, if the batch
+is not full, waits serve_batch_window_ms once for more. Requests are acked and deleted as they are
+read: generation is short and latency-bound, so a request whose worker dies is answered 504 by the
+gateway rather than retried after a visibility timeout. A request read past its deadline is dropped
+(the gateway has already answered 504). The oldest pending request picks the model; every pending
+request for that model joins while the batch has rows to spare; the rest wait for the next turn, so a
+burst on one model cannot starve another for longer than one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from worker import keys
+from worker.payloads import GenerateTask
+from worker.runtime import ModelRuntime
+from worker.serve_engine import Event, ServeEngine, failed
+from worker.settings import WorkerSettings
+from worker.store import MaskStore
+
+log = logging.getLogger(__name__)
+
+
+def ensure_serve_group(redis_client: redis.Redis) -> None:
+    """Create the serving stream and its consumer group if missing (idempotent)."""
+    try:
+        redis_client.xgroup_create(keys.GENERATE_STREAM, keys.GENERATE_GROUP, id="$", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class ServeLoop:
+    def __init__(self, settings: WorkerSettings, redis_client: redis.Redis, runtime: ModelRuntime) -> None:
+        if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("the serving loop needs a client with decode_responses=False (masks are binary)")
+        self.settings = settings
+        self.redis = redis_client
+        self.runtime = runtime
+        self.id = settings.worker_id
+        store = MaskStore(redis_client)
+        self.engine = ServeEngine(
+            runtime,
+            store.get_bytes,
+            mask_slots=max(settings.serve_mask_cache, settings.serve_max_batch),
+            max_prompt_tokens=settings.max_prompt_tokens,
+        )
+        self.pending: deque[GenerateTask] = deque()
+        self._beat_key = keys.SERVER_HEARTBEAT_KEY.format(worker_id=self.id)
+        self._beat_ttl_ms = int(1000 * max(30.0, 3 * settings.poll_block_ms / 1000))
+
+    # Loop -------------------------------------------------------------------------------------------
+    def run(self, stop_event: threading.Event | None = None) -> None:
+        """Serve until `stop_event` is set (checked between batches)."""
+        stop = stop_event or threading.Event()
+        ensure_serve_group(self.redis)
+        log.info("server %s: waiting for generation requests on %s", self.id, keys.GENERATE_STREAM)
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    self.beat()
+                    self.turn()
+                    backoff = 0.5
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning(
+                        "server %s: Redis unavailable (%s); retrying in %.1f s", self.id, exc, backoff
+                    )
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    ensure_serve_group(self.redis)  # the stream was deleted under us (FLUSHDB)
+        finally:
+            try:
+                self.redis.delete(self._beat_key)
+            except redis.RedisError:
+                pass
+        log.info("server %s: stopped", self.id)
+
+    def turn(self) -> int:
+        """Read what is waiting, run one batch; returns the number of requests answered."""
+        room = self.settings.serve_max_batch - sum(t.rows for t in self.pending)
+        if room > 0:
+            self._read(room, block_ms=None if self.pending else self.settings.poll_block_ms)
+            room = self.settings.serve_max_batch - sum(t.rows for t in self.pending)
+            if self.pending and room > 0 and self.settings.serve_batch_window_ms > 0:
+                time.sleep(self.settings.serve_batch_window_ms / 1000)
+                self._read(room, block_ms=None)
+        batch = self._next_batch()
+        if batch:
+            self.engine.run(batch, self._send)
+            self.beat()
+        return len(batch)
+
+    def beat(self) -> None:
+        info = {"worker_id": self.id, "models": self.runtime.loaded_models(), "at": time.time()}
+        self.redis.set(self._beat_key, json.dumps(info), px=self._beat_ttl_ms)
+
+    # Requests ---------------------------------------------------------------------------------------
+    def _read(self, count: int, block_ms: int | None) -> None:
+        """Move up to `count` waiting requests into `pending`, acking and deleting their entries."""
+        reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None = self.redis.xreadgroup(  # type: ignore[assignment]
+            keys.GENERATE_GROUP, self.id, {keys.GENERATE_STREAM: ">"}, count=count, block=block_ms
+        )
+        entries = [(entry_id, fields) for _stream, items in reply or [] for entry_id, fields in items]
+        if not entries:
+            return
+        ids = [entry_id for entry_id, _ in entries]
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(keys.GENERATE_STREAM, keys.GENERATE_GROUP, *ids)
+            pipe.xdel(keys.GENERATE_STREAM, *ids)
+            pipe.execute()
+        now = time.time()
+        for _entry_id, fields in entries:
+            task = self._parse(fields.get(b"task", b""))
+            if task is None:
+                continue
+            if task.deadline <= now:
+                log.info("request %s: past its deadline when read; dropped", task.request_id)
+                continue
+            self.pending.append(task)
+
+    def _parse(self, raw: bytes) -> GenerateTask | None:
+        try:
+            return GenerateTask.model_validate_json(raw)
+        except ValidationError as exc:
+            # Answer if the request id can be read, so the caller hears why instead of timing out.
+            request_id = _request_id(raw)
+            log.warning("request %s: invalid task: %s", request_id or "<unknown>", exc)
+            if request_id:
+                self._push(request_id, failed("InvalidRequest", f"invalid generation task: {exc}"))
+            return None
+
+    def _next_batch(self) -> list[GenerateTask]:
+        """The oldest pending request and every later one for the same model that fits beside it."""
+        if not self.pending:
+            return []
+        first = self.pending.popleft()
+        batch, rows, keep = [first], first.rows, deque[GenerateTask]()
+        while self.pending:
+            task = self.pending.popleft()
+            if task.model == first.model and rows + task.rows <= self.settings.serve_max_batch:
+                batch.append(task)
+                rows += task.rows
+            else:
+                keep.append(task)
+        self.pending = keep
+        return batch
+
+    # Replies ----------------------------------------------------------------------------------------
+    def _send(self, events: list[tuple[GenerateTask, Event]]) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task, event in events:
+                self._queue_push(pipe, task.request_id, event)
+            pipe.execute()
+
+    def _push(self, request_id: str, event: Event) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_push(pipe, request_id, event)
+            pipe.execute()
+
+    @staticmethod
+    def _queue_push(pipe: Any, request_id: str, event: Event) -> None:
+        key = keys.GENERATE_REPLY_KEY.format(request_id=request_id)
+        pipe.rpush(key, event.model_dump_json())
+        pipe.expire(key, keys.GENERATE_REPLY_TTL_S)
+
+
+def _request_id(raw: bytes) -> str | None:
+    try:
+        value = json.loads(raw).get("request_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
