@@ -6,10 +6,11 @@
     selprune worker                run one worker against SELPRUNE_REDIS_URL
     selprune demo                  run the default unlearning job on a gateway (a local one if none)
     selprune submit|status|wait    client side: SELPRUNE_URL, SELPRUNE_API_KEY
-    selprune generate              masked generation (not available yet)
+    selprune generate PROMPT       generate through the gateway, optionally with a mask (--mask)
 
-Only this module prints. torch is imported only by the subcommands that run a model (setup, prune,
-and up/demo when setup is still needed).
+Only this module prints (and selprune/generate_command.py, which writes generated text as it streams).
+torch is imported only by the subcommands that run a model (setup, prune, and up/demo when setup is
+still needed).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
+from selprune import generate_command
 from selprune.client import ApiError, ClientError, SelpruneClient
 from selprune.console import ConsoleContext, follow_events, format_step_line, phase_label, render_table
 from selprune.launcher import (
@@ -265,6 +267,14 @@ def cmd_prune(args: argparse.Namespace, settings: CliSettings) -> int:
     out(f"mask {result['mask_id']} (stopped: {result['stopped_reason']})")
     if ctx.mask_path is not None:
         out(f"saved to {ctx.mask_path} (metadata: {ctx.mask_path.with_suffix('.json')})")
+        try:  # the trade-off plot next to the mask; a convenience, so a failure only warns
+            from worker.plots import render_job_plot
+
+            plot_path = ctx.mask_path.with_suffix(".png")
+            plot_path.write_bytes(render_job_plot(ctx.steps, title=f"forget {describe_spec(args.forget)}"))
+            out(f"plot: {plot_path}")
+        except Exception as exc:
+            err(f"could not write the plot: {type(exc).__name__}: {exc}")
     return EXIT_OK
 
 
@@ -473,11 +483,6 @@ def cmd_wait(args: argparse.Namespace, settings: CliSettings) -> int:
             return EXIT_INTERRUPTED
 
 
-def cmd_generate(args: argparse.Namespace, settings: CliSettings) -> int:
-    err("masked serving is not available yet")
-    return EXIT_USAGE
-
-
 # --- the parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -533,8 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.set_defaults(func=cmd_wait)
 
-    p = sub.add_parser("generate", help="generate with a mask applied (not available yet)")
-    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("generate", help="generate text through the gateway, with a mask applied (--mask)")
+    _add_client_args(p)
+    generate_command.add_arguments(p)
+    p.set_defaults(func=generate_command.cmd_generate)
     return parser
 
 
@@ -546,9 +553,7 @@ def _error_text(exc: Exception) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "generate":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     if args.command != "worker":  # the worker configures its own logging (SELPRUNE_LOG_LEVEL)
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,

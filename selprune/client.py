@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -165,6 +165,40 @@ class SelpruneClient:
     def mask(self, mask_id: str) -> dict[str, Any]:
         """GET /v1/masks/{id}: the mask's metadata."""
         return self._request("GET", f"/v1/masks/{quote(mask_id, safe='')}")
+
+    def generate(self, body: dict[str, Any], on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """POST /v1/generate (body: service.schemas.GenerateRequest); returns the whole response (text,
+        finish_reason, usage, timings, seed). With `on_text` it streams, handing each piece of text to
+        `on_text` as it arrives; an error after the stream began raises ApiError with status 500."""
+        # The gateway answers 504 itself when no worker does; this only guards against a hung gateway.
+        timeout = httpx.Timeout(10.0, read=600.0)
+        if on_text is None:
+            return self._request("POST", "/v1/generate", json={**body, "stream": False}, timeout=timeout)
+        headers = {"Accept": "text/event-stream"}
+        try:
+            with self._http.stream(
+                "POST", "/v1/generate", json={**body, "stream": True}, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _api_error(response)
+                parser = SseParser()
+                for chunk in response.iter_bytes():
+                    for event in parser.feed(chunk):
+                        data = event.json()
+                        data = data if isinstance(data, dict) else {}
+                        if event.event == "delta":
+                            on_text(str(data.get("text", "")))
+                        elif event.event == "done":
+                            return data
+                        elif event.event == "error":
+                            error = data.get("error") or {}
+                            raise ApiError(
+                                500, str(error.get("type", "Error")), str(error.get("message", ""))
+                            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        raise ClientError("the generation stream ended without a done event")
 
     def healthy(self) -> bool:
         """True if a gateway answers 200 on /healthz."""

@@ -146,6 +146,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 disables nucleus filtering
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends at the first of these strings (excluded from the text)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks: every row makes max_new_tokens tokens)
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

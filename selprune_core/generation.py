@@ -281,7 +281,7 @@ def generate_rows(
         for row, token in enumerate(next_ids.tolist()):
             if done[row]:
                 continue
-            if token in eos_ids:
+            if token in eos_ids and not rows[row].sampling.ignore_eos:
                 done[row], reasons[row] = True, "stop"
             else:
                 new_tokens[row].append(token)

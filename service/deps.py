@@ -1,7 +1,9 @@
-"""Dependencies, as Annotated aliases: `SettingsDep`, `QueueDep`, `TenantDep`, `JobIdDep`, `MaskIdDep`.
+"""Dependencies, as Annotated aliases: `SettingsDep`, `QueueDep`, `ServingDep`, `TenantDep`, `JobIdDep`,
+`MaskIdDep`.
 
-Settings and the QueueClient live on `app.state` (set by `create_app` and its lifespan), so each app
-instance, including a test's, carries its own; tests may still use `app.dependency_overrides`.
+Settings, the QueueClient and the ServingClient live on `app.state` (set by `create_app` and its
+lifespan), so each app instance, including a test's, carries its own; tests may still use
+`app.dependency_overrides`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from service.auth import authenticate, bearer_scheme
 from service.errors import ApiError
 from service.queue_client import QueueClient
+from service.serving_client import ServingClient
 from service.settings import GatewaySettings
 
 
@@ -28,8 +31,14 @@ def get_queue_client(request: Request) -> QueueClient:
     return queue
 
 
+def get_serving_client(request: Request) -> ServingClient:
+    serving: ServingClient = request.app.state.serving
+    return serving
+
+
 SettingsDep = Annotated[GatewaySettings, Depends(get_app_settings)]
 QueueDep = Annotated[QueueClient, Depends(get_queue_client)]
+ServingDep = Annotated[ServingClient, Depends(get_serving_client)]
 
 
 def get_tenant(

@@ -4,9 +4,11 @@
     RequestValidationError   (FastAPI) -> 422 "ValidationError", message names the field(s)
     HTTPException            (Starlette: unknown route, wrong method) -> same status, type from the status
     QUEUE_DOWN_ERRORS        (Redis unreachable) -> 503 "QueueUnavailable"
+    GenerationFailed         (serving lane) -> the worker's error type, status from SERVING_STATUS
     any other Exception      -> 500 "InternalError", details only in the log
 
-Only the gateway raises HTTP errors; worker errors arrive as data (`ErrorInfo`) in the job hash.
+Only the gateway raises HTTP errors; worker errors arrive as data (`ErrorInfo`), in the job hash or
+as a serving reply's `error` event.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.queue_client import QUEUE_DOWN_ERRORS
 from service.schemas import ErrorResponse
+from service.serving_client import TIMEOUT_TYPE, GenerationFailed
 from worker.payloads import ErrorInfo
 
 logger = logging.getLogger(__name__)
@@ -38,7 +41,26 @@ _STATUS_TYPES = {
     422: "ValidationError",
     429: "TooManyRequests",
     503: "ServiceUnavailable",
+    504: "GatewayTimeout",
 }
+
+# Serving-lane error types -> status; any other worker error is 500. Looked up without an "Error"
+# suffix, so a class name (MaskNotFoundError) and a short name (MaskNotFound) agree. A prompt over a cap
+# is 400, whether the gateway counts its characters or the worker its tokens (OpenAI answers 400 too).
+SERVING_STATUS = {
+    TIMEOUT_TYPE: 504,
+    "MaskNotFound": 404,
+    "MaskMismatch": 422,
+    "MaskModelMismatch": 422,
+    "PromptTooLong": 400,
+    "UnknownModel": 422,
+    "ModelLoad": 422,
+    "UnsupportedArchitecture": 422,
+}
+
+
+def serving_status(type: str) -> int:
+    return SERVING_STATUS.get(type, SERVING_STATUS.get(type.removesuffix("Error"), 500))
 
 
 class ApiError(Exception):
@@ -105,6 +127,11 @@ async def _queue_down(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "QueueUnavailable", "the job queue (Redis) is unreachable; retry later")
 
 
+async def _generation_failed(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GenerationFailed), f"unexpected {type(exc).__name__}"
+    return error_response(serving_status(exc.info.type), exc.info.type, exc.info.message)
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "InternalError", "internal server error")
@@ -113,6 +140,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(GenerationFailed, _generation_failed)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for exc_type in QUEUE_DOWN_ERRORS:
         app.add_exception_handler(exc_type, _queue_down)

@@ -1,5 +1,6 @@
 """Checks a request passes before anything is queued: known model, datasets that exist and stay inside
-the data root, inline sizes and token budgets under the configured caps, and a body-size limit.
+the data root, inline sizes and token budgets under the configured caps, generation requests (model,
+mask, prompt size, rows), and a body-size limit.
 
 Every failure is an ApiError (422 unless noted) naming the offending field or value, so a rejected
 request leaves Redis untouched.
@@ -10,14 +11,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.deps import mask_id_path, mask_not_found
 from service.errors import ApiError, error_response
+from service.queue_client import QueueClient
 from service.settings import GatewaySettings
 from worker.payloads import (
     BUILTIN_DATASETS,
+    EMBEDDED_MODEL,
     FILE_SUFFIXES,
     BuiltinData,
     DatasetSpec,
@@ -125,6 +130,71 @@ def check_prune_params(params: PruneParams, settings: GatewaySettings) -> None:
     check_budget("params.collect_tokens", params.collect_tokens, settings.max_collect_tokens)
     check_budget("params.eval_tokens", params.eval_tokens, settings.max_eval_tokens)
     check_budget("params.steps", params.steps, settings.max_steps)
+
+
+# Generation ----------------------------------------------------------------------------------------
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+
+@dataclass(frozen=True)
+class GenerationFields:
+    """The request's own names for what `check_generation` checks, so messages name the caller's field."""
+
+    prompt: str = "prompt"
+    max_tokens: str = "max_new_tokens"
+
+
+async def check_generation(
+    queue: QueueClient,
+    settings: GatewaySettings,
+    tenant: str,
+    *,
+    model: str | None,
+    mask_id: str | None,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    rows: int,
+    stop: Sequence[str],
+    fields: GenerationFields | None = None,
+) -> str:
+    """A generation request within the caps, on a known model, through a mask the tenant may see and
+    that was made on that model. Returns the model to run: `model`, or the mask's own when None."""
+    fields = fields or GenerationFields()
+    if model is None and mask_id is None:
+        model = EMBEDDED_MODEL
+    if model is not None:
+        check_model(model, settings)
+    chars = sum(len(t) for t in texts)
+    if chars > settings.max_prompt_chars:
+        raise ApiError(
+            400,
+            "PromptTooLong",
+            f"{fields.prompt} holds {chars} characters; the limit is {settings.max_prompt_chars} "
+            "(SELPRUNE_MAX_PROMPT_CHARS)",
+        )
+    check_budget(fields.max_tokens, max_new_tokens, settings.max_new_tokens)
+    if rows > settings.max_generate_rows:
+        cap = settings.max_generate_rows
+        raise _invalid(
+            "LimitExceeded", f"the request asks for {rows} completions (prompts x n); the limit is {cap}"
+        )
+    if len(stop) > MAX_STOP:
+        raise _invalid("LimitExceeded", f"stop holds {len(stop)} strings; the limit is {MAX_STOP}")
+    if any(not s for s in stop):
+        raise _invalid("ValidationError", "stop: empty stop strings are not allowed")
+    if mask_id is None:
+        assert model is not None
+        return model
+    meta = await queue.mask_meta(mask_id_path(mask_id), tenant)
+    if meta is None:
+        raise mask_not_found(mask_id)
+    mask_model = meta.get("model")
+    if model is None:
+        model = str(mask_model or EMBEDDED_MODEL)
+        check_model(model, settings)
+    elif mask_model not in (None, model):
+        raise _invalid("MaskModelMismatch", f"mask {mask_id!r} is for model {mask_model!r}, not {model!r}")
+    return model
 
 
 # Body size -----------------------------------------------------------------------------------------

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from worker.payloads import (
     EMBEDDED_MODEL,
+    ChatMessage,
     DatasetSpec,
     ErrorInfo,
     EvaluateJob,
+    GenerateDone,
+    GenerateTask,
+    GenerateTimings,
+    GenerateUsage,
     JobProgress,
     JobState,
     PruneJob,
     PruneParams,
+    SamplingParams,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,6 +100,94 @@ class EvaluateRequest(EvaluateJob):
 
     def to_job(self, job_id: str, tenant: str) -> EvaluateJob:
         return EvaluateJob.model_validate({**self.model_dump(), "job_id": job_id, "tenant": tenant})
+
+
+# Generation --------------------------------------------------------------------------------------
+SEED_LIMIT = 2**63  # row seeds (seed + row) stay within what torch.Generator.manual_seed takes
+
+
+def stop_list(value: Any) -> Any:
+    """`stop` as a list: one string becomes a list of one, None an empty list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+class GenerateRequest(SamplingParams):
+    """Generate from a raw-text `prompt` or chat `messages`, through a mask when `mask_id` is set. The
+    sampling fields are the queue contract's; `stop` may also be one string."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "def fibonacci(n):", "mask_id": "<a mask id>", "max_new_tokens": 32},
+                {"messages": [{"role": "user", "content": "Hello!"}], "temperature": 0.7, "seed": 1},
+            ]
+        },
+    )
+
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="default: the mask's model, else the embedded one",
+    )
+    mask_id: str | None = Field(default=None, min_length=1, max_length=128)
+    prompt: str | None = Field(default=None, min_length=1, description="raw text, continued as is")
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1, description="a chat, rendered with the model's chat template"
+    )
+    seed: int | None = Field(
+        default=None, ge=0, lt=SEED_LIMIT, description="fixes sampling; the response says which seed was used"
+    )
+    stream: bool = Field(default=False, description="server-sent events: `delta` {text}, then `done`")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        return stop_list(value)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def texts(self) -> list[str]:
+        return [self.prompt] if self.prompt is not None else [m.content for m in self.messages or []]
+
+    def sampling(self, seed: int | None) -> SamplingParams:
+        return SamplingParams.model_validate(
+            self.model_dump(include=set(SamplingParams.model_fields)) | {"seed": seed}
+        )
+
+
+class GenerateResponse(BaseModel):
+    """The generated text, why it ended, token counts and where the time went."""
+
+    id: str
+    model: str
+    mask_id: str | None
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: GenerateUsage
+    timings: GenerateTimings
+    seed: int | None = Field(description="the seed sampled with; send it again to reproduce (null: greedy)")
+
+    @classmethod
+    def from_done(cls, task: GenerateTask, done: GenerateDone) -> GenerateResponse:
+        choice = done.choices[0]
+        return cls(
+            id=task.request_id,
+            model=done.model,
+            mask_id=done.mask_id,
+            text=choice.text,
+            finish_reason=choice.finish_reason,
+            usage=done.usage,
+            timings=done.timings,
+            seed=task.sampling.seed,
+        )
 
 
 # Jobs --------------------------------------------------------------------------------------------
@@ -280,4 +374,5 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     status: str = "ready"
     redis: bool
-    workers: int
+    workers: int  # job workers with a live heartbeat
+    servers: int = 0  # serving workers with a live heartbeat

@@ -251,6 +251,7 @@ class SamplingParams(_Strict):
     top_k: int = Field(default=0, ge=0, description="0 = off")
     seed: int | None = Field(default=None, description="row i samples with seed + i; None = random")
     stop: list[str] = Field(default_factory=list, max_length=4)
+    ignore_eos: bool = Field(default=False, description="keep generating past EOS (for benchmarks)")
 
     def to_config(self, row: int = 0) -> SamplingConfig:
         """The core's config for row `row` of the request (its seed offset by the row index)."""
@@ -263,6 +264,7 @@ class SamplingParams(_Strict):
             top_p=self.top_p,
             seed=None if self.seed is None else self.seed + row,
             stop=tuple(self.stop),
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from service.deps import QueueDep, SettingsDep
+from service.deps import QueueDep, ServingDep, SettingsDep
 from service.errors import error_response, error_responses
 from service.metrics import render_metrics
 from service.queue_client import QUEUE_DOWN_ERRORS
@@ -21,16 +21,18 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadyResponse, responses=error_responses(503))
-async def readyz(queue: QueueDep) -> ReadyResponse | JSONResponse:
-    """200 when Redis answers and at least one worker has a live heartbeat; else 503 saying which."""
+async def readyz(queue: QueueDep, serving: ServingDep) -> ReadyResponse | JSONResponse:
+    """200 when Redis answers and at least one worker (job or serving role) has a live heartbeat;
+    else 503 saying which."""
     try:
         await queue.ping()
     except QUEUE_DOWN_ERRORS:
         return error_response(503, "NotReady", "Redis does not answer PING")
     workers = await queue.worker_count()
-    if workers == 0:
+    servers = len(await serving.servers())
+    if workers == 0 and servers == 0:
         return error_response(503, "NotReady", "no worker heartbeat: start a worker (`selprune worker`)")
-    return ReadyResponse(redis=True, workers=workers)
+    return ReadyResponse(redis=True, workers=workers, servers=servers)
 
 
 @router.get(

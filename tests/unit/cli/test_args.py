@@ -72,6 +72,8 @@ def test_out_of_range_param_names_the_flag():
     assert exc.value.code == 2
 
 
-def test_generate_is_a_stub(capsys):
-    assert main(["generate", "--mask", "abc", "hello"]) == 2
-    assert "masked serving is not available yet" in capsys.readouterr().err
+def test_generate_needs_a_prompt(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--mask", "abc"])
+    assert exc.value.code == 2
+    assert "prompt" in capsys.readouterr().err

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 
 from tests.unit.service.helpers import assert_error, put_job
@@ -17,7 +20,13 @@ def test_healthz(client):
 def test_readyz_needs_a_worker_heartbeat(client, r):
     assert_error(client.get("/readyz"), 503, "NotReady", "worker")
     r.set(keys.WORKER_HEARTBEAT_KEY.format(worker_id="w1"), "1", ex=30)
-    assert client.get("/readyz").json() == {"status": "ready", "redis": True, "workers": 1}
+    assert client.get("/readyz").json() == {"status": "ready", "redis": True, "workers": 1, "servers": 0}
+
+
+def test_a_serving_only_worker_is_ready_too(client, r):
+    beat = json.dumps({"worker_id": "s1", "models": [], "at": time.time()})
+    r.set(keys.SERVER_HEARTBEAT_KEY.format(worker_id="s1"), beat, ex=30)
+    assert client.get("/readyz").json() == {"status": "ready", "redis": True, "workers": 0, "servers": 1}
 
 
 def test_readyz_and_routes_without_redis(make_client):
