@@ -10,11 +10,15 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
+from service.main import create_app
+from service.settings import GatewaySettings
 from worker.queue import JobQueue, Runner, Worker
 from worker.settings import WorkerSettings
 
@@ -102,3 +106,22 @@ def start_worker(make_worker: Callable[..., Worker]) -> Iterator[Callable[..., W
     errors = [wt.error for wt in started if wt.error is not None]
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def model_dir(tiny_model: Any, tokenizer: Any, tmp_path: Path) -> Path:
+    """A tiny random llama and the test tokenizer saved as a local checkpoint folder."""
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def gateway(redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
+    """The real gateway app on the test Redis, serving the tiny model."""
+    settings = GatewaySettings(
+        redis_url=redis_url, data_root=tmp_path, models=[str(model_dir)], sse_block_ms=50
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from fastapi.testclient import TestClient
 
 from selprune_core.masks import NeuronMask
-from service.main import create_app
-from service.settings import GatewaySettings
 from tests.helpers import CORPUS
 from worker import keys
 from worker.jobs import run_job
@@ -31,23 +28,6 @@ pytestmark = pytest.mark.redis
 REPO = Path(__file__).resolve().parents[2]
 CODE = [t for t in CORPUS if "def " in t or "import" in t or "for " in t or "class" in t]
 PROSE = [t for t in CORPUS if t not in CODE]
-
-
-@pytest.fixture
-def model_dir(tiny_model, tokenizer, tmp_path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def gateway(redis_url, model_dir, tmp_path):
-    settings = GatewaySettings(
-        redis_url=redis_url, data_root=tmp_path, models=[str(model_dir)], sse_block_ms=50
-    )
-    with TestClient(create_app(settings)) as client:
-        yield client
 
 
 def _worker(redis_url: str, tmp_path: Path, **overrides) -> Worker:

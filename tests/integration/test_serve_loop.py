@@ -33,14 +33,6 @@ GREEDY = SamplingParams(max_new_tokens=6)
 
 
 @pytest.fixture
-def model_dir(tiny_model, tokenizer, tmp_path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def loop(client: redis.Redis, make_settings, model_dir, tmp_path) -> ServeLoop:
     settings = make_settings(serve_max_batch=8, serve_batch_window_ms=0, max_prompt_tokens=40)
     runtime = ModelRuntime(cache_dir=tmp_path / "cache", data_root=tmp_path, device="cpu", dtype="float32")
