@@ -20,6 +20,7 @@ Usage: python bench/serve.py [--device auto] [--dtype float32] [--new-tokens 24]
        [--requests 40] [--no-stack]
 """
 
+# ruff: noqa: E402  (torch may only be imported after apply_process_defaults)
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,10 @@ import statistics
 import time
 import uuid
 from pathlib import Path
+
+from worker.settings import apply_process_defaults
+
+apply_process_defaults()  # the worker's OpenMP settings, before torch is imported
 
 import httpx
 import torch

@@ -364,6 +364,9 @@ def _first_api_key(settings: CliSettings) -> str | None:
 
 def cmd_worker(args: argparse.Namespace, settings: CliSettings) -> int:
     try:
+        from worker.settings import apply_process_defaults
+
+        apply_process_defaults()  # before worker.main imports torch
         from worker.main import main as worker_main
     except ImportError as exc:
         raise CliError(f"the worker is not available in this install: {exc}") from None
