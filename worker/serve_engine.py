@@ -34,6 +34,7 @@ from worker.payloads import (
     GenerateChoice,
     GenerateDelta,
     GenerateDone,
+    GenerateEvent,
     GenerateFailed,
     GenerateTask,
     GenerateTimings,
@@ -43,7 +44,7 @@ from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
-Event = GenerateDelta | GenerateDone | GenerateFailed
+Event = GenerateEvent  # delta | done | error
 # Receives events in order; one call per decoding step while streaming, so the loop can send a step's
 # events in one Redis round trip.
 Reply = Callable[[list[tuple[GenerateTask, Event]]], None]

@@ -13,13 +13,13 @@ from worker.payloads import (
     GenerateChoice,
     GenerateDelta,
     GenerateDone,
-    GenerateFailed,
+    GenerateEvent,
     GenerateTask,
     GenerateTimings,
     GenerateUsage,
 )
 
-Event = GenerateDelta | GenerateDone | GenerateFailed
+Event = GenerateEvent  # delta | done | error
 Handler = Callable[[GenerateTask], list[Event]]
 
 
