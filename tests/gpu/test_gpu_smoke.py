@@ -43,3 +43,40 @@ def test_prune_and_masked_generation_on_cuda(tiny_model, tokenizer, device, dtyp
     fold_into_weights(model, sites, result.mask)
     folded = [g.token_ids for g in generate(model, tokenizer, CORPUS[:3], greedy)]
     assert masked == folded
+
+
+def test_mixed_mask_batch_on_cuda_matches_rows_alone(tiny_model, tokenizer, device):
+    """The serving path on the device: per-row masks gathered from a device-resident MaskTable."""
+    from selprune_core.generation import GenerationRow, encode_prompts, generate_rows
+    from selprune_core.masks import NeuronMask, apply_row_masks
+    from worker.mask_table import MaskTable
+
+    model = tiny_model("llama").to(device=device)
+    sites, fingerprint = resolve_sites(model), model_fingerprint(model)
+    table = MaskTable(sites, fingerprint, torch.device(device), capacity=4)
+    g = torch.Generator().manual_seed(0)
+    masks = [
+        NeuronMask(
+            fingerprint,
+            torch.rand(sites.n_layers, sites.d_mlp, generator=g) > 0.4,
+            torch.rand(sites.n_layers, sites.d_attn, generator=g) > 0.4,
+            sites.n_heads,
+        )
+        for _ in range(3)
+    ]
+    slots = [table.add(m) for m in masks] + [0]
+    rows = [
+        GenerationRow(ids, SamplingConfig(max_new_tokens=8, temperature=0.0))
+        for ids in encode_prompts(tokenizer, CORPUS[:4])
+    ]
+    param = next(model.parameters())
+    with apply_row_masks(sites, *table.factors(slots, param.dtype)):
+        mixed = [gen.token_ids for gen in generate_rows(model, tokenizer, rows)]
+    for row, slot in zip(rows, slots, strict=True):
+        factors = table.factors([slot], param.dtype)
+        if factors is None:
+            alone = generate_rows(model, tokenizer, [row])
+        else:
+            with apply_row_masks(sites, *factors):
+                alone = generate_rows(model, tokenizer, [row])
+        assert alone[0].token_ids == mixed[rows.index(row)]
