@@ -407,7 +407,11 @@ def _run_demo(client: SelpruneClient, *, stack_owned: bool) -> int:
         f"(follow it elsewhere with `selprune wait {job_id} --url {client.url}`)",
     )
     try:
-        return _follow(client, job_id)
+        code = _follow(client, job_id)
+        mask_id = client.job(job_id).get("mask_id") if code == EXIT_OK else None
+        if mask_id:  # the pruned model, served: one request without the mask, one through it
+            out("", generate_command.before_after(client, str(mask_id)))
+        return code
     except KeyboardInterrupt:
         if not stack_owned:  # our stack dies with us; a shared gateway keeps the job unless we cancel it
             out("", f"cancelling job {job_id}")

@@ -74,3 +74,27 @@ def cmd_generate(args: argparse.Namespace, settings: CliSettings) -> int:
     _write("\n")
     sys.stderr.write(summary(response) + "\n")
     return 0
+
+
+DEMO_PROMPT = "def fibonacci(n):"
+
+
+def before_after(client: SelpruneClient, mask_id: str, prompt: str = DEMO_PROMPT, tokens: int = 40) -> str:
+    """The same greedy continuation of `prompt` from the base model and through `mask_id`, side by side:
+    what `selprune demo` shows once its mask exists (both requests share one served model)."""
+    model = client.mask(mask_id).get("model")
+    body = {
+        "prompt": prompt,
+        "max_new_tokens": tokens,
+        "temperature": 0,
+        **({"model": model} if model else {}),
+    }
+    base = client.generate(body)
+    masked = client.generate({**body, "mask_id": mask_id})
+    return "\n".join(
+        [
+            f"prompt: {prompt!r} (greedy, {tokens} tokens)",
+            f"  base model:   {str(base.get('text', ''))!r}",
+            f"  through mask: {str(masked.get('text', ''))!r}",
+        ]
+    )

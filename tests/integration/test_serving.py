@@ -31,14 +31,6 @@ MAX_PROMPT_TOKENS = 40  # the worker's cap, far below what MAX_PROMPT_CHARS lets
 
 
 @pytest.fixture
-def model_dir(tiny_model, tokenizer, tmp_path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def server(redis_url, client, make_settings, model_dir, tmp_path) -> Iterator[ServeLoop]:
     """A ServeLoop serving in a thread until teardown; an exception in it fails the test."""
     settings = make_settings(max_prompt_tokens=MAX_PROMPT_TOKENS, serve_batch_window_ms=5, poll_block_ms=50)
@@ -189,3 +181,15 @@ def test_clear_4xx_through_the_openai_client(gateway, client, server, model_dir)
     with pytest.raises(openai.UnprocessableEntityError, match="unknown model"):
         api.completions.create(model="gpt-9", prompt="x")
     assert_error(gateway.post("/v1/generate", json={"prompt": "x"}), 401, "Unauthorized")
+
+
+def test_demo_shows_the_same_prompt_before_and_through_the_mask(gateway, client, server, model_dir):
+    from selprune.client import SelpruneClient
+    from selprune.generate_command import before_after
+    from tests.unit.service.test_generate import ViaTestClient
+
+    mask_id = store_mask(client, server, model_dir, TENANT_A)
+    with SelpruneClient("http://testserver", KEY_A, transport=ViaTestClient(gateway)) as sp:
+        lines = before_after(sp, mask_id, prompt="def main():", tokens=6).splitlines()
+    base, masked = (line.split(":", 1)[1].strip() for line in lines[1:])
+    assert lines[0].startswith("prompt: 'def main():'") and base != masked
