@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from service.queue_client import QueueClient
+from service.serving_client import ServingClient
 from service.settings import GatewaySettings
 from worker import keys
 
@@ -40,7 +41,7 @@ def _summary(lines: list[str], name: str, help: str, values: list[float]) -> Non
     lines += [f"{name}_sum {_num(sum(ordered))}", f"{name}_count {len(ordered)}"]
 
 
-async def render_metrics(queue: QueueClient, settings: GatewaySettings) -> str:
+async def render_metrics(queue: QueueClient, serving: ServingClient, settings: GatewaySettings) -> str:
     lines: list[str] = []
     depth, pending = await queue.queue_depth()
     _header(lines, "selprune_queue_depth", "gauge", "Jobs in the queue stream not yet taken by a worker.")
@@ -65,5 +66,23 @@ async def render_metrics(queue: QueueClient, settings: GatewaySettings) -> str:
         "selprune_step_duration_seconds",
         "Wall time of recent pruning steps.",
         await queue.durations(keys.STEP_DURATIONS_KEY),
+    )
+    _header(
+        lines, "selprune_generate_waiting", "gauge", "Generation requests not yet read by a serving worker."
+    )
+    lines.append(f"selprune_generate_waiting {await serving.waiting()}")
+    _header(lines, "selprune_servers", "gauge", "Serving workers with a live heartbeat.")
+    lines.append(f"selprune_servers {len(await serving.servers())}")
+    _summary(
+        lines,
+        "selprune_generate_batch_seconds",
+        "Time in the model of recent serving batches.",
+        await queue.durations(keys.GENERATE_BATCH_SECONDS_KEY),
+    )
+    _summary(
+        lines,
+        "selprune_generate_batch_rows",
+        "Rows (requests x choices) of recent serving batches.",
+        await queue.durations(keys.GENERATE_BATCH_ROWS_KEY),
     )
     return "\n".join(lines) + "\n"

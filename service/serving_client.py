@@ -132,6 +132,10 @@ class ServingClient:
             out.append(beat if isinstance(beat, dict) else {})
         return out
 
+    async def waiting(self) -> int:
+        """Requests in the stream not yet read by a serving worker (read entries are deleted)."""
+        return int(await self.redis.xlen(keys.GENERATE_STREAM))
+
     # Plumbing ----------------------------------------------------------------------------------------
     async def _submit(self, task: GenerateTask) -> str:
         entry_id = await self.redis.xadd(

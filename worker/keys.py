@@ -66,3 +66,12 @@ GENERATE_REPLY_TTL_S = 120
 # Serving workers announce themselves with a TTL'd key (JSON: worker_id, models, at).
 SERVER_HEARTBEAT_KEY = PREFIX + ":server:{worker_id}"
 SERVER_HEARTBEAT_PATTERN = f"{PREFIX}:server:*"
+# Recent serving batches for /metrics: seconds in the model and rows per batch (lists, newest first,
+# trimmed to DURATIONS_KEPT like the job durations).
+GENERATE_BATCH_SECONDS_KEY = f"{PREFIX}:stats:generate-batch-seconds"
+GENERATE_BATCH_ROWS_KEY = f"{PREFIX}:stats:generate-batch-rows"
+
+# Per-job plots (worker/plots.py, GET /v1/jobs/{id}/plot) ------------------------------------------
+# PNG bytes of a prune job's forget-vs-retain trade-off, re-rendered after every completed step; it
+# expires with the job's other keys.
+JOB_PLOT_KEY = PREFIX + ":job:{job_id}:plot"

@@ -6,6 +6,7 @@ Contract (key names in worker/keys.py; the gateway's side is service/serving_cli
     reply     RPUSH GENERATE_REPLY_KEY <GenerateEvent JSON> (EXPIRE GENERATE_REPLY_TTL_S on every push):
               `delta` events while streaming, then exactly one `done` or `error`
     presence  SET SERVER_HEARTBEAT_KEY {"worker_id", "models", "at"} PX (TTL), refreshed every loop
+    stats     LPUSH GENERATE_BATCH_SECONDS_KEY / GENERATE_BATCH_ROWS_KEY per batch (trimmed), for /metrics
 
 Batching. Each turn reads every waiting request (up to serve_max_batch rows' worth) and, if the batch
 is not full, waits serve_batch_window_ms once for more. Requests are acked and deleted as they are
@@ -107,7 +108,9 @@ class ServeLoop:
                 self._read(room, block_ms=None)
         batch = self._next_batch()
         if batch:
+            start = time.perf_counter()
             self.engine.run(batch, self._send)
+            self._record(time.perf_counter() - start, sum(t.rows for t in batch))
             self.beat()
         return len(batch)
 
@@ -165,6 +168,15 @@ class ServeLoop:
                 keep.append(task)
         self.pending = keep
         return batch
+
+    def _record(self, seconds: float, rows: int) -> None:
+        """Batch time and size for /metrics."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(keys.GENERATE_BATCH_SECONDS_KEY, f"{seconds:.4f}")
+            pipe.ltrim(keys.GENERATE_BATCH_SECONDS_KEY, 0, keys.DURATIONS_KEPT - 1)
+            pipe.lpush(keys.GENERATE_BATCH_ROWS_KEY, str(rows))
+            pipe.ltrim(keys.GENERATE_BATCH_ROWS_KEY, 0, keys.DURATIONS_KEPT - 1)
+            pipe.execute()
 
     # Replies ----------------------------------------------------------------------------------------
     def _send(self, events: list[tuple[GenerateTask, Event]]) -> None:

@@ -41,7 +41,8 @@ async def readyz(queue: QueueDep, serving: ServingDep) -> ReadyResponse | JSONRe
     response_model=None,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4"}},
 )
-async def metrics(queue: QueueDep, settings: SettingsDep) -> PlainTextResponse:
-    """Queue depth, jobs by state, worker count, job and step durations (Prometheus text format)."""
-    text = await render_metrics(queue, settings)
+async def metrics(queue: QueueDep, serving: ServingDep, settings: SettingsDep) -> PlainTextResponse:
+    """Queue depth, jobs by state, workers, job and step durations, serving queue, servers and batch
+    time and size (Prometheus text format)."""
+    text = await render_metrics(queue, serving, settings)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

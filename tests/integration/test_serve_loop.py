@@ -158,3 +158,5 @@ def test_batch_takes_at_most_max_rows_and_one_model(client, loop, model_dir):
     assert loop.turn() == 2
     assert loop.turn() == 1
     assert [_done(client, rid).timings.batch_rows for rid in first] == [6, 6, 3]
+    assert client.lrange(keys.GENERATE_BATCH_ROWS_KEY, 0, -1) == [b"3", b"6"]  # newest first, for /metrics
+    assert all(float(s) > 0 for s in client.lrange(keys.GENERATE_BATCH_SECONDS_KEY, 0, -1))

@@ -43,6 +43,8 @@ def test_metrics_text(client, r):
     )
     put_job(r, "done", "local", "succeeded")
     r.rpush(keys.JOB_DURATIONS_KEY, "10", "20", "30")
+    r.rpush(keys.GENERATE_BATCH_ROWS_KEY, "8", "2")
+    r.xadd(keys.GENERATE_STREAM, {"task": "{}"})
     resp = client.get("/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = resp.text
@@ -58,6 +60,10 @@ def test_metrics_text(client, r):
         "selprune_job_duration_seconds_count 3",
         'selprune_step_duration_seconds{quantile="0.9"} NaN',
         "selprune_step_duration_seconds_count 0",
+        "selprune_generate_waiting 1",
+        "selprune_servers 0",
+        "selprune_generate_batch_rows_sum 10",
+        "selprune_generate_batch_seconds_count 0",
     ]:
         assert line in text.splitlines(), line
 
