@@ -56,6 +56,7 @@ SERVING_STATUS = {
     "UnknownModel": 422,
     "ModelLoad": 422,
     "UnsupportedArchitecture": 422,
+    "OutOfMemory": 503,  # the batch did not fit on the device this time; a retry may
 }
 
 

@@ -16,6 +16,7 @@ HTTP status.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "LeaseLostError",
     "WorkerFatalError",
     "to_error_info",
+    "is_cuda_oom",
+    "is_device_failure",
+    "release_cuda_cache",
 ]
 
 # Long messages (pydantic errors on big payloads) are cut, so a job hash stays small.
@@ -60,3 +64,30 @@ def to_error_info(exc: BaseException) -> dict[str, Any]:
     if len(message) > _MAX_MESSAGE_CHARS:
         message = message[:_MAX_MESSAGE_CHARS] + " [truncated]"
     return {"type": type(exc).__name__, "message": message}
+
+
+def _torch_if_loaded() -> Any:
+    # A torch exception can only reach us if torch was imported; never import it from here.
+    return sys.modules.get("torch")
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """Out of device memory: the work that hit it fails, the device stays usable."""
+    torch = _torch_if_loaded()
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error other than OOM (illegal access, device assert): the device state is suspect, so the
+    process must exit and be restarted."""
+    torch = _torch_if_loaded()
+    accelerator_error = getattr(torch, "AcceleratorError", None) if torch is not None else None
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
+
+
+def release_cuda_cache() -> None:
+    torch = _torch_if_loaded()
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

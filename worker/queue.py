@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -56,7 +55,17 @@ from redis.client import Pipeline
 from selprune_core.errors import CancelledError, SelPruneError
 from worker import keys
 from worker.context import JobContext
-from worker.errors import JobError, JobPayloadError, LeaseLostError, WorkerFatalError, to_error_info
+from worker.errors import (
+    JobError,
+    JobPayloadError,
+    LeaseLostError,
+    WorkerFatalError,
+    is_cuda_oom,
+    is_device_failure,
+    release_cuda_cache,
+    to_error_info,
+)
+from worker.loop import run_turns
 from worker.payloads import AnyJob, EvaluateJob, ExportJob, JobProgress, JobState, PruneJob
 from worker.redis_context import Lease, RedisJobContext, add_event
 from worker.settings import WorkerSettings
@@ -175,25 +184,6 @@ class JobQueue:
         return [json.loads(r) for r in self.redis.lrange(keys.JOB_STEPS_KEY.format(job_id=job_id), 0, -1)]
 
 
-def _torch_if_loaded() -> Any:
-    # A torch exception can only reach us if torch was imported; never import it from here.
-    return sys.modules.get("torch")
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    torch = _torch_if_loaded()
-    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def _is_cuda_failure(exc: BaseException) -> bool:
-    """A CUDA error other than OOM (illegal access, device assert): the device state is suspect."""
-    torch = _torch_if_loaded()
-    accelerator_error = getattr(torch, "AcceleratorError", None) if torch is not None else None
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
-
-
 class _Heartbeat(threading.Thread):
     """Renews the lease every lease_seconds/3, touches the stream entry, refreshes the worker key."""
 
@@ -245,37 +235,23 @@ class Worker:
         stop = stop_event or threading.Event()
         ensure_group(self.redis)
         log.info("worker %s: waiting for jobs on %s", self.id, keys.JOB_STREAM)
-        backoff = 0.5
-        try:
-            while not stop.is_set():
-                try:
-                    self.beat(None)
-                    entry = self._claim_stale() or self._read_new(
-                        None if burst else self.settings.poll_block_ms
-                    )
-                    if entry is None:
-                        if burst:
-                            break
-                        continue
-                    self._process(*entry)
-                    backoff = 0.5
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    if burst:
-                        raise
-                    log.warning(
-                        "worker %s: Redis unavailable (%s); retrying in %.1f s", self.id, exc, backoff
-                    )
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    ensure_group(self.redis)  # the stream was deleted under us (FLUSHDB)
-        finally:
-            try:
-                self.redis.delete(self._beat_key)
-            except redis.RedisError:
-                pass
+
+        def turn() -> bool:
+            self.beat(None)
+            entry = self._claim_stale() or self._read_new(None if burst else self.settings.poll_block_ms)
+            if entry is not None:
+                self._process(*entry)
+            return entry is not None or not burst
+
+        run_turns(
+            f"worker {self.id}",
+            stop,
+            turn,
+            ensure_group=lambda: ensure_group(self.redis),
+            redis_client=self.redis,
+            heartbeat_key=self._beat_key,
+            retry_outages=not burst,
+        )
         log.info("worker %s: stopped", self.id)
 
     def beat(self, job_id: str | None) -> None:
@@ -415,10 +391,10 @@ class Worker:
             raise  # not the job's fault: leave it unacked, another attempt picks it up
         except Exception as exc:
             state, error = JobState.failed, to_error_info(exc)
-            if _is_cuda_oom(exc):
+            if is_cuda_oom(exc):
                 log.warning("job %s: CUDA out of memory", job_id)
-                _torch_if_loaded().cuda.empty_cache()
-            elif _is_cuda_failure(exc):
+                release_cuda_cache()
+            elif is_device_failure(exc):
                 log.error("job %s: CUDA failure; the worker will exit", job_id, exc_info=True)
                 fatal = WorkerFatalError(f"CUDA failure in job {job_id}: {exc}")
             else:
@@ -487,7 +463,7 @@ class Worker:
             add_event(pipe, job_id, "state", data)
         self._ack(pipe, entry_id)
         ttl = self.settings.job_ttl_seconds
-        for key in (keys.JOB_KEY, keys.JOB_STEPS_KEY, keys.JOB_EVENTS_KEY):
+        for key in (keys.JOB_KEY, keys.JOB_STEPS_KEY, keys.JOB_EVENTS_KEY, keys.JOB_PLOT_KEY):
             pipe.expire(key.format(job_id=job_id), ttl)
         pipe.delete(keys.JOB_CHECKPOINT_KEY.format(job_id=job_id))
 

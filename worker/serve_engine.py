@@ -27,7 +27,13 @@ from selprune_core.generation import (
 )
 from selprune_core.loading import LoadedModel
 from selprune_core.masks import NeuronMask, apply_row_masks
-from worker.errors import MaskNotFoundError
+from worker.errors import (
+    MaskNotFoundError,
+    WorkerFatalError,
+    is_cuda_oom,
+    is_device_failure,
+    release_cuda_cache,
+)
 from worker.mask_table import MaskTable
 from worker.payloads import (
     ErrorInfo,
@@ -131,11 +137,19 @@ class ServeEngine:
         model_start = time.perf_counter()
         try:
             generations = self._generate(loaded, table, rows, slots, stream)
-        except Exception as exc:  # the batch is lost; its callers hear why, the loop goes on
+        except Exception as exc:  # the batch is lost; its callers hear why
+            if is_cuda_oom(exc):
+                release_cuda_cache()
+                log.warning("serving batch of %d rows ran out of device memory", len(rows))
+                message = (
+                    f"out of device memory on a batch of {len(rows)} rows; retry, or ask for fewer tokens"
+                )
+                reply([(r.task, failed("OutOfMemory", message)) for r in requests])
+                return
             log.exception("serving batch of %d rows failed", len(rows))
             reply([(r.task, failed("InternalError", f"generation failed: {exc}")) for r in requests])
-            if _is_device_failure(exc):
-                raise
+            if is_device_failure(exc):  # the device is suspect: stop serving so the worker restarts
+                raise WorkerFatalError(f"device failure while serving: {exc}") from exc
             return
         model_ms = 1000 * (time.perf_counter() - model_start)
         reply([(r.task, self._done(r, generations, started, model_ms, len(rows))) for r in requests])
@@ -235,8 +249,3 @@ class ServeEngine:
                 batch_rows=batch_rows,
             ),
         )
-
-
-def _is_device_failure(exc: BaseException) -> bool:
-    """CUDA errors leave the device unusable: the worker must exit so its supervisor restarts it."""
-    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)

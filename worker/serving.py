@@ -30,6 +30,7 @@ import redis
 from pydantic import ValidationError
 
 from worker import keys
+from worker.loop import run_turns
 from worker.payloads import GenerateTask
 from worker.runtime import ModelRuntime
 from worker.serve_engine import Event, ServeEngine, failed
@@ -73,28 +74,20 @@ class ServeLoop:
         stop = stop_event or threading.Event()
         ensure_serve_group(self.redis)
         log.info("server %s: waiting for generation requests on %s", self.id, keys.GENERATE_STREAM)
-        backoff = 0.5
-        try:
-            while not stop.is_set():
-                try:
-                    self.beat()
-                    self.turn()
-                    backoff = 0.5
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning(
-                        "server %s: Redis unavailable (%s); retrying in %.1f s", self.id, exc, backoff
-                    )
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    ensure_serve_group(self.redis)  # the stream was deleted under us (FLUSHDB)
-        finally:
-            try:
-                self.redis.delete(self._beat_key)
-            except redis.RedisError:
-                pass
+
+        def turn() -> bool:
+            self.beat()
+            self.turn()
+            return True
+
+        run_turns(
+            f"server {self.id}",
+            stop,
+            turn,
+            ensure_group=lambda: ensure_serve_group(self.redis),
+            redis_client=self.redis,
+            heartbeat_key=self._beat_key,
+        )
         log.info("server %s: stopped", self.id)
 
     def turn(self) -> int:

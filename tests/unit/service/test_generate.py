@@ -105,6 +105,7 @@ def test_stream_sends_deltas_then_done(client, r, responder):
         ("PromptTooLong", 400),
         ("UnknownModel", 422),
         ("ModelLoadError", 422),
+        ("OutOfMemory", 503),
         ("RuntimeError", 500),
     ],
 )
