@@ -14,9 +14,26 @@ from collections.abc import Callable
 
 import redis
 
+from worker import keys
+
 log = logging.getLogger(__name__)
 
 _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.5, 30.0
+
+
+def ensure_group(
+    redis_client: redis.Redis, stream: str = keys.JOB_STREAM, group: str = keys.JOB_GROUP
+) -> None:
+    """Create a lane's stream and consumer group if missing (XGROUP CREATE MKSTREAM, idempotent).
+
+    The group starts at the stream's beginning, so work queued before any worker existed is read: jobs
+    run late, and generation requests past their deadline are dropped when read.
+    """
+    try:
+        redis_client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
 
 
 def run_turns(

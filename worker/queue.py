@@ -65,7 +65,7 @@ from worker.errors import (
     release_cuda_cache,
     to_error_info,
 )
-from worker.loop import run_turns
+from worker.loop import ensure_group, run_turns
 from worker.payloads import AnyJob, EvaluateJob, ExportJob, JobProgress, JobState, PruneJob
 from worker.redis_context import Lease, RedisJobContext, add_event
 from worker.settings import WorkerSettings
@@ -99,15 +99,6 @@ return state
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def ensure_group(redis_client: redis.Redis) -> None:
-    """Create the job stream and its consumer group if missing (XGROUP CREATE MKSTREAM)."""
-    try:
-        redis_client.xgroup_create(keys.JOB_STREAM, keys.JOB_GROUP, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 class JobQueue:

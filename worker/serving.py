@@ -30,7 +30,7 @@ import redis
 from pydantic import ValidationError
 
 from worker import keys
-from worker.loop import run_turns
+from worker.loop import ensure_group, run_turns
 from worker.payloads import GenerateTask
 from worker.runtime import ModelRuntime
 from worker.serve_engine import Event, ServeEngine, failed
@@ -41,12 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def ensure_serve_group(redis_client: redis.Redis) -> None:
-    """Create the serving stream and its consumer group if missing (idempotent)."""
-    try:
-        redis_client.xgroup_create(keys.GENERATE_STREAM, keys.GENERATE_GROUP, id="$", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    ensure_group(redis_client, keys.GENERATE_STREAM, keys.GENERATE_GROUP)
 
 
 class ServeLoop:

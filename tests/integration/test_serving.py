@@ -37,7 +37,7 @@ def server(redis_url, client, make_settings, model_dir, tmp_path) -> Iterator[Se
     runtime = ModelRuntime(cache_dir=tmp_path / "cache", data_root=tmp_path, device="cpu", dtype="float32")
     runtime.model(str(model_dir))  # load before the first request, so no request waits on it
     loop = ServeLoop(settings, redis.Redis.from_url(redis_url), runtime)
-    ensure_serve_group(client)  # before the first XADD: the group starts at the stream's end
+    ensure_serve_group(client)
     stop, errors = threading.Event(), []
 
     def run() -> None:
