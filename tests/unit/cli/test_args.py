@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from selprune.cli import CliError, build_parser, dataset_spec, main, params_from_args
+from selprune.cli import build_parser, main
+from selprune.cli_args import CliError, dataset_spec, params_from_args
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,138 @@
+"""The command line's vocabulary: exit codes, CliError, dataset specs (`builtin:NAME`, `file:PATH`,
+`inline:TEXT1|TEXT2`, `hub:ID`) and the job flags `prune` and `submit` share, checked against the wire
+contract's PruneParams before anything runs or is sent."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from worker.payloads import BUILTIN_DATASETS, EMBEDDED_MODEL, PruneParams, ScoringName
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+DEFAULT_FORGET = "builtin:python_code"
+DEFAULT_RETAIN = "builtin:english_prose"
+TOXIC_BUILTINS = ("toxic", "toxic_prompts")  # the built-in datasets that need `selprune setup`
+
+
+class CliError(Exception):
+    """A failure to report in one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- dataset specs ----------------------------------------------------------------------------------------
+def dataset_spec(text: str) -> dict[str, Any]:
+    """Parse `builtin:NAME`, `file:PATH` (relative to the data root), `inline:TEXT1|TEXT2` or `hub:ID`
+    into the wire form of a dataset reference (worker.payloads.DatasetSpec)."""
+    kind, sep, rest = text.partition(":")
+    kinds = "builtin:NAME, file:PATH, inline:TEXT1|TEXT2 or hub:ID"
+    if not sep:
+        raise argparse.ArgumentTypeError(f"dataset {text!r} has no kind; use {kinds} (e.g. {DEFAULT_FORGET})")
+    if kind == "builtin":
+        if rest not in BUILTIN_DATASETS:
+            raise argparse.ArgumentTypeError(
+                f"unknown builtin dataset {rest!r}; available: {', '.join(BUILTIN_DATASETS)}"
+            )
+        return {"kind": "builtin", "name": rest}
+    if kind == "file":
+        path = PurePosixPath(rest)
+        if not rest or path.is_absolute() or ".." in path.parts:
+            raise argparse.ArgumentTypeError(
+                f"file dataset {rest!r}: give a path relative to the data root (SELPRUNE_DATA_ROOT), "
+                "without '..'"
+            )
+        return {"kind": "file", "path": rest}
+    if kind == "inline":
+        texts = [t for t in rest.split("|") if t.strip()]
+        if not texts:
+            raise argparse.ArgumentTypeError("inline dataset has no text; use inline:first text|second text")
+        return {"kind": "inline", "texts": texts}
+    if kind == "hub":
+        if not rest:
+            raise argparse.ArgumentTypeError("hub dataset needs an id, e.g. hub:wikitext")
+        return {"kind": "hub", "id": rest}
+    raise argparse.ArgumentTypeError(f"dataset kind {kind!r} is not supported; use {kinds}")
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    kind = spec["kind"]
+    if kind == "inline":
+        return f"inline ({len(spec['texts'])} texts)"
+    return f"{kind}:{spec.get('name') or spec.get('path') or spec.get('id')}"
+
+
+# --- shared arguments -------------------------------------------------------------------------------------
+def add_job_args(p: argparse.ArgumentParser) -> None:
+    """Dataset and algorithm flags shared by `prune` and `submit`; unset flags keep PruneParams defaults."""
+    fields = PruneParams.model_fields
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="model reference (default: %(default)s)")
+    kinds = "builtin:NAME, file:PATH (under the data root), inline:TEXT1|TEXT2 or hub:ID"
+    p.add_argument(
+        "--forget",
+        type=dataset_spec,
+        default=DEFAULT_FORGET,
+        metavar="DATA",
+        help=f"what to unlearn: {kinds} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retain",
+        type=dataset_spec,
+        default=DEFAULT_RETAIN,
+        metavar="DATA",
+        help="what to keep (%(default)s)",
+    )
+    p.add_argument("--name", help="a name for the job and its mask")
+
+    def knob(flag: str, field: str, kind: Callable[[str], Any], metavar: str, what: str = "") -> None:
+        info = fields[field]
+        help_text = f"{what or info.description or field} (default: {info.default})"
+        p.add_argument(flag, type=kind, default=None, metavar=metavar, help=help_text)
+
+    knob("--ff-frac", "ff_frac", float, "F")
+    knob("--attn-frac", "attn_frac", float, "F")
+    knob("--steps", "steps", int, "N", "pruning steps")
+    knob("--collect-tokens", "collect_tokens", int, "N")
+    knob("--eval-tokens", "eval_tokens", int, "N")
+    knob("--token-limit", "token_limit", int, "N", "tokens per text (longer texts are truncated)")
+    knob("--batch-size", "batch_size", int, "N", "texts per forward pass")
+    knob("--seed", "seed", int, "N", "seed of sampling and random selection")
+    p.add_argument(
+        "--scoring",
+        choices=get_args(ScoringName),
+        default=None,
+        metavar="NAME",
+        help=f"neuron scoring for FF and attention: {', '.join(get_args(ScoringName))} "
+        f"(default: {fields['ff_scoring'].default})",
+    )
+    p.add_argument(
+        "--random-baseline", action="store_true", default=None, help="prune random neurons (a control)"
+    )
+
+
+def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The PruneParams fields set on the command line (validated); others keep their defaults."""
+    names = ("ff_frac", "attn_frac", "steps", "collect_tokens", "eval_tokens", "token_limit", "batch_size")
+    params = {name: getattr(args, name) for name in (*names, "seed") if getattr(args, name) is not None}
+    if args.scoring is not None:
+        params["ff_scoring"] = params["attn_scoring"] = args.scoring
+    if args.random_baseline:
+        params["random_baseline"] = True
+    try:
+        PruneParams.model_validate(params)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{_flag(e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise CliError(problems, EXIT_USAGE) from None
+    return params
+
+
+def _flag(loc: tuple[int | str, ...]) -> str:
+    name = "-".join(str(part) for part in loc).replace("_", "-")
+    return "scoring" if name.endswith("-scoring") else name
