@@ -39,22 +39,44 @@ class ModelRuntime:
         self.max_models = max(1, max_models)
         self.max_texts = max_texts
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _models and _loading; never held while loading
+        self._loading: dict[str, threading.Lock] = {}  # ref -> lock held by the caller loading it
 
     def model(self, ref: str) -> LoadedModel:
-        """The loaded model for `ref`, loading it (and evicting the least recently used) if needed."""
+        """The loaded model for `ref`, loading it (and evicting the least recently used) if needed.
+
+        Loading happens outside the cache lock, under a lock of its own per ref: the job lane loading
+        a new model (minutes, for a large one) must not stall the serving lane's lookups of models it
+        already holds, and two callers asking for the same new model load it once.
+        """
         with self._lock:
             if ref in self._models:
                 self._models.move_to_end(ref)
                 return self._models[ref]
-            while len(self._models) >= self.max_models:
-                evicted, _ = self._models.popitem(last=False)
-                log.info("evicting model %s from the cache", evicted)
-                _release_device_memory()
+            loading = self._loading.setdefault(ref, threading.Lock())
+        with loading:
+            with self._lock:
+                if ref in self._models:  # another caller loaded it while we waited
+                    self._models.move_to_end(ref)
+                    return self._models[ref]
+                self._evict(keep=self.max_models - 1)  # make room first: device memory is the limit
             log.info("loading model %s (device=%s, dtype=%s)", ref, self.device, self.dtype)
-            loaded = load_model(ref, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype)
-            self._models[ref] = loaded
+            try:
+                loaded = load_model(ref, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype)
+            finally:
+                with self._lock:
+                    self._loading.pop(ref, None)
+            with self._lock:
+                self._evict(keep=self.max_models - 1)
+                self._models[ref] = loaded
             return loaded
+
+    def _evict(self, keep: int) -> None:
+        """Drop least recently used models until `keep` remain (callers holding one keep using it)."""
+        while len(self._models) > keep:
+            evicted, _ = self._models.popitem(last=False)
+            log.info("evicting model %s from the cache", evicted)
+            _release_device_memory()
 
     def loaded_models(self) -> list[str]:
         with self._lock:
