@@ -1,30 +1,29 @@
-"""ServeEngine: runs a batch of generation requests on one model, each row through its own mask.
+"""ServeEngine: decodes generation requests on one model, each row through its own mask, with
+requests joining and leaving a running batch (continuous batching).
 
-The serving loop (worker/serving.py) decides what shares a batch and carries replies over Redis; this
-module does the model work and knows nothing of Redis. For each request it resolves the mask into the
-model's device-resident MaskTable (fetching the bits on first use), renders and tokenizes the prompt,
-and checks its length; a request that fails any of that is answered with an error event and left out
-of the batch, so one bad request never fails its neighbours. The rest run as one `generate_rows` call
-inside `apply_row_masks` with the per-row factors the table gathers.
+The serving loop (worker/serving.py) decides what to admit and carries replies over Redis; this module
+does the model work and knows nothing of Redis. Admitting a request resolves its mask into the model's
+device-resident MaskTable (fetching the bits on first use), renders and tokenizes its prompt and checks
+its length; a request that fails any of that is answered with an error event and left out, so one bad
+request never fails its neighbours. The admitted rows are prefilled together and merged into the
+running `DecodeBatch`; every `step` then decodes one token for every row inside `apply_row_masks` with
+the per-row factors the table gathers, and a request is answered the moment its last row finishes.
+Models whose cache cannot take rows mid-flight (sliding windows) are admitted only into an empty batch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
+from selprune_core.decoding import DecodeBatch, Generation, GenerationRow, Piece
 from selprune_core.errors import MaskMismatchError, SelPruneError
-from selprune_core.generation import (
-    Generation,
-    GenerationRow,
-    apply_chat_template,
-    encode_prompts,
-    generate_rows,
-)
+from selprune_core.generation import apply_chat_template, encode_prompts
 from selprune_core.loading import LoadedModel
 from selprune_core.masks import NeuronMask, apply_row_masks
 from worker.errors import (
@@ -71,7 +70,22 @@ class _Request:
     task: GenerateTask
     slot: int  # mask table slot; 0 = unmasked
     prompt_ids: list[list[int]]  # one list per prompt (a chat has one)
-    first_row: int = 0  # index of the request's first row in the batch
+    admitted_at: float = 0.0  # unix seconds
+    model_start: float = 0.0  # perf_counter at admission
+    batch_rows: int = 0  # rows in the batch right after admission
+    done: dict[int, Generation] = field(default_factory=dict)  # choice index -> generation
+
+
+@dataclass
+class _Active:
+    """The running batch: one model, its rows keyed (request id, choice index)."""
+
+    ref: str
+    loaded: LoadedModel
+    table: MaskTable
+    batch: DecodeBatch
+    requests: dict[str, _Request]
+    slots: dict[tuple[str, int], int]  # row key -> mask table slot
 
 
 def failed(type: str, message: str) -> GenerateFailed:
@@ -87,6 +101,7 @@ class ServeEngine:
         self.mask_slots = mask_slots
         self.max_prompt_tokens = max_prompt_tokens
         self._tables: dict[str, MaskTable] = {}  # model ref -> its masks on its device
+        self._active: _Active | None = None
 
     def table(self, ref: str, loaded: LoadedModel) -> MaskTable:
         table = self._tables.get(ref)
@@ -96,63 +111,145 @@ class ServeEngine:
             self._tables[ref] = table
         return table
 
+    # Batch ------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> str | None:
+        """The model of the running batch; None when idle."""
+        return self._active.ref if self._active is not None else None
+
+    @property
+    def rows(self) -> int:
+        return len(self._active.batch) if self._active is not None else 0
+
+    def can_admit(self, model: str) -> bool:
+        """Whether requests for `model` may join now: the engine is idle, or runs that model with a cache
+        that takes rows mid-flight."""
+        active = self._active
+        return active is None or (active.ref == model and active.batch.mergeable)
+
     def run(self, tasks: Sequence[GenerateTask], reply: Reply) -> None:
-        """Serve `tasks` (all on one model) as one batch; every task gets exactly one done/error event."""
-        assert tasks and len({t.model for t in tasks}) == 1, "one batch serves one model"
-        started = time.time()
+        """Serve `tasks` (one model) to the end as one batch: admit them all, step until done."""
+        self.admit(tasks, reply)
+        while self._active is not None:
+            self.step(reply)
+
+    def admit(self, tasks: Sequence[GenerateTask], reply: Reply) -> None:
+        """Prefill `tasks` (all for one model `can_admit` allows) and merge them into the running batch.
+        Every task gets exactly one done/error event, now or from a later `step`."""
+        assert tasks and len({t.model for t in tasks}) == 1, "one admission serves one model"
+        ref = tasks[0].model
+        assert self.can_admit(ref), f"cannot admit {ref} now"
         try:
-            loaded = self.runtime.model(tasks[0].model)
+            loaded = self.runtime.model(ref)
         except SelPruneError as exc:
             reply([(t, failed("ModelLoadError", str(exc))) for t in tasks])
             return
-        table = self.table(tasks[0].model, loaded)
+        table = self.table(ref, loaded)
+        active = self._active
+        in_use = {r.task.mask_id or "" for r in active.requests.values()} if active is not None else set()
         requests: list[_Request] = []
         for task in tasks:
             try:
-                requests.append(self._prepare(task, loaded, table, {r.task.mask_id or "" for r in requests}))
+                requests.append(self._prepare(task, loaded, table, in_use))
+                in_use.add(task.mask_id or "")
             except ServeError as exc:
                 reply([(task, failed(exc.type, str(exc)))])
         if not requests:
             return
         rows: list[GenerationRow] = []
-        slots: list[int] = []
-        owner: list[tuple[_Request, int]] = []  # batch row -> (request, choice index)
+        keys: list[tuple[str, int]] = []
+        slots: dict[tuple[str, int], int] = {}
         for req in requests:
-            req.first_row = len(rows)
             for index in range(req.task.rows):
-                ids = req.prompt_ids[index // req.task.n]
-                rows.append(GenerationRow(ids, req.task.sampling.to_config(index)))
-                slots.append(req.slot)
-                owner.append((req, index))
-
-        def stream(pieces: list[tuple[int, str]]) -> None:
-            events: list[tuple[GenerateTask, Event]] = [
-                (owner[row][0].task, GenerateDelta(index=owner[row][1], text=text))
-                for row, text in pieces
-                if owner[row][0].task.stream
-            ]
-            if events:
-                reply(events)
-
-        model_start = time.perf_counter()
-        try:
-            generations = self._generate(loaded, table, rows, slots, stream)
-        except Exception as exc:  # the batch is lost; its callers hear why
-            if is_cuda_oom(exc):
-                release_cuda_cache()
-                log.warning("serving batch of %d rows ran out of device memory", len(rows))
-                message = (
-                    f"out of device memory on a batch of {len(rows)} rows; retry, or ask for fewer tokens"
+                rows.append(
+                    GenerationRow(req.prompt_ids[index // req.task.n], req.task.sampling.to_config(index))
                 )
-                reply([(r.task, failed("OutOfMemory", message)) for r in requests])
-                return
-            log.exception("serving batch of %d rows failed", len(rows))
-            reply([(r.task, failed("InternalError", f"generation failed: {exc}")) for r in requests])
-            if is_device_failure(exc):  # the device is suspect: stop serving so the worker restarts
-                raise WorkerFatalError(f"device failure while serving: {exc}") from exc
+                keys.append((req.task.request_id, index))
+                slots[keys[-1]] = req.slot
+        admitted_at, model_start = time.time(), time.perf_counter()
+        batch = DecodeBatch(
+            loaded.model,
+            loaded.tokenizer,
+            rows,
+            keys,
+            stream=[r.task.stream for r in requests for _ in range(r.task.rows)],
+        )
+        fresh = _Active(ref, loaded, table, batch, {r.task.request_id: r for r in requests}, slots)
+        try:
+            pieces = self._forward(fresh, batch.prefill)
+        except Exception as exc:
+            self._fail(fresh, exc, reply)
             return
-        model_ms = 1000 * (time.perf_counter() - model_start)
-        reply([(r.task, self._done(r, generations, started, model_ms, len(rows))) for r in requests])
+        if active is None:
+            self._active = active = fresh
+        else:
+            active.batch.extend(batch)
+            active.requests.update(fresh.requests)
+            active.slots.update(slots)
+        for req in requests:
+            req.admitted_at, req.model_start, req.batch_rows = admitted_at, model_start, len(active.batch)
+        self._deliver(active, pieces, reply)
+
+    def step(self, reply: Reply) -> None:
+        """Decode one token for every row of the running batch; answer the requests that finish."""
+        active = self._active
+        assert active is not None, "nothing to step"
+        try:
+            pieces = self._forward(active, active.batch.step)
+        except Exception as exc:
+            self._fail(active, exc, reply)
+            return
+        self._deliver(active, pieces, reply)
+
+    def _forward(self, active: _Active, run: Callable[[], list[Piece]]) -> list[Piece]:
+        """One forward of `active.batch` (prefill or step) through its rows' masks."""
+        param = next(active.loaded.model.parameters())
+        factors = active.table.factors([active.slots[_row_key(k)] for k in active.batch.keys], param.dtype)
+        with torch.inference_mode():
+            if factors is None:  # nobody masked: no hooks at all
+                return run()
+            with apply_row_masks(active.loaded.sites, *factors):
+                return run()
+
+    def _deliver(self, active: _Active, pieces: list[Piece], reply: Reply) -> None:
+        """Send streamed text, then a done event for every request whose rows have all finished."""
+        events: list[tuple[GenerateTask, Event]] = []
+        for key, text in pieces:
+            request_id, index = _row_key(key)
+            req = active.requests[request_id]
+            if req.task.stream:
+                events.append((req.task, GenerateDelta(index=index, text=text)))
+        for key, generation in active.batch.pop_finished():
+            request_id, index = _row_key(key)
+            active.slots.pop((request_id, index), None)
+            req = active.requests[request_id]
+            req.done[index] = generation
+            if len(req.done) == req.task.rows:
+                del active.requests[request_id]
+                events.append((req.task, self._done(req)))
+        if events:
+            reply(events)
+        if not len(active.batch):
+            self._active = None
+
+    def _fail(self, active: _Active, exc: Exception, reply: Reply) -> None:
+        """A forward failed: every request in `active` is answered with the error and the batch dropped
+        (the running batch too, if `active` was being admitted into it: its cache may be half-updated)."""
+        requests = list(active.requests.values())
+        if self._active is not None and self._active is not active:
+            requests += list(self._active.requests.values())
+        self._active = None
+        rows = sum(r.task.rows for r in requests)
+        if is_cuda_oom(exc):
+            release_cuda_cache()
+            log.warning("serving batch of %d rows ran out of device memory", rows)
+            message = f"out of device memory on a batch of {rows} rows; retry, or ask for fewer tokens"
+            reply([(r.task, failed("OutOfMemory", message)) for r in requests])
+            return
+        log.exception("serving batch of %d rows failed", rows, exc_info=exc)
+        reply([(r.task, failed("InternalError", f"generation failed: {exc}")) for r in requests])
+        if is_device_failure(exc):  # the device is suspect: stop serving so the worker restarts
+            raise WorkerFatalError(f"device failure while serving: {exc}") from exc
 
     # Steps --------------------------------------------------------------------------------------------
     def _prepare(
@@ -200,27 +297,9 @@ class ServeEngine:
         log.info("mask %s loaded for %s (%d masks on the device)", task.mask_id, task.model, len(table))
         return slot
 
-    @torch.inference_mode()
-    def _generate(
-        self,
-        loaded: LoadedModel,
-        table: MaskTable,
-        rows: list[GenerationRow],
-        slots: list[int],
-        stream: Callable[[list[tuple[int, str]]], None],
-    ) -> list[Generation]:
-        param = next(loaded.model.parameters())
-        factors = table.factors(slots, param.dtype)
-        if factors is None:  # nobody masked: no hooks at all
-            return generate_rows(loaded.model, loaded.tokenizer, rows, on_text=stream)
-        with apply_row_masks(loaded.sites, *factors):
-            return generate_rows(loaded.model, loaded.tokenizer, rows, on_text=stream)
-
     @staticmethod
-    def _done(
-        req: _Request, generations: list[Generation], started: float, model_ms: float, batch_rows: int
-    ) -> GenerateDone:
-        mine = generations[req.first_row : req.first_row + req.task.rows]
+    def _done(req: _Request) -> GenerateDone:
+        mine = [req.done[i] for i in range(req.task.rows)]
         choices = [
             GenerateChoice(
                 index=i,
@@ -244,8 +323,13 @@ class ServeEngine:
                 total_tokens=prompt_tokens + completion_tokens,
             ),
             timings=GenerateTimings(
-                queue_ms=max(0.0, 1000 * (started - req.task.enqueued_at)),
-                model_ms=model_ms,
-                batch_rows=batch_rows,
+                queue_ms=max(0.0, 1000 * (req.admitted_at - req.task.enqueued_at)),
+                model_ms=1000 * (time.perf_counter() - req.model_start),
+                batch_rows=req.batch_rows,
             ),
         )
+
+
+def _row_key(key: Hashable) -> tuple[str, int]:
+    """A batch row's key as the engine made it: (request id, choice index)."""
+    return cast(tuple[str, int], key)

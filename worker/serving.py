@@ -6,15 +6,19 @@ Contract (key names in worker/keys.py; the gateway's side is service/serving_cli
     reply     RPUSH GENERATE_REPLY_KEY <GenerateEvent JSON> (EXPIRE GENERATE_REPLY_TTL_S on every push):
               `delta` events while streaming, then exactly one `done` or `error`
     presence  SET SERVER_HEARTBEAT_KEY {"worker_id", "models", "at"} PX (TTL), refreshed every loop
-    stats     LPUSH GENERATE_BATCH_SECONDS_KEY / GENERATE_BATCH_ROWS_KEY per batch (trimmed), for /metrics
+    stats     LPUSH GENERATE_BATCH_SECONDS_KEY / GENERATE_BATCH_ROWS_KEY per turn (trimmed), for /metrics
 
-Batching. Each turn reads every waiting request (up to serve_max_batch rows' worth) and, if the batch
-is not full, waits serve_batch_window_ms once for more. Requests are acked and deleted as they are
-read: generation is short and latency-bound, so a request whose worker dies is answered 504 by the
-gateway rather than retried after a visibility timeout. A request read past its deadline is dropped
-(the gateway has already answered 504). The oldest pending request picks the model; every pending
-request for that model joins while the batch has rows to spare; the rest wait for the next turn, so a
-burst on one model cannot starve another for longer than one batch.
+Continuous batching. Each turn reads what is waiting (up to serve_max_batch rows, counting the running
+batch), admits what may join the running batch, and decodes one token for every running row; a request
+is answered the moment its rows finish, and a newcomer joins at the next turn instead of waiting for the
+batch to end. Idle, the first arrival waits serve_batch_window_ms once for batch-mates. Admission is
+first come, first served (see `_admissible`): the oldest request picks the model, and a request for
+another model waits for the running batch to drain rather than be overtaken.
+
+Requests are acked and deleted as they are read: generation is short and latency-bound, so a request
+whose worker dies is answered 504 by the gateway rather than retried after a visibility timeout. A
+request past its deadline when read or admitted is dropped (the gateway has already answered 504). On
+stop, the running batch is decoded to its end before the loop exits.
 """
 
 from __future__ import annotations
@@ -75,32 +79,56 @@ class ServeLoop:
             self.turn()
             return True
 
-        run_turns(
-            f"server {self.id}",
-            stop,
-            turn,
-            ensure_group=lambda: ensure_serve_group(self.redis),
-            redis_client=self.redis,
-            heartbeat_key=self._beat_key,
-        )
+        try:
+            run_turns(
+                f"server {self.id}",
+                stop,
+                turn,
+                ensure_group=lambda: ensure_serve_group(self.redis),
+                redis_client=self.redis,
+                heartbeat_key=self._beat_key,
+            )
+        finally:
+            if self.engine.model is not None:  # requests in flight are answered before we go
+                log.info("server %s: finishing %d running rows", self.id, self.engine.rows)
+                try:
+                    self.finish()
+                except redis.RedisError:
+                    log.warning("server %s: Redis gone; in-flight requests will time out", self.id)
         log.info("server %s: stopped", self.id)
 
     def turn(self) -> int:
-        """Read what is waiting, run one batch; returns the number of requests answered."""
-        room = self.settings.serve_max_batch - sum(t.rows for t in self.pending)
+        """Read what is waiting, admit what may join the running batch, decode one step.
+
+        Returns the number of requests admitted. Idle, the read blocks (poll_block_ms) and, once a
+        request arrives, waits serve_batch_window_ms once for batch-mates; while a batch runs, reads do
+        not block, so decoding never waits on an empty stream.
+        """
+        engine, cap = self.engine, self.settings.serve_max_batch
+        room = cap - engine.rows - sum(t.rows for t in self.pending)
         if room > 0:
-            self._read(room, block_ms=None if self.pending else self.settings.poll_block_ms)
-            room = self.settings.serve_max_batch - sum(t.rows for t in self.pending)
-            if self.pending and room > 0 and self.settings.serve_batch_window_ms > 0:
+            idle = engine.model is None and not self.pending
+            self._read(room, block_ms=self.settings.poll_block_ms if idle else None)
+            room = cap - engine.rows - sum(t.rows for t in self.pending)
+            if engine.model is None and self.pending and room > 0 and self.settings.serve_batch_window_ms > 0:
                 time.sleep(self.settings.serve_batch_window_ms / 1000)
                 self._read(room, block_ms=None)
-        batch = self._next_batch()
-        if batch:
-            start = time.perf_counter()
-            self.engine.run(batch, self._send)
-            self._record(time.perf_counter() - start, sum(t.rows for t in batch))
-            self.beat()
-        return len(batch)
+        admitted = self._admissible()
+        if not admitted and engine.model is None:
+            return 0
+        start = time.perf_counter()
+        if admitted:
+            engine.admit(admitted, self._send)
+        if engine.model is not None:
+            engine.step(self._send)
+        self._record(time.perf_counter() - start, engine.rows)
+        return len(admitted)
+
+    def finish(self) -> None:
+        """Decode the running batch to its end, admitting nothing new (shutdown, tests)."""
+        while self.engine.model is not None:
+            self.engine.step(self._send)
+        self.beat()
 
     def beat(self) -> None:
         info = {"worker_id": self.id, "models": self.runtime.loaded_models(), "at": time.time()}
@@ -141,24 +169,35 @@ class ServeLoop:
                 self._push(request_id, failed("InvalidRequest", f"invalid generation task: {exc}"))
             return None
 
-    def _next_batch(self) -> list[GenerateTask]:
-        """The oldest pending request and every later one for the same model that fits beside it."""
-        if not self.pending:
-            return []
-        first = self.pending.popleft()
-        batch, rows, keep = [first], first.rows, deque[GenerateTask]()
+    def _admissible(self) -> list[GenerateTask]:
+        """Pending requests that may join the running batch now, oldest first.
+
+        Strictly first come, first served: admission stops at the first request that cannot join (another
+        model, or no room), so a burst on one model never overtakes an older request for another; the
+        running batch drains and the next turn starts that model. A request with more rows than a batch
+        holds runs alone, once the engine is idle.
+        """
+        engine, cap = self.engine, self.settings.serve_max_batch
+        admitted: list[GenerateTask] = []
+        rows, model, now = engine.rows, engine.model, time.time()
         while self.pending:
-            task = self.pending.popleft()
-            if task.model == first.model and rows + task.rows <= self.settings.serve_max_batch:
-                batch.append(task)
-                rows += task.rows
-            else:
-                keep.append(task)
-        self.pending = keep
-        return batch
+            task = self.pending[0]
+            if task.deadline <= now:  # waited out its deadline here: the gateway has answered 504
+                log.info("request %s: past its deadline before admission; dropped", task.request_id)
+                self.pending.popleft()
+                continue
+            model = model or task.model
+            if task.model != model or not engine.can_admit(model):
+                break
+            if rows + task.rows > cap and (rows > 0 or admitted):
+                break
+            admitted.append(self.pending.popleft())
+            rows += task.rows
+        return admitted
 
     def _record(self, seconds: float, rows: int) -> None:
-        """Batch time and size for /metrics."""
+        """Time of one turn in the model (admission prefill and/or a decode step) and the rows still
+        running after it, for /metrics."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.lpush(keys.GENERATE_BATCH_SECONDS_KEY, f"{seconds:.4f}")
             pipe.ltrim(keys.GENERATE_BATCH_SECONDS_KEY, 0, keys.DURATIONS_KEPT - 1)

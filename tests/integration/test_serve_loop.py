@@ -1,7 +1,8 @@
 """The serving lane against a real Redis and a tiny model: batching, per-row masks, replies, errors.
 
-Requests are written to the stream as the gateway writes them, and the loop's `turn()` is called
-directly, so what shares a batch is decided by the test, not by timing.
+Requests are written to the stream as the gateway writes them, and the loop's `turn()` (admit, decode
+one step) and `finish()` are called directly, so what shares a batch is decided by the test, not by
+timing.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ def _send(client: redis.Redis, model_dir: Path, tenant: str = "t1", deadline_s: 
     return task.request_id
 
 
+def _serve(loop: ServeLoop) -> int:
+    """One turn (admitting what waits), then decode the batch to its end; returns requests admitted."""
+    admitted = loop.turn()
+    loop.finish()
+    return admitted
+
+
 def _events(client: redis.Redis, request_id: str) -> list:
     raw = client.lrange(keys.GENERATE_REPLY_KEY.format(request_id=request_id), 0, -1)
     return [EVENTS.validate_json(item) for item in raw]
@@ -82,7 +90,7 @@ def test_masked_request_matches_the_mask_folded_into_weights(client, loop, model
     mask_id = _store(client, mask)
     plain_id = _send(client, model_dir, prompts=PROMPTS[:2])
     masked_id = _send(client, model_dir, prompts=PROMPTS[:2], mask_id=mask_id)
-    assert loop.turn() == 2
+    assert _serve(loop) == 2
 
     folded = copy.deepcopy(loop.runtime.model(str(model_dir)).model)
     fold_into_weights(folded, resolve_sites(folded), mask, fingerprint=model_fingerprint(folded))
@@ -109,12 +117,12 @@ def test_every_row_of_a_mixed_batch_gets_what_it_gets_alone(client, loop, model_
         {"messages": [ChatMessage(role="user", content="hello there")], "mask_id": mask_ids[1]},
     ]
     together = [_send(client, model_dir, **case) for case in cases]
-    assert loop.turn() == len(cases)
+    assert _serve(loop) == len(cases)
     mixed = [_done(client, rid) for rid in together]
     assert {d.timings.batch_rows for d in mixed} == {7}
     for case, in_batch in zip(cases, mixed, strict=True):
         alone_id = _send(client, model_dir, **case)
-        assert loop.turn() == 1
+        assert _serve(loop) == 1
         alone = _done(client, alone_id)
         assert alone.timings.batch_rows == case.get("n", 1)
         assert [c.text for c in in_batch.choices] == [c.text for c in alone.choices]
@@ -126,7 +134,7 @@ def test_every_row_of_a_mixed_batch_gets_what_it_gets_alone(client, loop, model_
 def test_streamed_deltas_add_up_to_the_reply(client, loop, model_dir):
     rid = _send(client, model_dir, prompts=PROMPTS[:2], stream=True)
     quiet = _send(client, model_dir, prompts=PROMPTS[2:3])
-    loop.turn()
+    _serve(loop)
     events = _events(client, rid)
     done = events[-1]
     assert done.kind == "done" and all(e.kind == "delta" for e in events[:-1])
@@ -143,7 +151,7 @@ def test_bad_requests_are_answered_and_do_not_fail_their_batch(client, loop, mod
     foreign = _send(client, model_dir, prompts=[PROMPTS[0]], mask_id=theirs)
     too_long = _send(client, model_dir, prompts=["word " * 100])
     late = _send(client, model_dir, prompts=[PROMPTS[0]], deadline_s=-1)
-    loop.turn()
+    _serve(loop)
     assert _done(client, good).choices[0].completion_tokens == 6
     for rid, type_ in ((unknown, "MaskNotFound"), (foreign, "MaskNotFound"), (too_long, "PromptTooLong")):
         (event,) = _events(client, rid)
@@ -155,8 +163,59 @@ def test_bad_requests_are_answered_and_do_not_fail_their_batch(client, loop, mod
 
 def test_batch_takes_at_most_max_rows_and_one_model(client, loop, model_dir):
     first = [_send(client, model_dir, prompts=PROMPTS[:3]) for _ in range(3)]  # 9 rows > 8
-    assert loop.turn() == 2
-    assert loop.turn() == 1
+    assert _serve(loop) == 2
+    assert _serve(loop) == 1
     assert [_done(client, rid).timings.batch_rows for rid in first] == [6, 6, 3]
-    assert client.lrange(keys.GENERATE_BATCH_ROWS_KEY, 0, -1) == [b"3", b"6"]  # newest first, for /metrics
+    rows = [int(r) for r in client.lrange(keys.GENERATE_BATCH_ROWS_KEY, 0, -1)]  # one per turn, for /metrics
+    assert rows and max(rows) <= 8
     assert all(float(s) > 0 for s in client.lrange(keys.GENERATE_BATCH_SECONDS_KEY, 0, -1))
+
+
+def test_a_request_joins_the_running_batch_and_leaves_before_it(client, loop, model_dir):
+    """Continuous batching: a newcomer does not wait for the running batch to end."""
+    long_sampling = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    short_sampling = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    long_id = _send(client, model_dir, prompts=[PROMPTS[0]], sampling=long_sampling)
+    assert loop.turn() == 1 and loop.engine.rows == 1
+    loop.turn()  # two tokens into the long request
+    short_id = _send(
+        client,
+        model_dir,
+        prompts=[PROMPTS[1]],
+        mask_id=_store(client, _mask(loop, model_dir, 3)),
+        sampling=short_sampling,
+    )
+    assert loop.turn() == 1 and loop.engine.rows == 2  # admitted into the running batch
+    loop.turn()
+    loop.turn()  # the short request's 3 tokens: prefill, then two steps
+    short = _done(client, short_id)
+    assert short.timings.batch_rows == 2 and _events(client, long_id) == []  # answered mid-flight
+    assert loop.engine.rows == 1
+    loop.finish()
+    assert _done(client, long_id).choices[0].completion_tokens == 20
+
+    # Each got exactly what it gets alone.
+    mask_id = short.mask_id
+    for rid, fields in (
+        (long_id, {"prompts": [PROMPTS[0]], "sampling": long_sampling}),
+        (short_id, {"prompts": [PROMPTS[1]], "mask_id": mask_id, "sampling": short_sampling}),
+    ):
+        alone = _send(client, model_dir, **fields)
+        _serve(loop)
+        assert _done(client, alone).choices[0].text == _done(client, rid).choices[0].text
+
+
+def test_requests_for_another_model_wait_their_turn(client, loop, model_dir, tiny_model, tokenizer, tmp_path):
+    other_dir = tmp_path / "other"
+    tiny_model("gpt2").save_pretrained(other_dir)
+    tokenizer.save_pretrained(other_dir)
+    first = _send(client, model_dir, prompts=[PROMPTS[0]], sampling=SamplingParams(max_new_tokens=4))
+    assert loop.turn() == 1
+    other = _send(client, other_dir, prompts=[PROMPTS[1]], sampling=SamplingParams(max_new_tokens=2))
+    later = _send(client, model_dir, prompts=[PROMPTS[2]], sampling=SamplingParams(max_new_tokens=2))
+    assert loop.turn() == 0  # the other model is next in line: nothing overtakes it
+    loop.finish()
+    assert _serve(loop) == 1 and loop.engine.model is None  # the other model's request
+    assert _serve(loop) == 1
+    for rid in (first, other, later):
+        assert _done(client, rid).choices

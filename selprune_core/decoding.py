@@ -1,0 +1,365 @@
+"""Batched decoding with our own loop: `DecodeBatch`, a batch of rows that grows and shrinks.
+
+We do not call `model.generate`: the serving path applies per-row masks through forward pre-hooks and
+per-row sampling settings, and admits new requests into a running batch (continuous batching), so the
+loop keeps its own state: a KV cache, an attention mask, and per row its tokens, settings and generator.
+
+Rows are left-padded, so every row's next token sits in the last column. Position ids count only real
+tokens, as `model.generate` computes them, so a padded row sees the positions it would see alone.
+A batch is `prefill`ed (one forward over the prompts), then `step`ped one token at a time; rows that
+finish are popped and the batch shrinks; `extend` merges a freshly prefilled batch into a running one by
+left-padding the shorter cache. Merging needs plain `DynamicLayer` caches (`mergeable`): sliding-window
+and other cache types still decode, just without admitting rows mid-flight.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from selprune_core.config import SamplingConfig
+
+__all__ = ["DecodeBatch", "Generation", "GenerationRow", "sample_next"]
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+Piece = tuple[Hashable, str]  # (row key, new text)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion. `token_ids` are the generated tokens, without the prompt and without EOS."""
+
+    text: str  # decoded completion, cut before the first stop string
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason  # "stop": EOS or a stop string; "length": max_new_tokens reached
+
+
+def _per_row(
+    value: float | torch.Tensor, rows: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Broadcast a scalar or [batch] setting to a [batch] tensor."""
+    if isinstance(value, torch.Tensor):
+        assert value.numel() in (1, rows), f"per-row setting has {value.numel()} values for {rows} rows"
+        return value.to(device=device, dtype=dtype).reshape(-1).expand(rows)
+    return torch.full((rows,), value, device=device, dtype=dtype)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor,
+    top_p: float | torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from last-position logits [batch, vocab]; returns ids [batch].
+
+    Each setting is a scalar or a [batch] tensor. Rows with temperature 0 are greedy. The others are
+    sampled from softmax(logits / temperature), restricted first to the `top_k` largest logits (0 = off,
+    ties at the k-th value kept) and then to the smallest set of most likely tokens holding `top_p`
+    of the mass (1 = off), the same filters and order as Hugging Face's warpers. `generator` is one
+    generator for the batch or one per row (None entries use torch's global generator).
+    """
+    logits = logits.float()  # [batch, vocab]
+    rows, vocab = logits.shape
+    temp = _per_row(temperature, rows, logits.device, torch.float32)  # [batch]
+    k = _per_row(top_k, rows, logits.device, torch.long)  # [batch]
+    p = _per_row(top_p, rows, logits.device, torch.float32)  # [batch]
+    greedy = logits.argmax(dim=-1)  # [batch]
+    sampled_rows = temp > 0  # [batch]
+    if not bool(sampled_rows.any()):
+        return greedy
+
+    # Greedy rows are divided by 1 so they stay finite; their sample is discarded below.
+    scaled = logits / torch.where(sampled_rows, temp, torch.ones_like(temp))[:, None]  # [batch, vocab]
+    # Work in descending order: position j of a row holds its (j+1)-th most likely token.
+    sorted_vals, sorted_idx = scaled.sort(dim=-1, descending=True, stable=True)  # [batch, vocab] each
+
+    # top-k: drop every logit strictly below the k-th largest one.
+    k_eff = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)  # [batch]
+    kth = sorted_vals.gather(1, (k_eff - 1)[:, None])  # [batch, 1]
+    remove = sorted_vals < kth  # [batch, vocab]
+
+    # top-p on what top-k left: drop a token once the more likely tokens already hold top_p of the mass.
+    # The most likely token has zero mass above it and is always kept, since top_p > 0.
+    probs = sorted_vals.masked_fill(remove, float("-inf")).softmax(dim=-1)  # [batch, vocab]
+    mass_above = probs.cumsum(dim=-1) - probs  # [batch, vocab]
+    remove |= (mass_above >= p[:, None]) & (p < 1)[:, None]
+
+    probs = sorted_vals.masked_fill(remove, float("-inf")).softmax(dim=-1)  # [batch, vocab]
+    if generator is None or isinstance(generator, torch.Generator):
+        choice = torch.multinomial(probs, 1, generator=generator)  # [batch, 1] index in sorted order
+    else:
+        # One draw per row from the row's own generator: a row's samples ignore its batch companions.
+        assert len(generator) == rows, f"{len(generator)} generators for {rows} rows"
+        choice = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generator)])
+        choice = choice[:, None]  # [batch, 1]
+    sampled = sorted_idx.gather(1, choice).squeeze(1)  # [batch] token ids
+    return torch.where(sampled_rows, sampled, greedy)
+
+
+def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokenizer's EOS plus any the generation config adds (chat models often end turns differently)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_config = getattr(model, "generation_config", None)
+    extra = getattr(gen_config, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, list | tuple):
+        ids.update(int(i) for i in extra)
+    return ids
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert isinstance(text, str), f"decode returned {type(text).__name__}, expected str"
+    return text
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cuts = [pos for pos in (text.find(s) for s in stops if s) if pos >= 0]
+    if not cuts:
+        return text, False
+    return text[: min(cuts)], True
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One row of a batch: its prompt tokens and its own decoding settings (rows of one batch may
+    differ in every setting, which is how requests from different callers share a batch)."""
+
+    prompt_ids: list[int]  # at least one token
+    sampling: SamplingConfig
+
+
+class _TextStream:
+    """Turns one row's growing token list into safe-to-show text pieces.
+
+    Holds back a trailing partial character (U+FFFD from an incomplete byte sequence) and, while the row
+    runs, the last len(longest stop) - 1 characters, which could still become the start of a stop string.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.shown = 0
+
+    def piece(self, text: str, final: bool) -> str:
+        safe = text if final else text[: max(len(text) - self.hold, 0)]
+        if not final:
+            safe = safe.rstrip("\ufffd")
+        out, self.shown = safe[self.shown :], max(self.shown, len(safe))
+        return out
+
+
+@dataclass
+class _Row:
+    key: Hashable
+    prompt_len: int
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    stream: _TextStream | None  # None: nobody reads this row's text until it finishes
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+    reason: FinishReason = "length"
+
+
+class DecodeBatch:
+    """Rows decoding together on one model. Not thread-safe: one lane drives it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        rows: Sequence[GenerationRow],
+        keys: Sequence[Hashable] | None = None,
+        *,
+        stream: bool | Sequence[bool] = False,
+    ) -> None:
+        """`keys` name the rows in what the batch returns (default 0..n-1); rows with `stream` set get
+        their new text back from prefill/step as it is produced."""
+        assert rows, "a batch needs at least one row"
+        keys = list(range(len(rows))) if keys is None else list(keys)
+        assert len(keys) == len(rows), f"{len(keys)} keys for {len(rows)} rows"
+        streams = [stream] * len(rows) if isinstance(stream, bool) else list(stream)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self.rows = [
+            _Row(
+                key=key,
+                prompt_len=len(r.prompt_ids),
+                sampling=r.sampling,
+                generator=None
+                if r.sampling.seed is None
+                else torch.Generator(device=self.device).manual_seed(r.sampling.seed),
+                stream=_TextStream(r.sampling.stop) if wanted else None,
+            )
+            for key, r, wanted in zip(keys, rows, streams, strict=True)
+        ]
+        self._prompts = [list(r.prompt_ids) for r in rows]
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.x renamed the KV-cache argument `past_key_values` to `cache`; accept both.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.cache: Any = None
+        self.attention_mask = torch.empty(0)  # [batch, cached positions], 1 on real tokens
+        self.next_ids = torch.empty(0)  # [batch] sampled, not yet fed
+        self.next_positions = torch.empty(0)  # [batch, 1] position of next_ids
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [r.key for r in self.rows]
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether `extend` can merge into this batch: every cache layer a plain growing tensor pair."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        cache = self.cache
+        return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    # Decoding ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self) -> list[Piece]:
+        """One forward over the left-padded prompts; samples every row's first token."""
+        assert self.cache is None, "prefill runs once"
+        rows, width = len(self.rows), max(len(p) for p in self._prompts)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)  # [batch, prompt]
+        mask = torch.zeros((rows, width), dtype=torch.long)  # [batch, prompt]
+        for i, ids in enumerate(self._prompts):
+            assert ids, f"row {i} has no prompt tokens"
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[i, width - len(ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)  # [batch, prompt]
+        self._prompts = []
+        self.attention_mask = mask
+        return self._forward(input_ids, positions, next_positions=positions[:, -1:] + 1)
+
+    @torch.no_grad()
+    def step(self) -> list[Piece]:
+        """Feed every row its last sampled token and sample the next one."""
+        assert self.cache is not None, "prefill first"
+        assert not any(r.done for r in self.rows), "pop_finished before stepping"
+        ones = self.attention_mask.new_ones(len(self.rows), 1)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)  # [batch, cached + 1]
+        return self._forward(self.next_ids[:, None], self.next_positions, self.next_positions + 1)
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, next_positions: torch.Tensor
+    ) -> list[Piece]:
+        self.model.eval()
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: self.cache},
+            **self._extra,  # only the last position's logits are needed
+        )
+        self.cache = out[self._cache_arg] if self._cache_arg in out else out.past_key_values
+        settings = [r.sampling for r in self.rows]
+        temperature = torch.tensor([s.temperature for s in settings], device=self.device)  # [batch]
+        top_k = torch.tensor([s.top_k for s in settings], device=self.device)  # [batch]
+        top_p = torch.tensor([s.top_p for s in settings], device=self.device)  # [batch]
+        generators = [r.generator for r in self.rows]
+        self.next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generators)  # [batch]
+        self.next_positions = next_positions
+        return self._advance(self.next_ids.tolist())
+
+    def _advance(self, tokens: list[int]) -> list[Piece]:
+        pieces: list[Piece] = []
+        for row, token in zip(self.rows, tokens, strict=True):
+            if token in self.eos_ids and not row.sampling.ignore_eos:
+                row.done, row.reason = True, "stop"
+            else:
+                row.tokens.append(token)
+                row.done = len(row.tokens) >= row.sampling.max_new_tokens
+            if not row.sampling.stop and row.stream is None:
+                continue
+            text, stopped = _cut_at_stop(_decode(self.tokenizer, row.tokens), row.sampling.stop)
+            if stopped:
+                row.done, row.reason = True, "stop"
+            if row.stream is not None and (piece := row.stream.piece(text, final=row.done)):
+                pieces.append((row.key, piece))
+        return pieces
+
+    # Shape changes ----------------------------------------------------------------------------------
+    def pop_finished(self) -> list[tuple[Hashable, Generation]]:
+        """Remove the rows that have finished and return their generations (the batch shrinks)."""
+        finished = [(r.key, self._generation(r)) for r in self.rows if r.done]
+        if finished:
+            keep = [i for i, r in enumerate(self.rows) if not r.done]
+            self.rows = [self.rows[i] for i in keep]
+            if keep and self.cache is not None:
+                index = torch.tensor(keep, dtype=torch.long, device=self.device)
+                self.cache.batch_select_indices(index)
+                self.attention_mask = self.attention_mask.index_select(0, index)
+                self.next_ids = self.next_ids.index_select(0, index)
+                self.next_positions = self.next_positions.index_select(0, index)
+                self._trim_left()
+        return finished
+
+    def extend(self, other: DecodeBatch) -> None:
+        """Merge a prefilled batch into this one: the shorter cache is left-padded with masked zeros."""
+        assert self.mergeable and other.mergeable, "extend needs DynamicLayer caches on both sides"
+        assert other.model is self.model, "rows of one batch share one model"
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
+        masks = [_pad_left(m, width, 1) for m in (self.attention_mask, other.attention_mask)]
+        self.attention_mask = torch.cat(masks)  # [batch, width]
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.next_positions = torch.cat([self.next_positions, other.next_positions])
+        self.rows.extend(other.rows)
+
+    def _trim_left(self) -> None:
+        """Drop leading cache columns that no remaining row attends to (padding of departed rows)."""
+        if not self.mergeable:
+            return
+        first = int((self.attention_mask != 0).int().argmax(dim=1).min())
+        if first > 0:
+            self.attention_mask = self.attention_mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]
+
+    def _generation(self, row: _Row) -> Generation:
+        text, _ = _cut_at_stop(_decode(self.tokenizer, row.tokens), row.sampling.stop)
+        return Generation(
+            text=text,
+            token_ids=row.tokens,
+            prompt_tokens=row.prompt_len,
+            completion_tokens=len(row.tokens),
+            finish_reason=row.reason,
+        )
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros before `x` along `dim` up to `width` (keys/values: masked out; masks: not attended)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
