@@ -32,6 +32,7 @@ from selprune_core.data import (
     describe,
     resolve_dataset,
 )
+from selprune_core.decoding import DecodeBatch
 from selprune_core.errors import (
     CancelledError,
     ConfigError,
@@ -78,6 +79,7 @@ __all__ = [
     "CancelledError",
     "CollectConfig",
     "ComponentStats",
+    "DecodeBatch",
     "ConfigError",
     "DatasetError",
     "DatasetNotFoundError",
