@@ -74,8 +74,13 @@ class ServeLoop:
         ensure_serve_group(self.redis)
         log.info("server %s: waiting for generation requests on %s", self.id, keys.GENERATE_STREAM)
 
+        last_beat = 0.0
+
         def turn() -> bool:
-            self.beat()
+            nonlocal last_beat
+            if time.monotonic() - last_beat >= 1.0:  # not every decode step: one round trip a second
+                self.beat()
+                last_beat = time.monotonic()
             self.turn()
             return True
 
