@@ -5,6 +5,7 @@ Layout (names in worker/keys.py; the worker reads and writes the same keys):
 - job hash `JOB_KEY`: state, kind, tenant, payload (JSON), created_at / started_at / finished_at (unix
   seconds as strings), progress (JSON JobProgress), result (JSON), error (JSON ErrorInfo), attempts,
   cancel_requested ("1"). Step reports (JSON) in the list `JOB_STEPS_KEY`, step 0 first.
+- job plot `JOB_PLOT_KEY`: PNG bytes of a prune job's trade-off plot, written by the worker per step.
 - job events stream `JOB_EVENTS_KEY`: entries with `event` (progress|step|state) and `data` (JSON).
 - enqueue is one MULTI: HSET job hash, ZADD `TENANT_JOBS_KEY` and `ALL_JOBS_KEY` (score created_at),
   XADD `JOB_STREAM` {"job_id": id}. An idempotency key is claimed first with SET NX.
@@ -78,6 +79,15 @@ class JobRecord:
     job_id: str
     fields: dict[str, str]
     steps: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class JobPlot:
+    """A job's trade-off plot; `png` is None until the worker has rendered one."""
+
+    job_id: str
+    kind: str
+    png: bytes | None
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,16 @@ class QueueClient:
             return None
         steps = [json.loads(s) for s in raw_steps] if with_steps else []
         return JobRecord(job_id, fields, [s for s in steps if isinstance(s, dict)])
+
+    async def job_plot(self, job_id: str, tenant: str) -> JobPlot | None:
+        """The job's trade-off PNG (None until its first step), or None when unknown or another tenant's."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.JOB_KEY.format(job_id=job_id), ["tenant", "kind"])
+            pipe.get(keys.JOB_PLOT_KEY.format(job_id=job_id))
+            (owner, kind), png = await pipe.execute()
+        if owner is None or _s(owner) != tenant:
+            return None
+        return JobPlot(job_id, _s(kind) if kind is not None else "", png if png is None else bytes(png))
 
     async def list_jobs(self, tenant: str, state: JobState | None, limit: int) -> list[JobRecord]:
         """The tenant's jobs, newest first, optionally only those in `state` (steps not loaded)."""

@@ -7,7 +7,7 @@ it on the console. Both run the same job code.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from worker.payloads import JobProgress
 
@@ -36,3 +36,12 @@ class JobContext(Protocol):
 
     def load_mask(self, mask_id: str) -> bytes:
         """Bytes of a stored mask the job's tenant may use; raises MaskNotFoundError otherwise."""
+
+
+@runtime_checkable
+class PlotSink(Protocol):
+    """A context that can keep a job's trade-off plot (the Redis worker does; the local CLI writes its
+    own file at the end). Optional, so that a JobContext without it still runs every job."""
+
+    def store_plot(self, png: bytes) -> None:
+        """Replace the job's plot with these PNG bytes."""

@@ -20,7 +20,7 @@ from selprune_core.masks import NeuronMask, apply_mask, fold_into_weights
 from selprune_core.pruning import Progress, StepReport, prune_iteratively
 from selprune_core.sites import resolve_sites
 from selprune_core.toxicity import get_scorer, toxicity_metric
-from worker.context import JobContext
+from worker.context import JobContext, PlotSink
 from worker.payloads import EvaluateJob, ExportJob, JobProgress, PruneJob, to_dataset_ref
 from worker.runtime import ModelRuntime
 
@@ -70,10 +70,15 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
             )
         )
 
+    steps_so_far = [report.as_dict() for report in history]
+
     def on_step(report: StepReport, mask: NeuronMask) -> None:
         nonlocal tokens_total
         tokens_total += report.tokens_collected
         ctx.step_done(report.as_dict(), mask.to_bytes())
+        steps_so_far.append(report.as_dict())
+        if isinstance(ctx, PlotSink):
+            _store_plot(ctx, steps_so_far, job)
 
     result = prune_iteratively(
         loaded.model,
@@ -113,6 +118,17 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
         "stopped_reason": result.stopped_reason,
         "pruned": {k: v for k, v in result.mask.pruned_counts().items() if not k.endswith("per_layer")},
     }
+
+
+def _store_plot(ctx: PlotSink, steps: list[dict[str, Any]], job: PruneJob) -> None:
+    """Re-render the job's trade-off plot; a plot is a convenience, so no failure here fails the job."""
+    try:
+        from worker.plots import render_job_plot  # lazy: matplotlib loads on the first completed step
+
+        title = f"{job.name or job.job_id}: forget {describe(to_dataset_ref(job.forget))}"
+        ctx.store_plot(render_job_plot(steps, title=title))
+    except Exception:
+        log.warning("job %s: could not render or store the plot", job.job_id, exc_info=True)
 
 
 def _trajectory_row(report: StepReport) -> dict[str, Any]:

@@ -138,6 +138,7 @@ class RedisJobContext:
         self._job_key = keys.JOB_KEY.format(job_id=job_id)
         self._steps_key = keys.JOB_STEPS_KEY.format(job_id=job_id)
         self._checkpoint_key = keys.JOB_CHECKPOINT_KEY.format(job_id=job_id)
+        self._plot_key = keys.JOB_PLOT_KEY.format(job_id=job_id)
         self._cancel_poll = cancel_poll_seconds
         self._cancel_seen = False
         self._cancel_checked_at = float("-inf")
@@ -174,6 +175,15 @@ class RedisJobContext:
         if not held:
             raise LeaseLostError(f"job {self.job_id}: lease lost; step not recorded")
         self._step_started = time.monotonic()
+
+    def store_plot(self, png: bytes) -> None:
+        """Replace the job's PNG; a fenced-off worker writes nothing (its plot could outlive the job)."""
+
+        def write(pipe: Pipeline) -> None:
+            pipe.multi()
+            pipe.set(self._plot_key, png)
+
+        self.lease.transaction(write)
 
     def completed_steps(self) -> list[dict[str, Any]]:
         reports = [json.loads(raw) for raw in self.redis.lrange(self._steps_key, 0, -1)]

@@ -82,6 +82,32 @@ async def get_job(job_id: JobIdDep, queue: QueueDep, tenant: TenantDep) -> JobSt
     return JobStatusResponse.from_job(job_id, record.fields, record.steps)
 
 
+@router.get(
+    "/{job_id}/plot",
+    response_class=Response,
+    response_model=None,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "forget drop vs retain drop, one point per step"},
+        **error_responses(401, 404, 503),
+    },
+)
+async def job_plot(job_id: JobIdDep, queue: QueueDep, tenant: TenantDep) -> Response:
+    """A prune job's trade-off plot (PNG): relative top-1 drop of the forget set against the retain
+    set's, one point per completed step with 95% intervals. Re-rendered after every step."""
+    plot = await queue.job_plot(job_id, tenant)
+    if plot is None:
+        raise job_not_found(job_id)
+    if plot.png is None:
+        what = "no completed step yet" if plot.kind == "prune" else f"it is a {plot.kind or 'non-prune'} job"
+        raise ApiError(
+            404,
+            "PlotNotReady",
+            f"job {job_id!r} has no plot: {what}. Prune jobs get one after their first completed step "
+            "(step 0, the unpruned evaluation).",
+        )
+    return Response(content=plot.png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
 @router.delete("/{job_id}", response_model=JobStatusResponse, responses=error_responses(401, 404, 409, 503))
 async def cancel_job(job_id: JobIdDep, queue: QueueDep, tenant: TenantDep) -> JobStatusResponse:
     """Cancel a job: a queued one at once, a running one at its next check; 409 once finished."""
