@@ -397,7 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="run an unlearning job locally, without Redis")
     add_job_args(p)
-    p.add_argument("--out", default="masks", help="folder for <mask_id>.safetensors, .json and the trade-off plot .png (./masks)")
+    p.add_argument(
+        "--out",
+        default="masks",
+        help="folder for <mask_id>.safetensors, .json and the trade-off plot .png (./masks)",
+    )
     p.add_argument("--cache-dir", help="cache folder (default: SELPRUNE_CACHE_DIR or ~/.cache/selprune)")
     p.add_argument("--data-root", help="folder of file: datasets (default: SELPRUNE_DATA_ROOT or ./data)")
     p.add_argument("--device", help="auto, cpu, cuda[:N] (default: SELPRUNE_DEVICE or auto)")
