@@ -109,15 +109,6 @@ def start_worker(make_worker: Callable[..., Worker]) -> Iterator[Callable[..., W
 
 
 @pytest.fixture
-def model_dir(tiny_model: Any, tokenizer: Any, tmp_path: Path) -> Path:
-    """A tiny random llama and the test tokenizer saved as a local checkpoint folder."""
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def gateway(redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
     """The real gateway app on the test Redis, serving the tiny model."""
     settings = GatewaySettings(

@@ -27,14 +27,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def model_dir(tiny_model, tokenizer, tmp_path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def gateway(redis_url, model_dir, tmp_path):
     settings = GatewaySettings(redis_url=redis_url, data_root=tmp_path, models=[str(model_dir)])
     with TestClient(create_app(settings)) as client:

@@ -4,19 +4,8 @@ that `report` regenerates from the JSON alone."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
 
 from bench import fidelity
-
-
-@pytest.fixture
-def model_dir(tiny_model, tokenizer, tmp_path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_smoke_run_writes_json_plots_and_a_regenerable_report(model_dir, tmp_path):
