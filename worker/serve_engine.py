@@ -86,6 +86,18 @@ class _Active:
     batch: DecodeBatch
     requests: dict[str, _Request]
     slots: dict[tuple[str, int], int]  # row key -> mask table slot
+    # The keep factors of the rows' slots, in row order, and the slots they were gathered for: rows only
+    # change on admission and when rows finish, so most steps reuse them instead of gathering again.
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    factor_slots: list[int] = field(default_factory=list)
+
+    def row_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        row_slots = [self.slots[_row_key(k)] for k in self.batch.keys]
+        if row_slots != self.factor_slots:
+            # A slot's bits cannot change while a running row uses it: admission protects the masks
+            # in use from eviction (MaskTable.add's `keep`).
+            self.factors, self.factor_slots = self.table.factors(row_slots, dtype), row_slots
+        return self.factors
 
 
 def failed(type: str, message: str) -> GenerateFailed:
@@ -203,8 +215,7 @@ class ServeEngine:
 
     def _forward(self, active: _Active, run: Callable[[], list[Piece]]) -> list[Piece]:
         """One forward of `active.batch` (prefill or step) through its rows' masks."""
-        param = next(active.loaded.model.parameters())
-        factors = active.table.factors([active.slots[_row_key(k)] for k in active.batch.keys], param.dtype)
+        factors = active.row_factors(next(active.loaded.model.parameters()).dtype)
         with torch.inference_mode():
             if factors is None:  # nobody masked: no hooks at all
                 return run()
