@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.5, 30.0
 
 
+def require_bytes_client(redis_client: redis.Redis, who: str) -> None:
+    """Both lanes read mask bits, which are binary: a client that decodes responses would garble them."""
+    if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ValueError(f"the {who} needs a client with decode_responses=False (masks are binary)")
+
+
 def ensure_group(
     redis_client: redis.Redis, stream: str = keys.JOB_STREAM, group: str = keys.JOB_GROUP
 ) -> None:

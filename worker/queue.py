@@ -65,7 +65,7 @@ from worker.errors import (
     release_cuda_cache,
     to_error_info,
 )
-from worker.loop import ensure_group, run_turns
+from worker.loop import ensure_group, require_bytes_client, run_turns
 from worker.payloads import AnyJob, EvaluateJob, ExportJob, JobProgress, JobState, PruneJob
 from worker.redis_context import Lease, RedisJobContext, add_event
 from worker.settings import WorkerSettings
@@ -210,8 +210,7 @@ class Worker:
     """Takes jobs from the stream one at a time and runs them with `runner` (non-forking)."""
 
     def __init__(self, settings: WorkerSettings, redis_client: redis.Redis, runner: Runner) -> None:
-        if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ValueError("the worker needs a client with decode_responses=False (masks are binary)")
+        require_bytes_client(redis_client, "worker")
         self.settings = settings
         self.redis = redis_client
         self.runner = runner

@@ -34,7 +34,7 @@ import redis
 from pydantic import ValidationError
 
 from worker import keys
-from worker.loop import ensure_group, run_turns
+from worker.loop import ensure_group, require_bytes_client, run_turns
 from worker.payloads import GenerateTask
 from worker.runtime import ModelRuntime
 from worker.serve_engine import Event, ServeEngine, failed
@@ -50,8 +50,7 @@ def ensure_serve_group(redis_client: redis.Redis) -> None:
 
 class ServeLoop:
     def __init__(self, settings: WorkerSettings, redis_client: redis.Redis, runtime: ModelRuntime) -> None:
-        if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ValueError("the serving loop needs a client with decode_responses=False (masks are binary)")
+        require_bytes_client(redis_client, "serving loop")
         self.settings = settings
         self.redis = redis_client
         self.runtime = runtime
