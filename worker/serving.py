@@ -6,7 +6,8 @@ Contract (key names in worker/keys.py; the gateway's side is service/serving_cli
     reply     RPUSH GENERATE_REPLY_KEY <GenerateEvent JSON> (EXPIRE GENERATE_REPLY_TTL_S on every push):
               `delta` events while streaming, then exactly one `done` or `error`
     presence  SET SERVER_HEARTBEAT_KEY {"worker_id", "models", "at"} PX (TTL), refreshed every loop
-    stats     LPUSH GENERATE_BATCH_SECONDS_KEY / GENERATE_BATCH_ROWS_KEY per turn (trimmed), for /metrics
+    stats     LPUSH GENERATE_BATCH_SECONDS_KEY / GENERATE_BATCH_ROWS_KEY, one value per turn, sent at most
+              once a second (trimmed), for /metrics
 
 Continuous batching. Each turn reads what is waiting (up to serve_max_batch rows, counting the running
 batch), admits what may join the running batch, and decodes one token for every running row; a request
@@ -63,6 +64,8 @@ class ServeLoop:
             max_prompt_tokens=settings.max_prompt_tokens,
         )
         self.pending: deque[GenerateTask] = deque()
+        self._turn_stats: list[tuple[float, int]] = []  # (seconds, rows) per turn, not yet in Redis
+        self._stats_sent_at = 0.0
         self._beat_key = keys.SERVER_HEARTBEAT_KEY.format(worker_id=self.id)
         self._beat_ttl_ms = int(1000 * max(30.0, 3 * settings.poll_block_ms / 1000))
 
@@ -79,6 +82,7 @@ class ServeLoop:
             nonlocal last_beat
             if time.monotonic() - last_beat >= 1.0:  # not every decode step: one round trip a second
                 self.beat()
+                self._send_stats()
                 last_beat = time.monotonic()
             self.turn()
             return True
@@ -132,6 +136,7 @@ class ServeLoop:
         """Decode the running batch to its end, admitting nothing new (shutdown, tests)."""
         while self.engine.model is not None:
             self.engine.step(self._send)
+        self._send_stats()
         self.beat()
 
     def beat(self) -> None:
@@ -201,13 +206,22 @@ class ServeLoop:
 
     def _record(self, seconds: float, rows: int) -> None:
         """Time of one turn in the model (admission prefill and/or a decode step) and the rows still
-        running after it, for /metrics."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lpush(keys.GENERATE_BATCH_SECONDS_KEY, f"{seconds:.4f}")
-            pipe.ltrim(keys.GENERATE_BATCH_SECONDS_KEY, 0, keys.DURATIONS_KEPT - 1)
-            pipe.lpush(keys.GENERATE_BATCH_ROWS_KEY, str(rows))
-            pipe.ltrim(keys.GENERATE_BATCH_ROWS_KEY, 0, keys.DURATIONS_KEPT - 1)
-            pipe.execute()
+        running after it, for /metrics. Kept here and sent at most once a second: a turn is one decode
+        step, and a Redis round trip per step would sit on the hot path."""
+        self._turn_stats.append((seconds, rows))
+        if time.monotonic() - self._stats_sent_at >= 1.0:
+            self._send_stats()
+
+    def _send_stats(self) -> None:
+        if self._turn_stats:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.lpush(keys.GENERATE_BATCH_SECONDS_KEY, *(f"{s:.4f}" for s, _ in self._turn_stats))
+                pipe.ltrim(keys.GENERATE_BATCH_SECONDS_KEY, 0, keys.DURATIONS_KEPT - 1)
+                pipe.lpush(keys.GENERATE_BATCH_ROWS_KEY, *(str(r) for _, r in self._turn_stats))
+                pipe.ltrim(keys.GENERATE_BATCH_ROWS_KEY, 0, keys.DURATIONS_KEPT - 1)
+                pipe.execute()
+            self._turn_stats.clear()
+        self._stats_sent_at = time.monotonic()
 
     # Replies ----------------------------------------------------------------------------------------
     def _send(self, events: list[tuple[GenerateTask, Event]]) -> None:
