@@ -15,7 +15,6 @@ and other cache types still decode, just without admitting rows mid-flight.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,8 +26,6 @@ from transformers import PreTrainedTokenizerBase
 from selprune_core.config import SamplingConfig
 
 __all__ = ["DecodeBatch", "Generation", "GenerationRow", "sample_next"]
-
-log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 Piece = tuple[Hashable, str]  # (row key, new text)
