@@ -10,8 +10,14 @@ Plain sums make statistics *mergeable*: two partial collections add up to one co
 so collection can be sharded across workers. float64 matters: sum x^2 in fp32 loses precision over
 about 1e5 tokens.
 
-Pruned neurons read exactly 0: the prune loop enters `apply_mask` before collecting, so the mask
-pre-hook runs before ours (hooks run in registration order), as in the authors' code.
+Pruned neurons read exactly their mask value (0, or their offset under mean ablation): the prune
+loop enters `apply_mask` before collecting, so the mask pre-hook runs before ours (hooks run in
+registration order), as in the authors' code.
+
+Which tokens count: every real (non-padding) position, except the first `skip_first` positions of
+every text and of every row. The first positions of a sequence carry very large activations in many
+models (an "attention sink", with or without a BOS token), so short texts would otherwise weigh those
+positions far more than long ones and bias the forget/retain ratio toward "short text" neurons.
 """
 
 from __future__ import annotations
@@ -132,7 +138,7 @@ class _Recorder:
 
     def __init__(self, stats: ComponentStats) -> None:
         self.stats = stats
-        self.token_weight: torch.Tensor | None = None  # [batch * pos] float32, 1 on counted tokens
+        self.token_weight: torch.Tensor | None = None  # [batch * pos] float64, 1 on counted tokens
         self.which = [f.name for f in fields(stats) if f.name != "n" and getattr(stats, f.name) is not None]
 
     def hook(self, layer: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
@@ -140,7 +146,9 @@ class _Recorder:
             weight = self.token_weight
             assert weight is not None, "recorder called outside collect_activations"
             x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()  # [batch * pos, d]
+            # float64 per batch too, not only across batches: a batch of 2048 tokens summed in fp32
+            # already rounds away the small activations of most neurons.
+            x = x.reshape(-1, x.shape[-1]).double()  # [batch * pos, d]
             # Weighted sums as one GEMV each (w @ f(x)): padding and excluded positions have w = 0.
             stats = self.stats
             for name in self.which:
@@ -153,8 +161,8 @@ class _Recorder:
                 elif name == "sum_sqrt":
                     value = weight @ x.abs().sqrt()
                 else:  # pos_count
-                    value = weight @ (x > 0).float()
-                getattr(stats, name)[layer] += value.double()
+                    value = weight @ (x > 0).double()
+                getattr(stats, name)[layer] += value
 
         return record
 
@@ -181,15 +189,15 @@ def collect_activations(
     batches: Iterable[TokenBatch],
     *,
     sample_tokens: int,
-    exclude_first_token: bool = False,
+    skip_first: int = 0,
     which: Iterable[str] = STAT_FIELDS,
     on_batch: Callable[[int], None] | None = None,
 ) -> ActivationStats:
     """Stream batches through the model and accumulate statistics until the token budget is exceeded.
 
-    Counting follows the authors: every real position counts (BOS included unless
-    `exclude_first_token`), and collection stops once the count *exceeds* `sample_tokens`, keeping
-    the whole last batch.
+    With `skip_first` 0 counting follows the authors: every real position counts (BOS included).
+    Otherwise the first `skip_first` positions of every text and every row are left out. Collection
+    stops once the count *exceeds* `sample_tokens`, keeping the whole last batch.
     """
     model.eval()
     which = tuple(which)
@@ -201,9 +209,10 @@ def collect_activations(
     n_texts = 0
     with record_activations(sites, ff, attn) as recorders:
         for batch in batches:
-            weight = batch.attention_mask.to(device=device, dtype=torch.float32)  # [batch, pos]
-            if exclude_first_token:
-                weight[:, 0] = 0.0  # right padding: column 0 is every row's first token
+            weight = batch.attention_mask.to(device=device, dtype=torch.float64)  # [batch, pos]
+            if skip_first > 0:
+                weight[:, :skip_first] = 0.0  # right padding: the first columns start every row
+                weight *= (batch.position_in_text().to(device) >= skip_first).to(weight.dtype)
             counted = int(weight.sum().item())
             for recorder in recorders:
                 recorder.token_weight = weight.reshape(-1)

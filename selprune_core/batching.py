@@ -4,6 +4,12 @@ Collection and evaluation both stream "the first texts of a split" (the authors'
 shuffling), so batches keep input order and every row remembers which text it came from. Rows are
 right-padded; consumers exclude padding through `attention_mask` rather than by boolean indexing,
 which measured 10-20% slower on CPU.
+
+`iter_packed_batches` is the alternative for statistics: texts are concatenated (EOS between them)
+and cut into windows of exactly `window` tokens, so a dataset of short texts and one of long texts
+both contribute full-length contexts, and every position index is equally represented. Each batch
+records every token's position within its own text (`text_pos`), so a collector can skip the first
+positions of every text wherever it lands in a window.
 """
 
 from __future__ import annotations
@@ -14,14 +20,24 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["TokenBatch", "iter_token_batches"]
+__all__ = ["TokenBatch", "iter_token_batches", "iter_packed_batches"]
 
 
 @dataclass
 class TokenBatch:
     input_ids: torch.Tensor  # [batch, pos] int64
     attention_mask: torch.Tensor  # [batch, pos] int64, 1 on real tokens, 0 on right padding
-    text_index: list[int]  # [batch] position of each row's text in the input sequence
+    text_index: list[int]  # [batch] position of each row's (first) text in the input sequence
+    # [batch, pos] int64: each token's position within its own text (packed rows hold several texts);
+    # None for one text per row, where it equals the column index.
+    text_pos: torch.Tensor | None = None
+
+    def position_in_text(self) -> torch.Tensor:
+        """[batch, pos] each token's position within its text."""
+        if self.text_pos is not None:
+            return self.text_pos
+        cols = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return cols.expand_as(self.input_ids)
 
     @property
     def n_tokens(self) -> int:
@@ -73,3 +89,58 @@ def _pad(rows: list[tuple[int, list[int]]], pad_id: int, device: torch.device | 
         attention_mask=attention_mask.to(device),
         text_index=[index for index, _ in rows],
     )
+
+
+def iter_packed_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    token_limit: int,
+    window: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> Iterator[TokenBatch]:
+    """Yield batches of `batch_size` windows of exactly `window` tokens cut from the text stream.
+
+    Each text is tokenized as `iter_token_batches` does (special tokens kept, truncated to
+    `token_limit`) and followed by EOS (when the tokenizer has one), then the stream is cut into
+    windows; a text may span two windows. Only the last window can be shorter (right-padded).
+    """
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    assert pad_id is not None, "tokenizer has neither a pad nor an eos token"
+    ids: list[int] = []
+    pos: list[int] = []
+    first_text: list[int] = []  # the text each stream token belongs to
+    rows: list[tuple[int, list[int], list[int]]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        encoded = tokenizer(chunk, add_special_tokens=True, truncation=True, max_length=token_limit)[
+            "input_ids"
+        ]
+        for offset, text_ids in enumerate(encoded):
+            piece = list(text_ids) + ([int(eos)] if eos is not None else [])
+            ids += piece
+            pos += range(len(piece))
+            first_text += [start + offset] * len(piece)
+        while len(ids) >= window:
+            rows.append((first_text[0], ids[:window], pos[:window]))
+            ids, pos, first_text = ids[window:], pos[window:], first_text[window:]
+            if len(rows) == batch_size:
+                yield _pad_packed(rows, int(pad_id), device)
+                rows = []
+    if ids:
+        rows.append((first_text[0], ids, pos))
+    if rows:
+        yield _pad_packed(rows, int(pad_id), device)
+
+
+def _pad_packed(
+    rows: list[tuple[int, list[int], list[int]]], pad_id: int, device: torch.device | str
+) -> TokenBatch:
+    batch = _pad([(index, ids) for index, ids, _ in rows], pad_id, device)
+    text_pos = torch.zeros_like(batch.input_ids, device="cpu")  # [batch, pos]
+    for row, (_, _, positions) in enumerate(rows):
+        text_pos[row, : len(positions)] = torch.tensor(positions, dtype=torch.long)
+    batch.text_pos = text_pos.to(device)
+    return batch

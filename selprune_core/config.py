@@ -15,9 +15,12 @@ from selprune_core.errors import ConfigError
 
 __all__ = [
     "ScoringName",
+    "OffsetMode",
+    "SelectionMode",
     "CollectConfig",
     "EvalConfig",
     "StopConfig",
+    "BudgetConfig",
     "PruneConfig",
     "SamplingConfig",
     "ToxicityConfig",
@@ -26,8 +29,31 @@ __all__ = [
 # freq/abs/rms/std/sqrt are the paper's importance functions with their true formulas; "mean" is the
 # authors' |mu_f - mu_r| difference; "rand" draws i.i.d. scores; the legacy_* names reproduce the
 # authors' formulas (std holding a variance, rms = sqrt(var^2 + mean^2)) for parity runs only.
-ScoringName = Literal["freq", "abs", "rms", "std", "sqrt", "mean", "rand", "legacy_rms", "legacy_std"]
+# Ours: "dev" is the RMS deviation from the *retain* mean, the activation change that mean ablation
+# causes; the *_out names weight a neuron's importance by the norm of its output weight column, so eps
+# and the global ranking are in units of what the neuron writes to the residual stream.
+ScoringName = Literal[
+    "freq",
+    "abs",
+    "rms",
+    "std",
+    "sqrt",
+    "mean",
+    "rand",
+    "legacy_rms",
+    "legacy_std",
+    "dev",
+    "abs_out",
+    "rms_out",
+    "dev_out",
+]
 SCORING_NAMES: tuple[str, ...] = ScoringName.__args__  # type: ignore[attr-defined]
+# What a pruned neuron outputs: 0 (the paper) or its mean activation on the retain data.
+OffsetMode = Literal["zero", "retain_mean"]
+OFFSET_MODES: tuple[str, ...] = OffsetMode.__args__  # type: ignore[attr-defined]
+# Global top-k over all layers (the paper), or each layer's own top fraction (a per-layer quota).
+SelectionMode = Literal["global", "per_layer"]
+SELECTION_MODES: tuple[str, ...] = SelectionMode.__args__  # type: ignore[attr-defined]
 
 
 def _check(cond: bool, message: str) -> None:
@@ -43,13 +69,22 @@ class CollectConfig:
     sample_tokens: int = (
         100_000  # stop once more than this many tokens were counted; the last batch is kept whole
     )
-    batch_size: int = 8  # texts per forward pass; padded positions never count
-    exclude_first_token: bool = False  # the authors count position 0 (BOS); set True to drop it
+    batch_size: int = 8  # texts (or packed windows) per forward pass; padded positions never count
+    # Leave out the first k positions of every text (and of every packed window) from the statistics;
+    # the authors count every position (0).
+    skip_first: int = 0
+    # Concatenate texts (EOS between them) and cut the stream into windows of token_limit tokens, so
+    # that short-text and long-text datasets contribute same-length contexts; False: one text per row.
+    pack: bool = False
 
     def __post_init__(self) -> None:
         _check(self.token_limit >= 2, f"token_limit must be >= 2, got {self.token_limit}")
         _check(self.sample_tokens >= 1, f"collect sample_tokens must be >= 1, got {self.sample_tokens}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(
+            0 <= self.skip_first < self.token_limit,
+            f"skip_first must be in [0, token_limit), got {self.skip_first}",
+        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +126,52 @@ class StopConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """A retain budget as a goal: steps that would break it are retried smaller, never accepted.
+
+    Every step is checked against the budget after it is tried. When it breaks the budget, the step
+    is rejected, the per-step fractions are multiplied by `shrink`, and the step is retried from the
+    last accepted mask (its scores reused, so a retry costs only an evaluation). The run ends when the
+    forget target is reached, or when the fractions fall below `min_frac_ratio` times their start.
+    Drops are relative top-1 drops against step 0; perplexity increase is ppl_i / ppl_0 - 1.
+    """
+
+    max_retain_drop: float | None = None  # 0..1; e.g. 0.05 = at most 5% relative top-1 drop
+    max_retain_ppl_increase: float | None = None  # >= 0; e.g. 0.1 = retain perplexity at most +10%
+    forget_target: float | None = None  # stop once the forget drop reaches this (0..1)
+    shrink: float = 0.5  # fraction multiplier after a rejected step
+    min_frac_ratio: float = 1 / 16  # give up once the fractions fall below this share of their start
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_retain_drop is not None or self.max_retain_ppl_increase is not None,
+            "a budget needs max_retain_drop or max_retain_ppl_increase",
+        )
+        for name in ("max_retain_drop", "forget_target"):
+            value = getattr(self, name)
+            _check(value is None or 0.0 <= value <= 1.0, f"budget.{name} must be in [0, 1], got {value}")
+        value = self.max_retain_ppl_increase
+        _check(
+            value is None or (value >= 0 and math.isfinite(value)),
+            f"budget.max_retain_ppl_increase must be >= 0, got {value}",
+        )
+        _check(0 < self.shrink < 1, f"budget.shrink must be in (0, 1), got {self.shrink}")
+        _check(
+            0 < self.min_frac_ratio < 1, f"budget.min_frac_ratio must be in (0, 1), got {self.min_frac_ratio}"
+        )
+
+    def breaks(self, retain_drop: float | None, retain_ppl_increase: float | None) -> list[str]:
+        """The budget limits these measurements break (empty: within budget)."""
+        broken = []
+        if self.max_retain_drop is not None and retain_drop is not None and retain_drop > self.max_retain_drop:
+            broken.append(f"retain drop {retain_drop:.4f} > {self.max_retain_drop}")
+        limit = self.max_retain_ppl_increase
+        if limit is not None and retain_ppl_increase is not None and not retain_ppl_increase <= limit:
+            broken.append(f"retain perplexity increase {retain_ppl_increase:.4f} > {limit}")
+        return broken
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """One selective-pruning run: what to score, how much to prune per step, and for how long."""
 
@@ -107,7 +188,10 @@ class PruneConfig:
     random_baseline: bool = False  # per-layer random selection at the same fractions, no statistics
     seed: int = 0  # random baseline and "rand" scoring
     run_pre_test: bool = True  # evaluate before pruning (step 0)
+    offset_mode: OffsetMode = "zero"  # what a pruned neuron outputs: 0, or its retain-set mean
+    selection: SelectionMode = "global"  # global top-k across layers, or a per-layer quota
     stop: StopConfig | None = None
+    budget: BudgetConfig | None = None  # adaptive step size under a retain budget (None: fixed steps)
     collect: CollectConfig = field(default_factory=CollectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -126,6 +210,19 @@ class PruneConfig:
         _check(
             self.head_reduce in ("mean", "median"),
             f"head_reduce must be mean or median, got {self.head_reduce!r}",
+        )
+        _check(
+            self.offset_mode in OFFSET_MODES,
+            f"offset_mode must be one of {', '.join(OFFSET_MODES)}; got {self.offset_mode!r}",
+        )
+        _check(
+            self.selection in SELECTION_MODES,
+            f"selection must be one of {', '.join(SELECTION_MODES)}; got {self.selection!r}",
+        )
+        # Checked here, not after the step-0 evaluation: "rand" scores are the random baseline's job.
+        _check(
+            not (self.random_baseline and "rand" in (self.ff_scoring, self.attn_scoring)),
+            "random_baseline draws its own neurons; use a statistic scoring, not 'rand'",
         )
 
     @property

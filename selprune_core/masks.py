@@ -1,13 +1,18 @@
 """Neuron masks: the artifact selective pruning produces, and how a model runs through one.
 
 A mask holds keep flags (True = neuron active) for every FF neuron [layer, d_mlp] and every attention
-pre-out neuron [layer, n_heads * d_head] of one model, bound to that model's fingerprint. Its id is a
-hash of the fingerprint, the shapes and the bits, so masks are content-addressed and immutable: equal
-bits on the same model give the same id, and anything cached per mask can key on it.
+pre-out neuron [layer, n_heads * d_head] of one model, bound to that model's fingerprint. A mask may
+also hold *offsets*: the value each pruned neuron outputs instead of 0 (mean ablation: its mean
+activation on the retain data). Its id is a hash of the fingerprint, the shapes, the bits and the
+offsets, so masks are content-addressed and immutable: equal content on the same model gives the same
+id, and anything cached per mask can key on it. A mask without offsets hashes exactly as before
+offsets existed, so older ids stay valid.
 
-Running through a mask multiplies the down- and output-projection inputs by the keep flags, which is
-exactly zeroing those weight columns (output biases are kept); `fold_into_weights` does the latter for
-export. `apply_mask` also takes one mask per batch row, which is how many masks share one model.
+Running through a mask replaces each down- and output-projection input x by x * keep + offset (offset
+is 0 on kept neurons). Zero ablation is exactly zeroing those weight columns; an offset adds the
+constant W[:, pruned] @ offset[pruned] to the projection's output, which is a bias. `fold_into_weights`
+does both for export. `apply_mask` also takes one mask per batch row, which is how many masks share
+one model.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from selprune_core.errors import MaskMismatchError
 from selprune_core.hooks import PreHook, scoped_pre_hooks
 from selprune_core.sites import ModelSites
 
-__all__ = ["NeuronMask", "apply_mask", "apply_row_masks", "fold_into_weights"]
+__all__ = ["NeuronMask", "MaskFactors", "apply_mask", "apply_row_masks", "fold_into_weights"]
 
 _FORMAT = "selprune.neuron_mask.v1"
 
@@ -40,6 +45,10 @@ class NeuronMask:
     ff_keep: torch.Tensor  # bool [layer, d_mlp]
     attn_keep: torch.Tensor  # bool [layer, n_heads * d_head]
     n_heads: int
+    # Value a pruned neuron outputs (float32, same shape as the keep flags, 0 on kept neurons); None
+    # means zero ablation. Offsets are stored only where some neuron is pruned.
+    ff_offset: torch.Tensor | None = None
+    attn_offset: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         assert self.ff_keep.dtype == torch.bool and self.attn_keep.dtype == torch.bool, (
@@ -50,6 +59,16 @@ class NeuronMask:
         # Keep flags live on the CPU; callers move copies to their device.
         object.__setattr__(self, "ff_keep", self.ff_keep.detach().cpu().contiguous())
         object.__setattr__(self, "attn_keep", self.attn_keep.detach().cpu().contiguous())
+        for name, keep in (("ff_offset", self.ff_keep), ("attn_offset", self.attn_keep)):
+            offset = getattr(self, name)
+            if offset is None:
+                continue
+            assert offset.shape == keep.shape, f"{name} {tuple(offset.shape)} != keep {tuple(keep.shape)}"
+            # Offsets of kept neurons are meaningless: zero them so they never change the id.
+            clean = offset.detach().to(device="cpu", dtype=torch.float32).masked_fill(keep, 0.0)
+            if not torch.isfinite(clean).all():
+                raise MaskMismatchError(f"{name} holds NaN or infinite values")
+            object.__setattr__(self, name, None if not clean.any() else clean.contiguous())
 
     @classmethod
     def full(cls, sites: ModelSites, fingerprint: str) -> NeuronMask:
@@ -61,17 +80,65 @@ class NeuronMask:
             n_heads=sites.n_heads,
         )
 
+    @property
+    def has_offsets(self) -> bool:
+        """True for a mean-ablation mask: some pruned neuron outputs a nonzero constant."""
+        return self.ff_offset is not None or self.attn_offset is not None
+
+    def offsets_or_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ff, attn) offsets as dense float32 tensors, zeros where the mask has none."""
+        ff = self.ff_offset if self.ff_offset is not None else torch.zeros(self.ff_keep.shape)
+        attn = self.attn_offset if self.attn_offset is not None else torch.zeros(self.attn_keep.shape)
+        return ff, attn
+
+    def prune(
+        self,
+        ff_chosen: torch.Tensor,
+        attn_chosen: torch.Tensor,
+        *,
+        ff_values: torch.Tensor | None = None,
+        attn_values: torch.Tensor | None = None,
+    ) -> NeuronMask:
+        """This mask with the chosen neurons (bool [layer, width]) pruned as well.
+
+        Newly pruned neurons output `*_values` at their positions (dense [layer, width]), or 0 when
+        None; neurons this mask already prunes keep their offsets.
+        """
+        ff_offset, attn_offset = self.offsets_or_zeros()
+        if ff_values is not None:
+            ff_offset = torch.where(ff_chosen & self.ff_keep, ff_values.float().cpu(), ff_offset)
+        if attn_values is not None:
+            attn_offset = torch.where(attn_chosen & self.attn_keep, attn_values.float().cpu(), attn_offset)
+        return NeuronMask(
+            self.fingerprint,
+            self.ff_keep & ~ff_chosen.cpu(),
+            self.attn_keep & ~attn_chosen.cpu(),
+            self.n_heads,
+            ff_offset,
+            attn_offset,
+        )
+
     # Identity ----------------------------------------------------------------------------------
     def packed_bits(self) -> bytes:
         """FF bits then attention bits, row-major, packed 8 per byte (numpy big-endian bit order)."""
         flat = torch.cat([self.ff_keep.flatten(), self.attn_keep.flatten()]).numpy()
         return bytes(np.packbits(flat).tobytes())
 
+    def _pruned_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # The offsets of pruned neurons only, row-major: what the file stores and the id covers.
+        ff, attn = self.offsets_or_zeros()
+        return ff[~self.ff_keep].contiguous(), attn[~self.attn_keep].contiguous()
+
     @property
     def mask_id(self) -> str:
         digest = hashlib.sha256()
         digest.update(f"{_FORMAT}|{self.fingerprint}|{self.shape_key}|".encode())
         digest.update(self.packed_bits())
+        if self.has_offsets:  # zero-ablation masks keep the ids they had before offsets existed
+            ff, attn = self._pruned_offsets()
+            digest.update(b"|offsets|")
+            digest.update(ff.numpy().astype("<f4").tobytes())
+            digest.update(attn.numpy().astype("<f4").tobytes())
         return digest.hexdigest()[:24]
 
     @property
@@ -107,15 +174,21 @@ class NeuronMask:
                 f"masks belong to different models ({self.fingerprint}/{self.shape_key} vs "
                 f"{other.fingerprint}/{other.shape_key})"
             )
+        # A neuron pruned by this mask keeps this mask's offset, else it takes the other's.
+        mine, theirs = self.offsets_or_zeros(), other.offsets_or_zeros()
+        ff_offset = torch.where(self.ff_keep, theirs[0], mine[0])
+        attn_offset = torch.where(self.attn_keep, theirs[1], mine[1])
         return NeuronMask(
             self.fingerprint,
             op(self.ff_keep, other.ff_keep),
             op(self.attn_keep, other.attn_keep),
             self.n_heads,
+            ff_offset,
+            attn_offset,
         )
 
     def union(self, other: NeuronMask) -> NeuronMask:
-        """Prunes every neuron that either mask prunes."""
+        """Prunes every neuron that either mask prunes (offsets: this mask's first)."""
         return self._combine(other, torch.logical_and)
 
     def intersection(self, other: NeuronMask) -> NeuronMask:
@@ -148,6 +221,9 @@ class NeuronMask:
         if metadata:
             header["meta"] = json.dumps(metadata, sort_keys=True)
         tensors = {"ff_keep": _pack(self.ff_keep), "attn_keep": _pack(self.attn_keep)}
+        if self.has_offsets:
+            # Only pruned neurons' offsets, in row-major order of the pruned positions: a few kB.
+            tensors["ff_offset"], tensors["attn_offset"] = self._pruned_offsets()
         return bytes(save(tensors, metadata=header))
 
     @classmethod
@@ -156,11 +232,15 @@ class NeuronMask:
         if header.get("format") != _FORMAT:
             raise MaskMismatchError(f"not a selprune mask file (format {header.get('format')!r})")
         tensors = load(data)
+        ff_keep = _unpack(tensors["ff_keep"], json.loads(header["ff_shape"]))
+        attn_keep = _unpack(tensors["attn_keep"], json.loads(header["attn_shape"]))
         return cls(
             fingerprint=header["fingerprint"],
-            ff_keep=_unpack(tensors["ff_keep"], json.loads(header["ff_shape"])),
-            attn_keep=_unpack(tensors["attn_keep"], json.loads(header["attn_shape"])),
+            ff_keep=ff_keep,
+            attn_keep=attn_keep,
             n_heads=int(header["n_heads"]),
+            ff_offset=_scatter_offsets(tensors.get("ff_offset"), ff_keep),
+            attn_offset=_scatter_offsets(tensors.get("attn_offset"), attn_keep),
         )
 
     def save(self, folder: Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -193,6 +273,17 @@ def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(np.bool_)).view(shape[0], shape[1])
 
 
+def _scatter_offsets(values: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    # Stored offsets are the pruned positions' values in row-major order; rebuild the dense tensor.
+    if values is None:
+        return None
+    if values.numel() != int((~keep).sum()):
+        raise MaskMismatchError(f"mask file has {values.numel()} offsets for {int((~keep).sum())} pruned neurons")
+    dense = torch.zeros(keep.shape, dtype=torch.float32)
+    dense[~keep] = values.float()
+    return dense
+
+
 def _read_header(data: bytes) -> dict[str, str]:
     # Safetensors layout: 8-byte little-endian header length, then the JSON header.
     if len(data) < 8:
@@ -207,36 +298,71 @@ def _read_header(data: bytes) -> dict[str, str]:
     return meta
 
 
-def _stack_rows(
-    masks: Sequence[NeuronMask], attr: str, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    # [batch, layer, width] keep flags in the activation dtype, ready to multiply.
-    return torch.stack([getattr(m, attr) for m in masks]).to(device=device, dtype=dtype)
+@dataclass(frozen=True)
+class MaskFactors:
+    """What the hooks multiply and add: x -> x * keep + offset, in the activation dtype.
+
+    Each tensor is [layer, d] (one mask for every row) or [batch, layer, d] (one mask per row). Offsets
+    are 0 on kept neurons; None means every row is zero-ablated, and the hooks skip the addition.
+    """
+
+    ff_keep: torch.Tensor
+    attn_keep: torch.Tensor
+    ff_offset: torch.Tensor | None = None
+    attn_offset: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, masks: Sequence[NeuronMask], device: torch.device, dtype: torch.dtype) -> MaskFactors:
+        """Factors of one mask ([layer, d]) or of one mask per row ([batch, layer, d])."""
+
+        def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+            out = tensors[0] if len(tensors) == 1 else torch.stack(tensors)
+            return out.to(device=device, dtype=dtype)
+
+        offsets = [m.offsets_or_zeros() for m in masks] if any(m.has_offsets for m in masks) else None
+        return cls(
+            ff_keep=stack([m.ff_keep for m in masks]),
+            attn_keep=stack([m.attn_keep for m in masks]),
+            ff_offset=stack([o[0] for o in offsets]) if offsets else None,
+            attn_offset=stack([o[1] for o in offsets]) if offsets else None,
+        )
+
+
+def _layer_factor(rows: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+    # [layer, d] -> [d]; [batch, layer, d] -> [batch, 1, d], broadcasting over positions.
+    if rows is None:
+        return None
+    return rows[layer] if rows.dim() == 2 else rows[:, layer, None, :]
 
 
 @contextlib.contextmanager
-def apply_row_masks(sites: ModelSites, ff_rows: torch.Tensor, attn_rows: torch.Tensor) -> Iterator[None]:
-    """Multiply hooked inputs by per-row keep factors for the duration of the block.
+def apply_row_masks(sites: ModelSites, factors: MaskFactors) -> Iterator[None]:
+    """Replace hooked inputs x by x * keep + offset for the duration of the block.
 
-    `ff_rows` is [layer, d_mlp] (one mask for all rows) or [batch, layer, d_mlp] (one per row);
-    `attn_rows` likewise with n_heads * d_head. The hooks act only in the calling thread (another thread
-    may be serving through the same model) and are removed on exit, even on error.
+    The hooks act only in the calling thread (another thread may be serving through the same model)
+    and are removed on exit, even on error.
     """
 
-    def make_hook(rows: torch.Tensor, layer: int) -> PreHook:
-        factor = rows[layer] if rows.dim() == 2 else rows[:, layer, None, :]  # [d] or [batch, 1, d]
+    def make_hook(keep_rows: torch.Tensor, offset_rows: torch.Tensor | None, layer: int) -> PreHook:
+        keep = _layer_factor(keep_rows, layer)
+        offset = _layer_factor(offset_rows, layer)
+        assert keep is not None
 
         def mask_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             x = args[0]  # [batch, pos, d]; OPT flattens its MLP input to [batch * pos, d]
-            if factor.dim() == 3 and x.dim() == 2:
-                return ((x.view(factor.shape[0], -1, x.shape[-1]) * factor).view_as(x), *args[1:])
-            return (x * factor, *args[1:])
+            flat = keep.dim() == 3 and x.dim() == 2
+            view = x.view(keep.shape[0], -1, x.shape[-1]) if flat else x
+            out = view * keep if offset is None else torch.addcmul(offset, view, keep)
+            return (out.view_as(x) if flat else out, *args[1:])
 
         return mask_input
 
     hooks = [
-        (module, make_hook(rows, layer))
-        for rows, modules in ((ff_rows, sites.ff_modules), (attn_rows, sites.attn_modules))
+        (module, make_hook(keep_rows, offset_rows, layer))
+        for keep_rows, offset_rows, modules in (
+            (factors.ff_keep, factors.ff_offset, sites.ff_modules),
+            (factors.attn_keep, factors.attn_offset, sites.attn_modules),
+        )
         for layer, module in enumerate(modules)
     ]
     with scoped_pre_hooks(hooks):
@@ -261,13 +387,7 @@ def apply_mask(
         m.check_fits(sites, fingerprint)
     param = next(model.parameters())
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    if isinstance(mask, NeuronMask):
-        ff_rows = mask.ff_keep.to(device=param.device, dtype=dtype)
-        attn_rows = mask.attn_keep.to(device=param.device, dtype=dtype)
-    else:
-        ff_rows = _stack_rows(masks, "ff_keep", param.device, dtype)
-        attn_rows = _stack_rows(masks, "attn_keep", param.device, dtype)
-    with apply_row_masks(sites, ff_rows, attn_rows):
+    with apply_row_masks(sites, MaskFactors.of(masks, param.device, dtype)):
         yield
 
 
@@ -275,15 +395,31 @@ def apply_mask(
 def fold_into_weights(
     model: nn.Module, sites: ModelSites, mask: NeuronMask, *, fingerprint: str | None = None
 ) -> None:
-    """Zero, in place, the down/out-projection weight columns of pruned neurons (biases are kept).
+    """Fold the mask into the weights in place, so the model computes what `apply_mask` computes.
 
-    The result computes exactly what `apply_mask` computes, without hooks: the export format.
+    Pruned neurons' down/out-projection weight columns are zeroed. A mean-ablation mask's offsets
+    become the constant W[:, pruned] @ offset[pruned] added to the projection's bias; where the
+    projection has no bias, `sites.add_output_bias` gives it one (and sets the config flag that makes
+    transformers build it on reload), or raises UnsupportedArchitectureError when the family cannot.
     """
     mask.check_fits(sites, fingerprint)
+    ff_offset, attn_offset = mask.offsets_or_zeros()
     for layer in range(sites.n_layers):
-        for (weight, axis), keep in (
-            (sites.ff_weight_columns(layer), mask.ff_keep[layer]),
-            (sites.attn_weight_columns(layer), mask.attn_keep[layer]),
+        for module, (weight, axis), keep, offset in (
+            (sites.ff_modules[layer], sites.ff_weight_columns(layer), mask.ff_keep[layer], ff_offset[layer]),
+            (
+                sites.attn_modules[layer],
+                sites.attn_weight_columns(layer),
+                mask.attn_keep[layer],
+                attn_offset[layer],
+            ),
         ):
+            if offset.any():
+                # Linear: [out, in] @ [in]; Conv1D: [in] @ [in, out]. Computed in fp32, before zeroing.
+                vec = offset.to(device=weight.device, dtype=torch.float32)
+                w = weight.float()
+                shift = w @ vec if axis == 1 else vec @ w  # [out]
+                bias = sites.output_bias(module, create=True)
+                bias.add_(shift.to(bias.dtype))
             pruned = (~keep).nonzero().flatten().to(weight.device)
             weight.index_fill_(axis, pruned, 0.0)

@@ -30,19 +30,33 @@ class ArchSpec:
     layers: str  # dotted path of the layer list
     ff_out: str  # MLP down projection, relative to a layer; its input holds the FF neurons
     attn_out: str  # attention output projection, relative to a layer; its input holds pre-out neurons
+    # Config flags that make transformers build biases on every Linear of the MLP / attention block
+    # (needed to export a mean-ablation mask where the projection has no bias); None: the family
+    # has no such option.
+    ff_bias_flag: str | None = None
+    attn_bias_flag: str | None = None
 
 
 _LLAMA_LIKE = ArchSpec(layers="model.layers", ff_out="mlp.down_proj", attn_out="self_attn.o_proj")
+_ATTN_BIAS_ONLY = ArchSpec(
+    layers="model.layers", ff_out="mlp.down_proj", attn_out="self_attn.o_proj", attn_bias_flag="attention_bias"
+)
 
 # Keyed by config.model_type. Gated MLPs (Llama, Mistral, Qwen, Gemma) feed act(gate) * up into
 # down_proj, so the same input hook sees the right product.
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA_LIKE,
+    "llama": ArchSpec(
+        layers="model.layers",
+        ff_out="mlp.down_proj",
+        attn_out="self_attn.o_proj",
+        ff_bias_flag="mlp_bias",
+        attn_bias_flag="attention_bias",
+    ),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
+    "qwen3": _ATTN_BIAS_ONLY,
+    "gemma": _ATTN_BIAS_ONLY,
+    "gemma2": _ATTN_BIAS_ONLY,
     "gpt2": ArchSpec(layers="transformer.h", ff_out="mlp.c_proj", attn_out="attn.c_proj"),
     "opt": ArchSpec(layers="model.decoder.layers", ff_out="fc2", attn_out="self_attn.out_proj"),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", ff_out="mlp.dense_4h_to_h", attn_out="attention.dense"),
@@ -59,6 +73,10 @@ class ModelSites:
     d_mlp: int
     n_heads: int
     d_head: int
+    spec: ArchSpec | None = None  # the table entry the sites came from
+    config: Any = None  # the model's config (bias flags are set on it when export adds a bias)
+    ff_blocks: list[nn.Module] | None = None  # the MLP holding each ff module
+    attn_blocks: list[nn.Module] | None = None  # the attention block holding each attn module
 
     @property
     def n_layers(self) -> int:
@@ -75,6 +93,53 @@ class ModelSites:
     def attn_weight_columns(self, layer: int) -> tuple[torch.Tensor, int]:
         """The output-projection weight and the axis that indexes pre-out neurons."""
         return _input_axis(self.attn_modules[layer])
+
+    @torch.no_grad()
+    def output_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """||W_out[:, n]|| for every FF and attention neuron: float64 [layer, d_mlp], [layer, d_attn].
+
+        The norm of the weight column through which each neuron writes to the residual stream.
+        """
+
+        def norms(columns: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+            # The neuron axis is `axis`; the norm runs over the other (output) axis.
+            return torch.stack([w.double().norm(dim=1 - axis).cpu() for w, axis in columns])
+
+        ff = norms([self.ff_weight_columns(layer) for layer in range(self.n_layers)])
+        attn = norms([self.attn_weight_columns(layer) for layer in range(self.n_layers)])
+        return ff, attn
+
+    def output_bias(self, module: nn.Module, *, create: bool = False) -> torch.Tensor:
+        """The bias of a hooked projection; with `create`, add one where there is none.
+
+        Adding a bias sets the family's config flag so that a saved checkpoint reloads with it; the
+        flag adds biases to every Linear of that block, so those get zero biases too (the function is
+        unchanged). Raises UnsupportedArchitectureError when the family cannot hold such a bias.
+        """
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            return bias
+        if not create:
+            raise UnsupportedArchitectureError(f"{type(module).__name__} has no bias")
+        is_ff = any(module is m for m in self.ff_modules)
+        flag = (self.spec.ff_bias_flag if is_ff else self.spec.attn_bias_flag) if self.spec else None
+        blocks = self.ff_blocks if is_ff else self.attn_blocks
+        if flag is None or blocks is None or self.config is None:
+            part = "MLP down projection" if is_ff else "attention output projection"
+            raise UnsupportedArchitectureError(
+                f"model type {self.model_type!r} has no option for a bias on its {part}, so a mean-ablation "
+                "mask cannot be folded into a checkpoint that transformers reloads; serve the mask through "
+                "selprune, or prune with offset_mode 'zero'"
+            )
+        setattr(self.config, flag, True)
+        for block in blocks:
+            for child in block.modules():
+                if isinstance(child, nn.Linear) and child.bias is None:
+                    w = child.weight
+                    child.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        new_bias = getattr(module, "bias", None)
+        assert isinstance(new_bias, torch.Tensor), "bias creation failed"
+        return new_bias
 
 
 def _input_axis(module: nn.Module) -> tuple[torch.Tensor, int]:
@@ -113,6 +178,10 @@ def resolve_sites(model: nn.Module) -> ModelSites:
     assert isinstance(layers, nn.ModuleList), f"{spec.layers} is not a ModuleList"
     ff = [_get(layer, spec.ff_out) for layer in layers]
     attn = [_get(layer, spec.attn_out) for layer in layers]
+    ff_blocks = [_get(layer, spec.ff_out.rpartition(".")[0]) if "." in spec.ff_out else layer for layer in layers]
+    attn_blocks = [
+        _get(layer, spec.attn_out.rpartition(".")[0]) if "." in spec.attn_out else layer for layer in layers
+    ]
     n_heads = int(config.num_attention_heads)
     d_attn = _in_features(attn[0])
     assert d_attn % n_heads == 0, f"attention width {d_attn} is not a multiple of {n_heads} heads"
@@ -123,6 +192,10 @@ def resolve_sites(model: nn.Module) -> ModelSites:
         d_mlp=_in_features(ff[0]),
         n_heads=n_heads,
         d_head=d_attn // n_heads,
+        spec=spec,
+        config=config,
+        ff_blocks=ff_blocks,
+        attn_blocks=attn_blocks,
     )
 
 

@@ -2,7 +2,9 @@
 
 Serving many masks from one model copy comes down to this table. Each mask occupies one slot of two
 bool tensors ([slots, layer, d_mlp] and [slots, layer, n_heads * d_head]); slot 0 keeps every neuron
-and serves unmasked rows. A batch's per-row keep factors are one index_select over the table, so a
+and serves unmasked rows. Mean-ablation masks also fill two float32 offset tensors of the same
+shapes, which the table allocates only once the first such mask arrives, so zero-ablation serving
+pays nothing for them. A batch's per-row keep factors are one index_select over the table, so a
 batch on eight masks costs what a batch on one does. Masks are content-addressed, so a slot keyed by
 mask id never goes stale; the least recently used one is evicted when the table is full. Storage
 grows by doubling, so a worker serving a handful of masks does not pay for `capacity` of them.
@@ -16,7 +18,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from selprune_core.masks import NeuronMask
+from selprune_core.masks import MaskFactors, NeuronMask
 from selprune_core.sites import ModelSites
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ class MaskTable:
         self._attn = torch.ones(
             1, sites.n_layers, sites.d_attn, dtype=torch.bool, device=device
         )  # [slot, L, d_attn]
+        # Offsets of pruned neurons, float32 [slot, L, d]; None until a mean-ablation mask is added.
+        self._ff_offset: torch.Tensor | None = None
+        self._attn_offset: torch.Tensor | None = None
         self._grow(min(_INITIAL_SLOTS, capacity))
 
     def __len__(self) -> int:
@@ -50,7 +55,8 @@ class MaskTable:
     @property
     def nbytes(self) -> int:
         """Device bytes the table holds (every slot, used or free)."""
-        return self._ff.numel() + self._attn.numel()
+        offsets = [t for t in (self._ff_offset, self._attn_offset) if t is not None]
+        return self._ff.numel() + self._attn.numel() + sum(t.numel() * t.element_size() for t in offsets)
 
     def slot(self, mask_id: str) -> int | None:
         """The mask's slot, marking it recently used; None if the table does not hold it."""
@@ -78,23 +84,39 @@ class MaskTable:
         slot = self._free.pop()
         self._ff[slot] = mask.ff_keep.to(self.device)
         self._attn[slot] = mask.attn_keep.to(self.device)
+        if mask.has_offsets and self._ff_offset is None:
+            self._ff_offset = torch.zeros(self._ff.shape, dtype=torch.float32, device=self.device)
+            self._attn_offset = torch.zeros(self._attn.shape, dtype=torch.float32, device=self.device)
+        if self._ff_offset is not None and self._attn_offset is not None:  # a freed slot may hold old offsets
+            ff_offset, attn_offset = mask.offsets_or_zeros()
+            self._ff_offset[slot] = ff_offset.to(self.device)
+            self._attn_offset[slot] = attn_offset.to(self.device)
         self._ids[mask_id] = slot
         return slot
 
-    def factors(self, slots: Sequence[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keep factors for rows served from `slots`, in the activation dtype, for `apply_row_masks`.
+    def factors(self, slots: Sequence[int], dtype: torch.dtype) -> MaskFactors | None:
+        """Keep factors (and offsets) for rows served from `slots`, in the activation dtype.
 
         None when no row is masked (the caller skips the hooks altogether); [layer, d] when every row
-        shares one mask; else [batch, layer, d], one mask per row.
+        shares one mask; else [batch, layer, d], one mask per row. Offsets are None unless some row's
+        mask has them.
         """
         if all(s == 0 for s in slots):
             return None
-        if len(set(slots)) == 1:
-            return self._ff[slots[0]].to(dtype), self._attn[slots[0]].to(dtype)
-        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)  # [batch]
-        ff = self._ff.index_select(0, index).to(dtype)  # [batch, layer, d_mlp]
-        attn = self._attn.index_select(0, index).to(dtype)  # [batch, layer, d_attn]
-        return ff, attn
+        index = torch.tensor(sorted(set(slots)) if len(set(slots)) == 1 else list(slots), device=self.device)
+
+        def gather(table: torch.Tensor | None) -> torch.Tensor | None:
+            if table is None:
+                return None
+            rows = table.index_select(0, index).to(dtype)  # [batch, layer, d]
+            return rows[0] if len(set(slots)) == 1 else rows
+
+        ff, attn = gather(self._ff), gather(self._attn)
+        assert ff is not None and attn is not None
+        ff_offset, attn_offset = gather(self._ff_offset), gather(self._attn_offset)
+        if ff_offset is not None and attn_offset is not None and not (ff_offset.any() or attn_offset.any()):
+            ff_offset = attn_offset = None  # these rows are all zero-ablated: skip the addition
+        return MaskFactors(ff, attn, ff_offset, attn_offset)
 
     # Storage ---------------------------------------------------------------------------------------
     def _slots_used(self) -> int:
@@ -108,6 +130,9 @@ class MaskTable:
         shape_ff, shape_attn = (extra, *self._ff.shape[1:]), (extra, *self._attn.shape[1:])
         self._ff = torch.cat([self._ff, torch.ones(shape_ff, dtype=torch.bool, device=self.device)])
         self._attn = torch.cat([self._attn, torch.ones(shape_attn, dtype=torch.bool, device=self.device)])
+        if self._ff_offset is not None and self._attn_offset is not None:
+            self._ff_offset = torch.cat([self._ff_offset, torch.zeros(shape_ff, device=self.device)])
+            self._attn_offset = torch.cat([self._attn_offset, torch.zeros(shape_attn, device=self.device)])
         self._free.extend(range(slots, old, -1))  # pop() hands out the lowest new slot first
 
     def _evict(self, keep: Collection[str]) -> None:

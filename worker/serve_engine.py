@@ -25,7 +25,7 @@ from selprune_core.decoding import DecodeBatch, Generation, GenerationRow, Piece
 from selprune_core.errors import MaskMismatchError, SelPruneError
 from selprune_core.generation import apply_chat_template, encode_prompts
 from selprune_core.loading import LoadedModel
-from selprune_core.masks import NeuronMask, apply_row_masks
+from selprune_core.masks import MaskFactors, NeuronMask, apply_row_masks
 from worker.errors import (
     MaskNotFoundError,
     WorkerFatalError,
@@ -88,10 +88,10 @@ class _Active:
     slots: dict[tuple[str, int], int]  # row key -> mask table slot
     # The keep factors of the rows' slots, in row order, and the slots they were gathered for: rows only
     # change on admission and when rows finish, so most steps reuse them instead of gathering again.
-    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    factors: MaskFactors | None = None
     factor_slots: list[int] = field(default_factory=list)
 
-    def row_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def row_factors(self, dtype: torch.dtype) -> MaskFactors | None:
         row_slots = [self.slots[_row_key(k)] for k in self.batch.keys]
         if row_slots != self.factor_slots:
             # A slot's bits cannot change while a running row uses it: admission protects the masks
@@ -219,7 +219,7 @@ class ServeEngine:
         with torch.inference_mode():
             if factors is None:  # nobody masked: no hooks at all
                 return run()
-            with apply_row_masks(active.loaded.sites, *factors):
+            with apply_row_masks(active.loaded.sites, factors):
                 return run()
 
     def _deliver(self, active: _Active, pieces: list[Piece], reply: Reply) -> None:

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from selprune_core.activations import STAT_FIELDS, collect_activations, record_activations
-from selprune_core.batching import iter_token_batches
+from selprune_core.batching import iter_packed_batches, iter_token_batches
 from selprune_core.masks import NeuronMask, apply_mask
 from selprune_core.sites import model_fingerprint, resolve_sites
 from tests.helpers import ARCHS, CORPUS
 
 
-def _direct(model, sites, tokenizer, texts, *, skip_first=False):
+def _direct(model, sites, tokenizer, texts, *, skip_first=0, ids_list=None):
     """Capture hook inputs one text at a time (batch 1, no padding) and compute the sums with torch.
 
     OPT flattens [batch, pos] before its MLP, so inputs are reshaped to [tokens, d] either way.
@@ -28,8 +28,7 @@ def _direct(model, sites, tokenizer, texts, *, skip_first=False):
             )
     try:
         with torch.no_grad():
-            for text in texts:
-                ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            for ids in ids_list or [tokenizer(text, return_tensors="pt")["input_ids"] for text in texts]:
                 model(input_ids=ids)
     finally:
         for h in handles:
@@ -37,7 +36,7 @@ def _direct(model, sites, tokenizer, texts, *, skip_first=False):
     out = {}
     for kind in ("ff", "attn"):
         xs = [
-            torch.cat([t[1:] if skip_first else t for t in captured[kind][layer]])
+            torch.cat([t[skip_first:] for t in captured[kind][layer]])
             for layer in range(sites.n_layers)
         ]
         x = torch.stack(xs)  # [layer, tokens, d]
@@ -70,13 +69,45 @@ def test_stats_equal_direct_computation(tiny_model, tokenizer, arch):
             torch.testing.assert_close(getattr(got, name), expected[kind][name], rtol=1e-5, atol=1e-5)
 
 
-def test_exclude_first_token(tiny_model, tokenizer):
+@pytest.mark.parametrize("skip", [1, 3])
+def test_skip_first_positions(tiny_model, tokenizer, skip):
     model = tiny_model("llama")
     sites = resolve_sites(model)
-    stats = _collect(model, sites, tokenizer, CORPUS, exclude_first_token=True)
-    expected = _direct(model, sites, tokenizer, CORPUS, skip_first=True)
+    stats = _collect(model, sites, tokenizer, CORPUS, skip_first=skip)
+    expected = _direct(model, sites, tokenizer, CORPUS, skip_first=skip)
     assert stats.ff.n == expected["ff"]["n"]
     torch.testing.assert_close(stats.ff.sum_abs, expected["ff"]["sum_abs"], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_windows_cover_the_stream_and_skip_each_texts_first_positions(tiny_model, tokenizer):
+    model = tiny_model("gpt2")
+    sites = resolve_sites(model)
+    window, skip = 16, 2
+    batches = list(iter_packed_batches(tokenizer, CORPUS, token_limit=1000, window=window, batch_size=2))
+    stream = [i for text in CORPUS for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    assert sum(b.n_tokens for b in batches) == len(stream)
+    assert all(b.input_ids.shape[1] == window for b in batches[:-1])  # only the last may be short
+    stats = collect_activations(model, sites, iter(batches), sample_tokens=10**9, skip_first=skip)
+    # Direct: run each window alone; count a token unless it is among the first `skip` of its window
+    # or of its own text.
+    windows = [stream[i : i + window] for i in range(0, len(stream), window)]
+    positions = [p for text in CORPUS for p in range(len(tokenizer(text)["input_ids"]) + 1)]
+    captured = []
+    handle = sites.ff_modules[0].register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].reshape(-1, args[0].shape[-1]).double())
+    )
+    try:
+        with torch.no_grad():
+            for ids in windows:
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    x = torch.cat(captured)  # [stream, d_mlp]
+    keep = torch.tensor(
+        [p >= skip and i % window >= skip for i, p in enumerate(positions)], dtype=torch.bool
+    )
+    assert stats.ff.n == int(keep.sum())
+    torch.testing.assert_close(stats.ff.sum_abs[0], x[keep].abs().sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_equals_single_pass(tiny_model, tokenizer):
@@ -127,6 +158,19 @@ def test_pruned_neurons_read_zero(tiny_model, tokenizer):
         stats = _collect(model, sites, tokenizer, CORPUS)
     assert (stats.ff.sum_abs[0, :5] == 0).all() and (stats.ff.sum_abs[0, 5:] > 0).all()
     assert (stats.attn.sum_abs[1, 8:16] == 0).all() and (stats.attn.sum_abs[1, :8] > 0).all()
+
+
+def test_mean_ablated_neurons_read_their_offset(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    full = NeuronMask.full(sites, model_fingerprint(model))
+    chosen_ff = torch.zeros_like(full.ff_keep)
+    chosen_ff[0, :5] = True
+    values = torch.full(full.ff_keep.shape, 0.25)
+    mask = full.prune(chosen_ff, torch.zeros_like(full.attn_keep), ff_values=values)
+    with apply_mask(model, sites, mask):
+        stats = _collect(model, sites, tokenizer, CORPUS, which=("sum",))
+    torch.testing.assert_close(stats.ff.mean[0, :5], torch.full((5,), 0.25, dtype=torch.float64))
 
 
 def test_hooks_removed_even_on_error(tiny_model, tokenizer):

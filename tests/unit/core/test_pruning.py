@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from selprune_core.config import CollectConfig, EvalConfig, PruneConfig, StopConfig
+from selprune_core.config import BudgetConfig, CollectConfig, EvalConfig, PruneConfig, StopConfig
 from selprune_core.errors import CancelledError, ConfigError
 from selprune_core.masks import NeuronMask
 from selprune_core.pruning import prune_iteratively
@@ -100,11 +100,15 @@ def test_static_mode_prunes_cumulative_top(tiny_model, tokenizer):
     assert [r.ff_pruned for r in result.history] == [0] + [math.floor(min(1, 0.1 * i) * n) for i in (1, 2, 3)]
 
 
-def test_random_baseline_per_layer(tiny_model, tokenizer):
+def test_random_baseline_prunes_as_many_as_a_selective_step_spread_over_layers(tiny_model, tokenizer):
     model = tiny_model("gpt2")
     sites = resolve_sites(model)
     result = _run(model, tokenizer, _cfg(random_baseline=True))
-    assert all(r.ff_per_layer == [math.floor(0.1 * sites.d_mlp)] * sites.n_layers for r in result.history[1:])
+    ff_k = math.floor(0.1 * sites.n_layers * sites.d_mlp)
+    attn_k = math.floor(0.05 * sites.n_layers * sites.d_attn)
+    for r in result.history[1:]:
+        assert sum(r.ff_per_layer) == ff_k and sum(r.attn_per_layer) == attn_k
+        assert max(r.ff_per_layer) - min(r.ff_per_layer) <= 1  # as even as the total allows
     again = _run(model, tokenizer, _cfg(random_baseline=True))
     assert again.mask.mask_id == result.mask.mask_id
     other = _run(model, tokenizer, _cfg(random_baseline=True, seed=1))
@@ -161,3 +165,111 @@ def test_start_mask_is_respected_and_config_errors(tiny_model, tokenizer):
         PruneConfig(ff_frac=-0.1)
     with pytest.raises(ConfigError):
         PruneConfig(ff_frac=0.0, attn_frac=0.0)
+
+
+def test_random_baseline_matches_given_per_layer_counts(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    selective = _run(model, tokenizer, _cfg(steps=2))
+    counts = [(r.ff_per_layer, r.attn_per_layer) for r in selective.history[1:]]
+    matched = _run(model, tokenizer, _cfg(steps=2, random_baseline=True), random_counts=counts)
+    assert [(r.ff_per_layer, r.attn_per_layer) for r in matched.history[1:]] == counts
+    assert matched.mask.pruned_counts()["ff_per_layer"] == selective.mask.pruned_counts()["ff_per_layer"]
+    assert matched.mask.mask_id != selective.mask.mask_id
+
+
+def test_random_heads_at_small_fractions_still_prune(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    # 0.2 of 4 heads rounds down to 0 per layer; 0.2 of all 8 heads does not.
+    cfg = _cfg(ff_frac=0.0, attn_frac=0.2, prune_heads=True, random_baseline=True, steps=1)
+    result = _run(model, tokenizer, cfg)
+    assert math.floor(0.2 * sites.n_heads) == 0
+    per_head = (~result.mask.attn_keep).view(sites.n_layers, sites.n_heads, sites.d_head)
+    assert per_head.all(-1).sum() == math.floor(0.2 * sites.n_layers * sites.n_heads) > 0
+    assert (per_head.any(-1) == per_head.all(-1)).all()
+
+
+def test_per_layer_quota(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    result = _run(model, tokenizer, _cfg(steps=1, selection="per_layer"))
+    assert result.history[1].ff_per_layer == [math.floor(0.1 * sites.d_mlp)] * sites.n_layers
+
+
+def test_static_mode_never_returns_a_pruned_neuron(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    seen = []
+    _run(model, tokenizer, _cfg(recalculate=False, steps=4), on_step=lambda r, m: seen.append(m))
+    for before, after in zip(seen, seen[1:]):
+        assert not (after.ff_keep & ~before.ff_keep).any() and not (after.attn_keep & ~before.attn_keep).any()
+
+
+def test_mean_ablation_stores_retain_means_of_pruned_neurons(tiny_model, tokenizer):
+    from selprune_core.activations import collect_activations
+    from selprune_core.batching import iter_token_batches
+    from selprune_core.masks import apply_mask
+
+    model = tiny_model("llama")
+    sites = resolve_sites(model)
+    cfg = _cfg(steps=1, offset_mode="retain_mean")
+    result = _run(model, tokenizer, cfg)
+    mask = result.mask
+    assert mask.has_offsets
+    batches = iter_token_batches(tokenizer, PROSE, token_limit=64, batch_size=4)
+    with apply_mask(model, sites, NeuronMask.full(sites, mask.fingerprint)):
+        stats = collect_activations(model, sites, batches, sample_tokens=10_000, which=("sum",))
+    pruned = ~mask.ff_keep
+    torch.testing.assert_close(mask.ff_offset[pruned], stats.ff.mean[pruned].float())
+    assert (mask.ff_offset[mask.ff_keep] == 0).all()
+
+
+def test_nan_scores_are_never_selected():
+    from selprune_core.scoring import select_top_neurons
+
+    scores = torch.tensor([[float("nan"), 1.0, 2.0, float("nan")]], dtype=torch.float64)
+    keep = torch.ones(1, 4, dtype=torch.bool)
+    sel = select_top_neurons(scores, keep, 1.0)
+    assert sel.chosen.tolist() == [[False, True, True, False]] and sel.threshold == 1.0
+
+
+# A random-init model predicts nothing right (top-1 0), but its perplexity moves by ~1e-3 per step.
+@pytest.mark.parametrize("limit", [0.0, 5e-4])
+def test_budget_never_accepts_a_step_over_it(tiny_model, tokenizer, limit):
+    model = tiny_model("llama")
+    budget = BudgetConfig(max_retain_ppl_increase=limit, shrink=0.5, min_frac_ratio=0.1)
+    seen = []
+    cfg = _cfg(ff_frac=0.3, attn_frac=0.1, steps=4, budget=budget)
+    result = _run(model, tokenizer, cfg, on_step=lambda r, m: seen.append((r, m)))
+    reports = result.history
+    assert reports[0].budget["broken"] == []
+    assert any(not r.accepted for r in reports), "no trial broke the budget: the test checks nothing"
+    last_accepted = seen[0][1]
+    for report, mask in seen[1:]:
+        if report.accepted:
+            assert report.budget["broken"] == [] and report.budget["retain_ppl_increase"] <= limit
+            last_accepted = mask
+        else:
+            assert report.budget["broken"] and report.budget["retain_ppl_increase"] > limit
+            assert mask.mask_id == last_accepted.mask_id  # the run stays on the last accepted mask
+    for before, after in zip(reports, reports[1:]):  # a retry is smaller than the trial it follows
+        if not before.accepted:
+            assert after.ff_frac == before.ff_frac * 0.5 and after.trial == before.trial + 1
+    assert result.stopped_reason in ("budget_floor", "steps")
+    assert result.mask.mask_id == last_accepted.mask_id
+
+
+def test_budget_sets_are_what_the_budget_reads(tiny_model, tokenizer):
+    from selprune_core.evaluation import evaluate_texts
+
+    model = tiny_model("llama")
+    budget = BudgetConfig(max_retain_drop=1.0, forget_target=0.0)
+    val = {"forget": CODE[:2], "retain": PROSE[:2]}
+    cfg = _cfg(steps=3, budget=budget)
+    result = _run(model, tokenizer, cfg, budget_sets=val)
+    assert result.stopped_reason == "forget_target" and result.history[-1].step == 0  # met before pruning
+    direct = evaluate_texts(model, tokenizer, PROSE[:2], cfg.eval)
+    assert result.history[0].budget["retain_perplexity"] == pytest.approx(direct.perplexity)
+    assert result.history[0].metrics["retain"]["perplexity"] != pytest.approx(direct.perplexity)
+    with pytest.raises(ConfigError, match="budget sets"):
+        _run(model, tokenizer, _cfg(budget=budget), budget_sets={"retain": PROSE})

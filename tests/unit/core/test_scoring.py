@@ -54,10 +54,17 @@ def test_importances_match_hand_computation():
         ("mean", 0.0),
         ("legacy_std", (14 / 3) / (2 / 3 + 0.1)),
         ("legacy_rms", math.sqrt((14 / 3) ** 2) / (math.sqrt((2 / 3) ** 2) + 0.1)),
+        # RMS distance from the retain mean (0) on forget, over the retain std
+        ("dev", math.sqrt(14 / 4) / (math.sqrt(0.5) + 0.1)),
+        # output-aware: both importances times the output weight norm (2 here), eps unscaled
+        ("abs_out", (2 * 6 / 4) / (2 * 2 / 4 + 0.1)),
+        ("rms_out", 2 * math.sqrt(14 / 4) / (2 * math.sqrt(2 / 4) + 0.1)),
+        ("dev_out", 2 * math.sqrt(14 / 4) / (2 * math.sqrt(0.5) + 0.1)),
     ],
 )
 def test_scores_are_ratio_with_eps(name, expected):
-    scores = SCORERS[name](FORGET, RETAIN, 0.1)
+    out_norm = torch.full_like(FORGET.mean, 2.0)
+    scores = SCORERS[name](FORGET, RETAIN, 0.1, out_norm)
     assert scores.dtype == torch.float64
     assert scores[0, 0].item() == pytest.approx(expected)
 
@@ -65,7 +72,7 @@ def test_scores_are_ratio_with_eps(name, expected):
 def test_eps_keeps_zero_retain_finite():
     retain = _stats([[0.0, 0.0], [0.0, 0.0]])
     forget = _stats([[1.0, 1.0], [0.0, 0.0]])
-    scores = SCORERS["abs"](forget, retain, 1e-3)
+    scores = SCORERS["abs"](forget, retain, 1e-3, None)
     assert scores[0, 0].item() == pytest.approx(1000.0) and scores[0, 1].item() == 0.0
 
 
@@ -112,4 +119,16 @@ def test_random_per_layer_counts_and_seed():
     heads = select_random_per_layer(
         torch.ones(2, 12, dtype=torch.bool), 0.5, torch.Generator().manual_seed(0), group=4
     )
-    assert heads.per_layer() == [4, 4]  # floor(0.5 * 3 heads) = 1 head of 4 dims per layer
+    # floor(0.5 * 6 heads) = 3 whole heads of 4 dims, spread as evenly as possible over 2 layers
+    assert sorted(heads.per_layer()) == [4, 8]
+    matched = select_random_per_layer(keep, 0.1, torch.Generator().manual_seed(0), counts=[3, 0, 7])
+    assert matched.per_layer() == [3, 0, 7]
+
+
+def test_dev_measures_distance_from_the_retain_mean():
+    # Retain sits at 5 +- 0; forget at 5 too: mean ablation to 5 changes nothing on either set.
+    retain = _stats([[5.0, 5.0], [0.0, 0.0]])
+    forget = _stats([[5.0, 5.0], [1.0, -1.0]])
+    scores = SCORERS["dev"](forget, retain, 1e-3, None)
+    assert scores[0, 0].item() == pytest.approx(0.0, abs=1e-9)
+    assert scores[0, 1].item() == pytest.approx(1.0 / 1e-3)
