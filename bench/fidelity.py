@@ -82,6 +82,13 @@ class RunSpec:
     random: bool = False
     tox_steps: tuple[int, ...] = ()  # steps at which the toxic-continuation rate is measured
     collect_tokens: int | None = None  # overrides the budget's statistics tokens (the budget check)
+    # PruneConfig / CollectConfig overrides naming a recipe, e.g. (("offset_mode", "retain_mean"),)
+    recipe: tuple[tuple[str, Any], ...] | None = None
+    # "validation": statistics on the train texts minus a validation carve-out, which is evaluated;
+    # None: statistics on all train texts, the held-out texts evaluated.
+    split: str | None = None
+    seed: int | None = None  # the random baseline's seed (default 0)
+    match: str | None = None  # random baseline: copy this selective run's per-layer counts per step
 
 
 def _pair(spec: RunSpec, random_steps: int | None = None) -> list[RunSpec]:
@@ -136,6 +143,23 @@ EXPERIMENTS: dict[str, list[RunSpec]] = {
         *_pair(RunSpec("code_ff12_abs", **_CODE, ff_frac=0.12, steps=1)),
         *_pair(RunSpec("code_ff1_abs", **_CODE, ff_frac=0.01, steps=12)),
     ],
+    # Choosing the defaults (issue 9): each change alone against the paper recipe, on a validation
+    # split carved from the train texts (held-out texts are never read), FF at 2%/step for 6 steps.
+    "recipes_val": [
+        RunSpec("val_paper", **_CODE, split="validation"),
+        RunSpec("val_skip1", **_CODE, split="validation", recipe=(("skip_first", 1),)),
+        RunSpec("val_skip4", **_CODE, split="validation", recipe=(("skip_first", 4),)),
+        RunSpec("val_pack", **_CODE, split="validation", recipe=(("pack", True),)),
+        RunSpec("val_mean", **_CODE, split="validation", recipe=(("offset_mode", "retain_mean"),)),
+        RunSpec(
+            "val_dev_mean",
+            **_CODE,
+            split="validation",
+            recipe=(("ff_scoring", "dev"), ("offset_mode", "retain_mean")),
+        ),
+        RunSpec("val_absout", **_CODE, split="validation", recipe=(("ff_scoring", "abs_out"),)),
+        RunSpec("val_layer", **_CODE, split="validation", recipe=(("selection", "per_layer"),)),
+    ],
     # Does the 25x smaller statistics budget matter? The main run again with 4x the tokens.
     "collect_budget": [
         RunSpec("code_ff_abs", **_CODE),
@@ -185,18 +209,22 @@ class Harness:
 
         b = self.budget
         steps = min(spec.steps, b.max_steps) if b.max_steps else spec.steps
+        recipe = dict(spec.recipe or ())
+        collect_keys = {"skip_first", "pack"}
         return PruneConfig(
             ff_frac=spec.ff_frac,
             attn_frac=spec.attn_frac,
-            ff_scoring=spec.scoring,  # type: ignore[arg-type]
-            attn_scoring=spec.scoring,  # type: ignore[arg-type]
+            ff_scoring=recipe.pop("ff_scoring", spec.scoring),
+            attn_scoring=recipe.pop("attn_scoring", spec.scoring),
             steps=steps,
             random_baseline=spec.random,
-            seed=0,
+            seed=spec.seed or 0,
+            **{k: v for k, v in recipe.items() if k not in collect_keys},
             collect=CollectConfig(
                 token_limit=b.token_limit,
                 sample_tokens=spec.collect_tokens or b.collect_tokens,
                 batch_size=b.batch_size,
+                **{k: v for k, v in recipe.items() if k in collect_keys},
             ),
             eval=EvalConfig(
                 token_limit=b.token_limit,
@@ -233,6 +261,10 @@ class Harness:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @staticmethod
+    def all_specs() -> list[RunSpec]:
+        return [spec for specs in EXPERIMENTS.values() for spec in specs]
+
     def run_path(self, spec: RunSpec) -> Path:
         return self.out_dir / "runs" / f"{spec.name}.json"
 
@@ -248,11 +280,26 @@ class Harness:
 
     def _run(self, spec: RunSpec, path: Path, key: str) -> dict[str, Any]:
         from selprune_core import apply_mask, get_scorer, prune_iteratively, toxicity_metric
+        from selprune_core.data import carve_validation
 
         loaded = self.loaded()
         cfg = self.config(spec)
         forget, retain = self.dataset(spec.forget), self.dataset(spec.retain)
+        forget_train, retain_train = forget.train, retain.train
         eval_sets = {"forget": forget.heldout, "retain": retain.heldout}
+        if spec.split == "validation":  # choosing a recipe: held-out texts are never read
+            (forget_train, forget_val), (retain_train, retain_val) = map(
+                carve_validation, (forget.train, retain.train)
+            )
+            eval_sets = {"forget": forget_val, "retain": retain_val}
+        random_counts = None
+        if spec.match is not None:
+            matched = self.run(next(s for s in self.all_specs() if s.name == spec.match))
+            random_counts = [
+                (r["ff_per_layer"], r["attn_per_layer"])
+                for r in matched["steps"]
+                if r["step"] > 0 and r.get("accepted", True)
+            ]
         record: dict[str, Any] = {
             "run": spec.name,
             "key": key,
@@ -317,10 +364,11 @@ class Harness:
             loaded.tokenizer,
             loaded.sites,
             loaded.fingerprint,
-            forget.train,
-            retain.train,
+            forget_train,
+            retain_train,
             eval_sets,
             cfg,
+            random_counts=random_counts,
             on_step=on_step,
             extra_metrics=extra_metrics if tox_steps else None,
         )

@@ -11,7 +11,15 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from worker.payloads import BUILTIN_DATASETS, EMBEDDED_MODEL, PruneParams, ScoringName
+from worker.payloads import (
+    BUILTIN_DATASETS,
+    EMBEDDED_MODEL,
+    RECIPES,
+    OffsetMode,
+    PruneParams,
+    ScoringName,
+    SelectionMode,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -115,6 +123,39 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-baseline", action="store_true", default=None, help="prune random neurons (a control)"
     )
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help=f"named defaults for the method flags below (default: {fields['recipe'].default})",
+    )
+    p.add_argument(
+        "--offset-mode", choices=get_args(OffsetMode), default=None, help="what a pruned neuron outputs"
+    )
+    p.add_argument(
+        "--selection", choices=get_args(SelectionMode), default=None, help="global or per-layer top-k"
+    )
+    knob("--skip-first", "skip_first", int, "K", "leave each text's first K positions out of the statistics")
+    p.add_argument(
+        "--pack", action=argparse.BooleanOptionalAction, default=None, help="pack texts into full windows"
+    )
+    p.add_argument(
+        "--max-retain-drop", type=float, default=None, metavar="F", help="retain budget: top-1 drop"
+    )
+    p.add_argument(
+        "--max-retain-ppl-increase",
+        type=float,
+        default=None,
+        metavar="F",
+        help="retain budget: perplexity increase (0.1 = +10%%)",
+    )
+    p.add_argument(
+        "--forget-target",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with a budget: stop at this forget drop",
+    )
 
 
 def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,6 +166,16 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
         params["ff_scoring"] = params["attn_scoring"] = args.scoring
     if args.random_baseline:
         params["random_baseline"] = True
+    for name in ("recipe", "offset_mode", "selection", "skip_first", "pack"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    budget = {
+        name: getattr(args, name)
+        for name in ("max_retain_drop", "max_retain_ppl_increase", "forget_target")
+        if getattr(args, name) is not None
+    }
+    if budget:
+        params["budget"] = budget
     try:
         PruneParams.model_validate(params)
     except ValidationError as exc:

@@ -85,6 +85,7 @@ def render_table(steps: Sequence[Mapping[str, Any]]) -> str:
     Columns: top-1 accuracy before and after with 95% CIs, the relative top-1 drop, and loss and
     perplexity before -> after.
     """
+    steps = [r for r in steps if r.get("accepted", True)]  # rejected trials left the mask unchanged
     if not steps:
         return "no metrics were reported"
     first, last = steps[0], steps[-1]
@@ -120,6 +121,11 @@ def format_step_line(report: Mapping[str, Any], steps: int | None = None) -> str
     """One line per completed step: pruned counts and top-1 of each eval set, with its drop."""
     step = report.get("step", "?")
     where = f"step {step}/{steps}" if steps else f"step {step}"
+    if not report.get("accepted", True):
+        budget = report.get("budget") or {}
+        fracs = f"FF {_pct(_num(report.get('ff_frac')))}, attn {_pct(_num(report.get('attn_frac')))}"
+        broken = "; ".join(budget.get("broken") or []) or "over budget"
+        return f"{where}: trial {report.get('trial', 0)} at {fracs} per step rejected ({broken}); retrying smaller"
     parts = [f"{where}: {report.get('ff_pruned') or 0} FF / {report.get('attn_pruned') or 0} attn pruned"]
     metrics = report.get("metrics") or {}
     drops = report.get("drops") or {}

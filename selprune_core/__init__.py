@@ -11,8 +11,9 @@ This package imports torch and transformers only: no web, queue or environment s
 from __future__ import annotations
 
 from selprune_core.activations import ActivationStats, ComponentStats, collect_activations, record_activations
-from selprune_core.batching import TokenBatch, iter_token_batches
+from selprune_core.batching import TokenBatch, iter_packed_batches, iter_token_batches
 from selprune_core.config import (
+    BudgetConfig,
     CollectConfig,
     EvalConfig,
     PruneConfig,
@@ -28,6 +29,7 @@ from selprune_core.data import (
     HubRef,
     InlineRef,
     TextSplits,
+    carve_validation,
     dataset_ref_from_dict,
     describe,
     resolve_dataset,
@@ -63,13 +65,24 @@ from selprune_core.generation import (
 )
 from selprune_core.hooks import scoped_pre_hooks
 from selprune_core.loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_model, load_model
-from selprune_core.masks import NeuronMask, apply_mask, apply_row_masks, fold_into_weights
+from selprune_core.masks import MaskFactors, NeuronMask, apply_mask, apply_row_masks, fold_into_weights
 from selprune_core.pruning import Progress, PruneResult, StepReport, prune_iteratively
 from selprune_core.scoring import SCORERS, score_neurons, select_top_neurons
 from selprune_core.sites import ARCHITECTURES, ModelSites, model_fingerprint, resolve_sites
-from selprune_core.toxicity import ToxicityResult, ToxicityScorer, get_scorer, toxicity_metric
+from selprune_core.toxicity import (
+    ToxicityResult,
+    ToxicityScorer,
+    get_scorer,
+    toxicity_metric,
+    wilson_interval,
+)
 
 __all__ = [
+    "carve_validation",
+    "wilson_interval",
+    "iter_packed_batches",
+    "MaskFactors",
+    "BudgetConfig",
     "ARCHITECTURES",
     "BUILTIN_CORPORA",
     "EMBEDDED_MODEL",

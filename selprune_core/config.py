@@ -163,7 +163,11 @@ class BudgetConfig:
     def breaks(self, retain_drop: float | None, retain_ppl_increase: float | None) -> list[str]:
         """The budget limits these measurements break (empty: within budget)."""
         broken = []
-        if self.max_retain_drop is not None and retain_drop is not None and retain_drop > self.max_retain_drop:
+        if (
+            self.max_retain_drop is not None
+            and retain_drop is not None
+            and retain_drop > self.max_retain_drop
+        ):
             broken.append(f"retain drop {retain_drop:.4f} > {self.max_retain_drop}")
         limit = self.max_retain_ppl_increase
         if limit is not None and retain_ppl_increase is not None and not retain_ppl_increase <= limit:

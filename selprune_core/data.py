@@ -13,7 +13,7 @@ import json
 import logging
 import operator
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "dataset_ref_from_dict",
     "describe",
     "split_texts",
+    "carve_validation",
     "resolve_dataset",
     "total_chars",
 ]
@@ -252,6 +253,25 @@ def split_texts(name: str, texts: Iterable[str]) -> TextSplits:
     k = max(1, len(texts) // 10)
     log.info("dataset %s: hash split left one side empty, holding out the last %d text(s)", name, k)
     return TextSplits(name, texts[:-k], texts[-k:])
+
+
+def carve_validation(texts: Sequence[str], share: int = 10) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split train texts into (rest, validation): about 1 in `share` texts, chosen by a salted hash.
+
+    Validation texts are what method choices (defaults, a job's retain budget) are checked on, so
+    that held-out texts only ever measure. The salt makes the choice independent of `split_texts`.
+    With fewer than two texts both sides get them all.
+    """
+    texts = tuple(texts)
+    if len(texts) < 2:
+        return texts, texts
+    held = [int(hashlib.sha256(b"validation:" + t.encode()).hexdigest(), 16) % share == 0 for t in texts]
+    validation = tuple(t for t, h in zip(texts, held, strict=True) if h)
+    rest = tuple(t for t, h in zip(texts, held, strict=True) if not h)
+    if not validation or not rest:  # tiny sets: hold out the tail instead
+        k = max(1, len(texts) // share)
+        return texts[:-k], texts[-k:]
+    return rest, validation
 
 
 def total_chars(splits: TextSplits) -> int:

@@ -65,7 +65,8 @@ class NeuronMask:
                 continue
             assert offset.shape == keep.shape, f"{name} {tuple(offset.shape)} != keep {tuple(keep.shape)}"
             # Offsets of kept neurons are meaningless: zero them so they never change the id.
-            clean = offset.detach().to(device="cpu", dtype=torch.float32).masked_fill(keep, 0.0)
+            # + 0.0 turns -0.0 into 0.0: both compute the same, so they must hash the same.
+            clean = offset.detach().to(device="cpu", dtype=torch.float32).masked_fill(keep, 0.0) + 0.0
             if not torch.isfinite(clean).all():
                 raise MaskMismatchError(f"{name} holds NaN or infinite values")
             object.__setattr__(self, name, None if not clean.any() else clean.contiguous())
@@ -104,6 +105,8 @@ class NeuronMask:
         Newly pruned neurons output `*_values` at their positions (dense [layer, width]), or 0 when
         None; neurons this mask already prunes keep their offsets.
         """
+        # Selections may live on the model's device; the mask lives on the CPU.
+        ff_chosen, attn_chosen = ff_chosen.cpu(), attn_chosen.cpu()
         ff_offset, attn_offset = self.offsets_or_zeros()
         if ff_values is not None:
             ff_offset = torch.where(ff_chosen & self.ff_keep, ff_values.float().cpu(), ff_offset)
@@ -111,8 +114,8 @@ class NeuronMask:
             attn_offset = torch.where(attn_chosen & self.attn_keep, attn_values.float().cpu(), attn_offset)
         return NeuronMask(
             self.fingerprint,
-            self.ff_keep & ~ff_chosen.cpu(),
-            self.attn_keep & ~attn_chosen.cpu(),
+            self.ff_keep & ~ff_chosen,
+            self.attn_keep & ~attn_chosen,
             self.n_heads,
             ff_offset,
             attn_offset,
@@ -278,7 +281,9 @@ def _scatter_offsets(values: torch.Tensor | None, keep: torch.Tensor) -> torch.T
     if values is None:
         return None
     if values.numel() != int((~keep).sum()):
-        raise MaskMismatchError(f"mask file has {values.numel()} offsets for {int((~keep).sum())} pruned neurons")
+        raise MaskMismatchError(
+            f"mask file has {values.numel()} offsets for {int((~keep).sum())} pruned neurons"
+        )
     dense = torch.zeros(keep.shape, dtype=torch.float32)
     dense[~keep] = values.float()
     return dense
@@ -399,11 +404,17 @@ def fold_into_weights(
 
     Pruned neurons' down/out-projection weight columns are zeroed. A mean-ablation mask's offsets
     become the constant W[:, pruned] @ offset[pruned] added to the projection's bias; where the
-    projection has no bias, `sites.add_output_bias` gives it one (and sets the config flag that makes
-    transformers build it on reload), or raises UnsupportedArchitectureError when the family cannot.
+    projection has no bias, `sites.output_bias(module, create=True)` gives it one (and sets the config
+    flag that makes transformers build it on reload). Raises UnsupportedArchitectureError, before
+    changing anything, when the family cannot hold such a bias.
     """
     mask.check_fits(sites, fingerprint)
     ff_offset, attn_offset = mask.offsets_or_zeros()
+    # Check every projection first: failing halfway would leave a half-pruned model behind.
+    for modules, offsets in ((sites.ff_modules, ff_offset), (sites.attn_modules, attn_offset)):
+        for module, offset in zip(modules, offsets, strict=True):
+            if offset.any():
+                sites.check_output_bias(module)
     for layer in range(sites.n_layers):
         for module, (weight, axis), keep, offset in (
             (sites.ff_modules[layer], sites.ff_weight_columns(layer), mask.ff_keep[layer], ff_offset[layer]),

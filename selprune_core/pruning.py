@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -36,10 +36,12 @@ from transformers import PreTrainedTokenizerBase
 
 from selprune_core.activations import ActivationStats, collect_activations
 from selprune_core.batching import iter_packed_batches, iter_token_batches
+from selprune_core.budget import BudgetCheck
 from selprune_core.config import EvalConfig, PruneConfig
 from selprune_core.errors import CancelledError, ConfigError
 from selprune_core.evaluation import EvalResult, common_target_ids, evaluate_sets, relative_drop
 from selprune_core.masks import NeuronMask, apply_mask
+from selprune_core.reports import Progress, PruneResult, StepReport
 from selprune_core.scoring import (
     OUTPUT_AWARE,
     Selection,
@@ -54,57 +56,6 @@ from selprune_core.sites import ModelSites
 __all__ = ["StepReport", "PruneResult", "Progress", "prune_iteratively"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepReport:
-    """What one step (or one trial of a step, under a budget) did and measured; step 0 is the baseline."""
-
-    step: int
-    ff_selected: int = 0  # neurons newly pruned this step
-    attn_selected: int = 0
-    ff_threshold: float | None = None  # lowest selected score (None: nothing selected or random)
-    attn_threshold: float | None = None
-    ff_pruned: int = 0  # cumulative
-    attn_pruned: int = 0
-    ff_per_layer: list[int] = field(default_factory=list)  # newly pruned per layer
-    attn_per_layer: list[int] = field(default_factory=list)
-    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval set -> EvalResult.as_dict()
-    drops: dict[str, float] = field(default_factory=dict)  # eval set -> relative top-1 drop vs step 0
-    extra: dict[str, Any] = field(default_factory=dict)  # extra metrics (e.g. toxicity)
-    tokens_collected: int = 0
-    seconds: float = 0.0
-    mask_id: str = ""
-    ff_frac: float = 0.0  # per-step fractions this step used
-    attn_frac: float = 0.0
-    accepted: bool = True  # False: a trial that broke the budget; the mask stayed as it was
-    trial: int = 0  # 0 for the first try of a step, then 1, 2, ... for smaller retries
-    # Under a budget: drops and retain perplexity increase on the budget sets, and what broke.
-    budget: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> StepReport:
-        return cls(**dict(data))
-
-
-@dataclass
-class PruneResult:
-    mask: NeuronMask
-    history: list[StepReport]  # every step and trial, accepted or not
-    # "steps", "forget_drop", "max_retain_drop", "exhausted", "forget_target", "budget_floor"
-    stopped_reason: str
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Inside-a-step progress: which phase, and tokens counted so far in it."""
-
-    step: int
-    phase: str  # "evaluating", "checking_budget", "collecting_retain", "collecting_forget", "scoring"
-    tokens: int = 0
 
 
 @dataclass
@@ -140,11 +91,11 @@ class _Run:
         self.cfg, self.eval_sets = cfg, eval_sets
         self.on_progress, self.should_stop, self.extra_metrics = on_progress, should_stop, extra_metrics
         self.device = next(model.parameters()).device
-        self.common_ids = self._common_ids(eval_sets)
+        self.common_ids = self.common_ids_of(eval_sets)
         needs_norms = {cfg.ff_scoring, cfg.attn_scoring} & OUTPUT_AWARE
         self.out_norms = sites.output_norms() if needs_norms else (None, None)
 
-    def _common_ids(self, sets: Mapping[str, Sequence[str]]) -> tuple[int, ...]:
+    def common_ids_of(self, sets: Mapping[str, Sequence[str]]) -> tuple[int, ...]:
         if self.cfg.eval.skip_common <= 0 or not sets:
             return ()
         union = [text for texts in sets.values() for text in texts]
@@ -175,7 +126,11 @@ class _Run:
             )
         else:
             batches = iter_token_batches(
-                self.tokenizer, texts, token_limit=cfg.token_limit, batch_size=cfg.batch_size, device=self.device
+                self.tokenizer,
+                texts,
+                token_limit=cfg.token_limit,
+                batch_size=cfg.batch_size,
+                device=self.device,
             )
         self.report(step, phase)
         with apply_mask(self.model, self.sites, mask):
@@ -189,9 +144,7 @@ class _Run:
                 on_batch=lambda tokens: self.report(step, phase, tokens),
             )
 
-    def propose(
-        self, forget: Sequence[str], retain: Sequence[str], mask: NeuronMask, step: int
-    ) -> _Proposal:
+    def propose(self, forget: Sequence[str], retain: Sequence[str], mask: NeuronMask, step: int) -> _Proposal:
         """Collect statistics through `mask` and score every neuron (random baseline: means only)."""
         cfg = self.cfg
         mean_ablation = cfg.offset_mode == "retain_mean"
@@ -247,7 +200,10 @@ class _Run:
         if cfg.random_baseline:
             group = sites.d_head if cfg.prune_heads else 1
             ff = select_random_per_layer(
-                mask.ff_keep, ff_frac, _selection_seed(cfg.seed, step, 2), counts=counts[0] if counts else None
+                mask.ff_keep,
+                ff_frac,
+                _selection_seed(cfg.seed, step, 2),
+                counts=counts[0] if counts else None,
             )
             attn = select_random_per_layer(
                 mask.attn_keep,
@@ -293,46 +249,6 @@ class _Run:
         return results, metrics
 
 
-class _Budget:
-    """Checks trials against `PruneConfig.budget` on the budget sets, relative to step 0 there."""
-
-    def __init__(
-        self, run: _Run, sets: Mapping[str, Sequence[str]], forget_eval: str, retain_eval: str
-    ) -> None:
-        assert run.cfg.budget is not None
-        self.run, self.cfg, self.sets = run, run.cfg.budget, sets
-        self.forget_eval, self.retain_eval = forget_eval, retain_eval
-        # No bootstrap: the budget reads point estimates, and resampling would double the cost.
-        self.eval_cfg = EvalConfig(**{**asdict(run.cfg.eval), "bootstrap_samples": 0})
-        self.common_ids = run._common_ids(sets)
-        self.base: dict[str, EvalResult] = {}
-
-    def measure(self, mask: NeuronMask, step: int) -> dict[str, Any]:
-        """Drops and perplexity increase of `mask` on the budget sets, and the limits it breaks."""
-        results, _ = self.run.evaluate(
-            mask, step, self.sets, self.eval_cfg, self.common_ids, phase="checking_budget", extra=False
-        )
-        if not self.base:
-            self.base = results
-        retain, forget = results[self.retain_eval], results[self.forget_eval]
-        retain_base, forget_base = self.base[self.retain_eval], self.base[self.forget_eval]
-        retain_drop = relative_drop(retain_base.top1, retain.top1)
-        ppl_increase = retain.perplexity / retain_base.perplexity - 1.0
-        return {
-            "forget_drop": relative_drop(forget_base.top1, forget.top1),
-            "retain_drop": retain_drop,
-            "retain_ppl_increase": ppl_increase,
-            "broken": self.cfg.breaks(retain_drop, ppl_increase),
-            "forget_top1": forget.top1,
-            "retain_top1": retain.top1,
-            "retain_perplexity": retain.perplexity,
-        }
-
-    def target_met(self, measured: Mapping[str, Any]) -> bool:
-        target = self.cfg.forget_target
-        return target is not None and measured.get("forget_drop", 0.0) >= target
-
-
 def _stop_reason(cfg: PruneConfig, report: StepReport, forget_eval: str, retain_eval: str) -> str | None:
     if cfg.stop is None:
         return None
@@ -363,7 +279,7 @@ def _check_inputs(
         if stop.max_retain_drop is not None and retain_eval not in eval_sets:
             raise ConfigError(f"stop.max_retain_drop needs an eval set named {retain_eval!r}")
     if cfg.budget is not None:
-        missing = {forget_eval, retain_eval} - set(budget_sets)
+        missing = BudgetCheck.sets_missing(budget_sets, forget_eval, retain_eval)
         if missing:
             raise ConfigError(f"a budget needs budget sets named {sorted(missing)}")
         if cfg.random_baseline:
@@ -410,7 +326,19 @@ def prune_iteratively(
     budget_sets = eval_sets if budget_sets is None else budget_sets
     _check_inputs(cfg, eval_sets, budget_sets, forget_eval, retain_eval, random_counts)
     run = _Run(model, tokenizer, sites, fingerprint, cfg, eval_sets, on_progress, should_stop, extra_metrics)
-    budget = _Budget(run, budget_sets, forget_eval, retain_eval) if cfg.budget is not None else None
+    budget = None
+    if cfg.budget is not None:
+        # No bootstrap: the budget reads point estimates, and resampling would add to every trial.
+        budget_eval = EvalConfig(**{**asdict(cfg.eval), "bootstrap_samples": 0})
+        budget_common = run.common_ids_of(budget_sets)
+
+        def evaluate_budget(mask: NeuronMask, step: int) -> dict[str, EvalResult]:
+            results, _ = run.evaluate(
+                mask, step, budget_sets, budget_eval, budget_common, phase="checking_budget", extra=False
+            )
+            return results
+
+        budget = BudgetCheck(cfg.budget, evaluate_budget, forget_eval=forget_eval, retain_eval=retain_eval)
     initial = start_mask if start_mask is not None else NeuronMask.full(sites, fingerprint)
     initial.check_fits(sites, fingerprint)
     mask = resume_mask if resume_mask is not None else initial
@@ -420,7 +348,9 @@ def prune_iteratively(
     def record(report: StepReport, results: Mapping[str, EvalResult], extra: dict[str, Any]) -> None:
         report.metrics = {name: result.as_dict() for name, result in results.items()}
         report.drops = {
-            name: relative_drop(baseline_top1[name], r.top1) for name, r in results.items() if name in baseline_top1
+            name: relative_drop(baseline_top1[name], r.top1)
+            for name, r in results.items()
+            if name in baseline_top1
         }
         report.extra = extra
 
@@ -491,12 +421,12 @@ def prune_iteratively(
                 static = proposal = run.propose(forget, retain, initial, step)
             else:
                 proposal = _Proposal(static.scores, static.offsets, 0)
-        counts = random_counts[step - 1] if random_counts is not None else None
+        layer_counts = random_counts[step - 1] if random_counts is not None else None
         if static is not None:
             cumulative = (min(1.0, static_done[0] + fracs[0]), min(1.0, static_done[1] + fracs[1]))
             ff_sel, attn_sel = run.select(mask, step, proposal, cumulative, None, static_base=initial)
         else:
-            ff_sel, attn_sel = run.select(mask, step, proposal, fracs, counts)
+            ff_sel, attn_sel = run.select(mask, step, proposal, fracs, layer_counts)
         if ff_sel.count == 0 and attn_sel.count == 0 and not cfg.random_baseline:
             if trial > 0:  # shrunk below one neuron: the budget cannot be met with another step
                 return PruneResult(mask, done, "budget_floor")

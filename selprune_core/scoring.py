@@ -58,9 +58,12 @@ def _dev(f: ComponentStats, r: ComponentStats) -> tuple[torch.Tensor, torch.Tens
     return _deviation_from(f, r.mean), r.std
 
 
-def _weighted(out_norm: torch.Tensor | None, *importances: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _weighted(
+    out_norm: torch.Tensor | None, forget: torch.Tensor, retain: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     assert out_norm is not None, "output-aware scoring needs the output weight norms"
-    return tuple(i * out_norm.to(i.device, torch.float64) for i in importances)
+    norm = out_norm.to(forget.device, torch.float64)
+    return forget * norm, retain * norm
 
 
 # Pure functions of the statistics (and, for *_out, of the output weight norms).

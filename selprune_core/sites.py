@@ -39,7 +39,10 @@ class ArchSpec:
 
 _LLAMA_LIKE = ArchSpec(layers="model.layers", ff_out="mlp.down_proj", attn_out="self_attn.o_proj")
 _ATTN_BIAS_ONLY = ArchSpec(
-    layers="model.layers", ff_out="mlp.down_proj", attn_out="self_attn.o_proj", attn_bias_flag="attention_bias"
+    layers="model.layers",
+    ff_out="mlp.down_proj",
+    attn_out="self_attn.o_proj",
+    attn_bias_flag="attention_bias",
 )
 
 # Keyed by config.model_type. Gated MLPs (Llama, Mistral, Qwen, Gemma) feed act(gate) * up into
@@ -121,6 +124,27 @@ class ModelSites:
             return bias
         if not create:
             raise UnsupportedArchitectureError(f"{type(module).__name__} has no bias")
+        flag, blocks = self._bias_option(module)
+        setattr(self.config, flag, True)
+        for block in blocks:
+            for child in block.modules():
+                if isinstance(child, nn.Linear) and child.bias is None:
+                    w = child.weight
+                    child.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        new_bias = getattr(module, "bias", None)
+        assert isinstance(new_bias, torch.Tensor), "bias creation failed"
+        return new_bias
+
+    def check_output_bias(self, module: nn.Module) -> None:
+        """Raise UnsupportedArchitectureError unless `output_bias(module, create=True)` would succeed.
+
+        Changes nothing, so a caller can check every projection before editing any of them.
+        """
+        if not isinstance(getattr(module, "bias", None), torch.Tensor):
+            self._bias_option(module)
+
+    def _bias_option(self, module: nn.Module) -> tuple[str, list[nn.Module]]:
+        # The config flag that builds a bias on this projection, and the blocks it adds biases to.
         is_ff = any(module is m for m in self.ff_modules)
         flag = (self.spec.ff_bias_flag if is_ff else self.spec.attn_bias_flag) if self.spec else None
         blocks = self.ff_blocks if is_ff else self.attn_blocks
@@ -131,15 +155,7 @@ class ModelSites:
                 "mask cannot be folded into a checkpoint that transformers reloads; serve the mask through "
                 "selprune, or prune with offset_mode 'zero'"
             )
-        setattr(self.config, flag, True)
-        for block in blocks:
-            for child in block.modules():
-                if isinstance(child, nn.Linear) and child.bias is None:
-                    w = child.weight
-                    child.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-        new_bias = getattr(module, "bias", None)
-        assert isinstance(new_bias, torch.Tensor), "bias creation failed"
-        return new_bias
+        return flag, blocks
 
 
 def _input_axis(module: nn.Module) -> tuple[torch.Tensor, int]:
@@ -178,7 +194,9 @@ def resolve_sites(model: nn.Module) -> ModelSites:
     assert isinstance(layers, nn.ModuleList), f"{spec.layers} is not a ModuleList"
     ff = [_get(layer, spec.ff_out) for layer in layers]
     attn = [_get(layer, spec.attn_out) for layer in layers]
-    ff_blocks = [_get(layer, spec.ff_out.rpartition(".")[0]) if "." in spec.ff_out else layer for layer in layers]
+    ff_blocks = [
+        _get(layer, spec.ff_out.rpartition(".")[0]) if "." in spec.ff_out else layer for layer in layers
+    ]
     attn_blocks = [
         _get(layer, spec.attn_out.rpartition(".")[0]) if "." in spec.attn_out else layer for layer in layers
     ]

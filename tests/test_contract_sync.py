@@ -18,3 +18,22 @@ def test_embedded_model_name_matches_the_core():
     from selprune_core.loading import EMBEDDED_MODEL
 
     assert payloads.EMBEDDED_MODEL == EMBEDDED_MODEL
+
+
+def test_method_names_match_the_core():
+    from typing import get_args
+
+    from selprune_core import config
+
+    assert get_args(payloads.ScoringName) == config.SCORING_NAMES
+    assert get_args(payloads.OffsetMode) == config.OFFSET_MODES
+    assert get_args(payloads.SelectionMode) == config.SELECTION_MODES
+
+
+def test_every_recipe_is_a_valid_core_config():
+    for name in payloads.RECIPES:
+        params = payloads.PruneParams(recipe=name)  # type: ignore[arg-type]
+        cfg = params.to_config()
+        for field, value in payloads.RECIPES[name].items():
+            assert getattr(params, field) == value
+        assert cfg.offset_mode == params.offset_mode and cfg.collect.skip_first == params.skip_first

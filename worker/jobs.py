@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from selprune_core.config import EvalConfig, SamplingConfig, ToxicityConfig
-from selprune_core.data import describe
+from selprune_core.data import carve_validation, describe
 from selprune_core.errors import CancelledError, ConfigError
 from selprune_core.evaluation import evaluate_sets
 from selprune_core.masks import NeuronMask, apply_mask, fold_into_weights
@@ -51,6 +51,14 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
     eval_sets: dict[str, tuple[str, ...]] = {"forget": forget.heldout, "retain": retain.heldout}
     for spec in job.eval or []:
         eval_sets[describe(to_dataset_ref(spec))] = runtime.dataset(spec).heldout
+    forget_train, retain_train = forget.train, retain.train
+    budget_sets = None
+    if cfg.budget is not None:
+        # The budget decides which steps are kept, so it reads a validation split carved from the
+        # train texts: the held-out texts only ever measure.
+        forget_train, forget_val = carve_validation(forget.train)
+        retain_train, retain_val = carve_validation(retain.train)
+        budget_sets = {"forget": forget_val, "retain": retain_val}
 
     history = [StepReport.from_dict(report) for report in ctx.completed_steps()]
     checkpoint = ctx.checkpoint()
@@ -85,10 +93,11 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
         loaded.tokenizer,
         loaded.sites,
         loaded.fingerprint,
-        forget.train,
-        retain.train,
+        forget_train,
+        retain_train,
         eval_sets,
         cfg,
+        budget_sets=budget_sets,
         history=history,
         resume_mask=resume_mask,
         on_step=on_step,
@@ -104,6 +113,7 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
         "retain": describe(to_dataset_ref(job.retain)),
         "params": job.params.model_dump(mode="json"),
         "stopped_reason": result.stopped_reason,
+        "offsets": result.mask.has_offsets,
         "created_at": time.time(),
         "pruned": result.mask.pruned_counts(),
         "trajectory": [_trajectory_row(report) for report in result.history],
@@ -135,9 +145,18 @@ def _trajectory_row(report: StepReport) -> dict[str, Any]:
     """The compact per-step record kept in mask metadata (top-1/top-k/loss per eval set, counts)."""
     return {
         "step": report.step,
+        "accepted": report.accepted,
+        "trial": report.trial,
+        "ff_frac": report.ff_frac,
+        "attn_frac": report.attn_frac,
         "ff_pruned": report.ff_pruned,
         "attn_pruned": report.attn_pruned,
         "drops": report.drops,
+        "budget": {
+            k: v
+            for k, v in report.budget.items()
+            if k in ("forget_drop", "retain_drop", "retain_ppl_increase", "broken")
+        },
         "metrics": {
             name: {key: metrics.get(key) for key in ("top1", "topk", "skip_top1", "loss", "perplexity")}
             for name, metrics in report.metrics.items()

@@ -21,7 +21,25 @@ SCHEMA_VERSION = 1
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 MetricName = Literal["next_token", "toxicity"]
-ScoringName = Literal["freq", "abs", "rms", "std", "sqrt", "mean", "rand", "legacy_rms", "legacy_std"]
+# Copies of the core's names (the gateway cannot import it); tests/test_contract_sync.py keeps them equal.
+ScoringName = Literal[
+    "freq",
+    "abs",
+    "rms",
+    "std",
+    "sqrt",
+    "mean",
+    "rand",
+    "legacy_rms",
+    "legacy_std",
+    "dev",
+    "abs_out",
+    "rms_out",
+    "dev_out",
+]
+OffsetMode = Literal["zero", "retain_mean"]
+SelectionMode = Literal["global", "per_layer"]
+RecipeName = Literal["selprune", "paper"]
 
 
 class _Strict(BaseModel):
@@ -88,18 +106,69 @@ class StopSpec(_Strict):
     )
 
 
-class PruneParams(_Strict):
-    """Algorithm knobs. Defaults follow the paper, with budgets sized so the default job on the
-    embedded model finishes in minutes on 2 CPU cores (the paper uses 1e5 tokens per collection)."""
+class BudgetSpec(_Strict):
+    """A retain budget: a step that breaks it is retried smaller from the last accepted mask."""
 
+    max_retain_drop: float | None = Field(
+        default=None, ge=0, le=1, description="largest relative retain top-1 drop a step may leave"
+    )
+    max_retain_ppl_increase: float | None = Field(
+        default=None, ge=0, le=100, description="largest retain perplexity increase, e.g. 0.1 = +10%"
+    )
+    forget_target: float | None = Field(
+        default=None, ge=0, le=1, description="stop once the forget top-1 drop reaches this"
+    )
+    shrink: float = Field(default=0.5, gt=0, lt=1, description="fraction multiplier after a rejected step")
+    min_frac_ratio: float = Field(
+        default=1 / 16, gt=0, lt=1, description="give up below this share of the starting fractions"
+    )
+
+    @model_validator(mode="after")
+    def _has_a_limit(self) -> BudgetSpec:
+        if self.max_retain_drop is None and self.max_retain_ppl_increase is None:
+            raise ValueError("a budget needs max_retain_drop or max_retain_ppl_increase")
+        return self
+
+
+# Named recipes: the method settings a job gets for every field it leaves unset. "paper" is the
+# authors' method as run (abs importance, zero ablation, every position counted, global top-k);
+# "selprune" is ours, chosen on a validation split (docs/results.md, "Choosing the defaults").
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "ff_scoring": "abs",
+        "attn_scoring": "abs",
+        "offset_mode": "zero",
+        "skip_first": 0,
+        "pack": False,
+        "selection": "global",
+    },
+    "selprune": {
+        "ff_scoring": "abs",
+        "attn_scoring": "abs",
+        "offset_mode": "retain_mean",
+        "skip_first": 1,
+        "pack": False,
+        "selection": "global",
+    },
+}
+
+
+class PruneParams(_Strict):
+    """Algorithm knobs. Fields left unset take the values of `recipe`; budgets are sized so the
+    default job on the embedded model finishes in minutes on 2 CPU cores (the paper uses 1e5 tokens
+    per collection)."""
+
+    recipe: RecipeName = Field(
+        default="selprune", description="named defaults for the method fields: selprune (ours) or paper"
+    )
     ff_frac: float = Field(default=0.02, ge=0, le=1, description="fraction of all FF neurons pruned per step")
     attn_frac: float = Field(
         default=0.0, ge=0, le=1, description="fraction of attention pre-out neurons per step"
     )
     ff_scoring: ScoringName = "abs"
     attn_scoring: ScoringName = "abs"
-    ff_eps: float = Field(default=1e-3, gt=0)
-    attn_eps: float = Field(default=1e-4, gt=0)
+    ff_eps: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    attn_eps: float = Field(default=1e-4, gt=0, allow_inf_nan=False)
     steps: int = Field(default=5, ge=1, le=1000)
     collect_tokens: int = Field(default=10_000, ge=1, description="tokens per dataset per collection")
     token_limit: int = Field(default=512, ge=2, le=8192, description="per-text truncation")
@@ -108,13 +177,40 @@ class PruneParams(_Strict):
     recalculate: bool = True
     prune_heads: bool = False
     head_reduce: Literal["mean", "median"] = "mean"
-    exclude_first_token: bool = False
+    offset_mode: OffsetMode = Field(
+        default="zero", description="what a pruned neuron outputs: zero, or retain_mean (its retain-set mean)"
+    )
+    selection: SelectionMode = Field(
+        default="global", description="global top-k across layers, or per_layer quotas"
+    )
+    skip_first: int = Field(
+        default=0, ge=0, le=64, description="leave out each text's first positions from the statistics"
+    )
+    pack: bool = Field(
+        default=False, description="pack texts into full token_limit windows for the statistics"
+    )
+    exclude_first_token: bool = Field(default=False, description="deprecated: the same as skip_first=1")
     seed: int = 0
     random_baseline: bool = False
     stop: StopSpec | None = None
+    budget: BudgetSpec | None = Field(
+        default=None, description="adaptive step size under a retain budget, checked on a validation split"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        # Fields the caller left out take the recipe's values; explicit fields always win.
+        if not isinstance(data, dict):
+            return data
+        name = data.get("recipe", "selprune")
+        recipe = RECIPES.get(name) if isinstance(name, str) else None
+        if recipe is None:  # let the Literal check report the unknown name
+            return data
+        return {**recipe, **data}
 
     def to_config(self) -> PruneConfig:
-        from selprune_core.config import CollectConfig, EvalConfig, PruneConfig, StopConfig
+        from selprune_core.config import BudgetConfig, CollectConfig, EvalConfig, PruneConfig, StopConfig
 
         return PruneConfig(
             ff_frac=self.ff_frac,
@@ -129,12 +225,16 @@ class PruneParams(_Strict):
             head_reduce=self.head_reduce,
             random_baseline=self.random_baseline,
             seed=self.seed,
+            offset_mode=self.offset_mode,
+            selection=self.selection,
             stop=StopConfig(**self.stop.model_dump()) if self.stop else None,
+            budget=BudgetConfig(**self.budget.model_dump()) if self.budget else None,
             collect=CollectConfig(
                 token_limit=self.token_limit,
                 sample_tokens=self.collect_tokens,
                 batch_size=self.batch_size,
-                exclude_first_token=self.exclude_first_token,
+                skip_first=max(self.skip_first, 1 if self.exclude_first_token else 0),
+                pack=self.pack,
             ),
             eval=EvalConfig(
                 token_limit=self.token_limit,

@@ -5,6 +5,9 @@ against step 0, so step 0 sits at the origin and a good run climbs steeply along
 95% bootstrap interval of that step's top-1 accuracy (EvalResult.ci) divided by the step-0 accuracy;
 step 0's own uncertainty is not propagated (the intervals are per step, not paired).
 
+Steps a retain budget rejected have no held-out drops (they were measured on the validation split
+only); they are drawn as crosses at their validation drops, so every tried step shows.
+
 Used by the worker (a PNG per job, re-rendered after every step), by `selprune prune` (a PNG next to
 the mask) and by bench/fidelity.py. matplotlib is imported only when a plot is drawn, through its
 object API (Figure + Agg canvas), so no global backend state is touched and the gateway never loads it.
@@ -18,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Curve", "DropPoint", "drop_points", "render_tradeoff", "render_job_plot"]
+__all__ = ["Curve", "DropPoint", "drop_points", "rejected_points", "render_tradeoff", "render_job_plot"]
 
 FORGET, RETAIN = "forget", "retain"  # the eval-set names run_prune gives its forget and retain sets
 
@@ -81,6 +84,18 @@ def drop_points(
     return points
 
 
+def rejected_points(steps: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
+    """(retain drop, forget drop) on the budget's validation sets of every rejected trial."""
+    out = []
+    for report in steps:
+        budget = report.get("budget") or {}
+        f, r = budget.get("forget_drop"), budget.get("retain_drop")
+        if report.get("accepted", True) or not isinstance(f, int | float) or not isinstance(r, int | float):
+            continue
+        out.append((float(r), float(f)))
+    return out
+
+
 def _err(values: Sequence[float], cis: Sequence[tuple[float, float] | None]) -> list[list[float]]:
     # matplotlib wants non-negative distances below and above each point.
     below = [max(0.0, v - ci[0]) if ci else 0.0 for v, ci in zip(values, cis, strict=True)]
@@ -128,6 +143,14 @@ def render_tradeoff(
             elinewidth=0.8,
             alpha=0.75 if curve.baseline else 1.0,
         )
+        if rejected := rejected_points(curve.steps):
+            ax.scatter(
+                [r for r, _ in rejected],
+                [f for _, f in rejected],
+                marker="x",
+                color=color,
+                label=f"{curve.label}: rejected (validation drops)",
+            )
     ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8, linestyle=":", label="equal drop")
     ax.set_xlabel(f"relative top-1 drop, {retain_label}")
     ax.set_ylabel(f"relative top-1 drop, {forget_label}")

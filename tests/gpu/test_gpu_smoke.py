@@ -61,8 +61,11 @@ def test_mixed_mask_batch_on_cuda_matches_rows_alone(tiny_model, tokenizer, devi
             torch.rand(sites.n_layers, sites.d_mlp, generator=g) > 0.4,
             torch.rand(sites.n_layers, sites.d_attn, generator=g) > 0.4,
             sites.n_heads,
+            # The first is a mean-ablation mask: its offsets ride the device-resident offset table.
+            torch.randn(sites.n_layers, sites.d_mlp, generator=g) if i == 0 else None,
+            torch.randn(sites.n_layers, sites.d_attn, generator=g) if i == 0 else None,
         )
-        for _ in range(3)
+        for i in range(3)
     ]
     slots = [table.add(m) for m in masks] + [0]
     rows = [
@@ -70,13 +73,16 @@ def test_mixed_mask_batch_on_cuda_matches_rows_alone(tiny_model, tokenizer, devi
         for ids in encode_prompts(tokenizer, CORPUS[:4])
     ]
     param = next(model.parameters())
-    with apply_row_masks(sites, *table.factors(slots, param.dtype)):
+    factors = table.factors(slots, param.dtype)
+    # Three of the four rows are masked, one with offsets.
+    assert factors is not None and factors.ff_offset is not None
+    with apply_row_masks(sites, factors):
         mixed = [gen.token_ids for gen in generate_rows(model, tokenizer, rows)]
     for row, slot in zip(rows, slots, strict=True):
-        factors = table.factors([slot], param.dtype)
-        if factors is None:
+        row_factors = table.factors([slot], param.dtype)
+        if row_factors is None:  # the unmasked row: no hooks
             alone = generate_rows(model, tokenizer, [row])
         else:
-            with apply_row_masks(sites, *factors):
+            with apply_row_masks(sites, row_factors):
                 alone = generate_rows(model, tokenizer, [row])
         assert alone[0].token_ids == mixed[rows.index(row)]

@@ -131,6 +131,33 @@ def test_every_row_of_a_mixed_batch_gets_what_it_gets_alone(client, loop, model_
     assert sampled[0].text != sampled[1].text  # n = 2 rows draw from seeds 4 and 5
 
 
+def test_a_mean_ablation_row_in_a_mixed_batch_matches_it_alone_and_folded(client, loop, model_dir, tokenizer):
+    """Offsets ride the table's per-row factors: next to a zero-ablation row and an unmasked one, an
+    offset row decodes what it decodes alone and what the mask folded into biases decodes."""
+    bits = _mask(loop, model_dir, seed=1)
+    g = torch.Generator().manual_seed(1)
+    offsets = torch.randn(bits.ff_keep.shape, generator=g), torch.randn(bits.attn_keep.shape, generator=g)
+    mean = NeuronMask(bits.fingerprint, bits.ff_keep, bits.attn_keep, bits.n_heads, *offsets)
+    mean_case = {"prompts": PROMPTS[:2], "mask_id": _store(client, mean)}
+    mixed_id = _send(client, model_dir, **mean_case)
+    _send(client, model_dir, prompts=PROMPTS[2:], mask_id=_store(client, _mask(loop, model_dir, seed=2)))
+    _send(client, model_dir, prompts=PROMPTS[:1])
+    assert _serve(loop) == 3
+    alone_id = _send(client, model_dir, **mean_case)
+    assert _serve(loop) == 1
+
+    folded = copy.deepcopy(loop.runtime.model(str(model_dir)).model)
+    fold_into_weights(folded, resolve_sites(folded), mean, fingerprint=model_fingerprint(folded))
+    expected = generate(folded, tokenizer, PROMPTS[:2], SamplingConfig(max_new_tokens=6, temperature=0.0))
+    mixed, alone = _done(client, mixed_id), _done(client, alone_id)
+    assert mixed.timings.batch_rows == 5 and alone.timings.batch_rows == 2
+    assert [c.text for c in mixed.choices] == [c.text for c in alone.choices] == [g.text for g in expected]
+    # The same bits zero-ablated decode something else, so the offsets were applied.
+    zero_id = _send(client, model_dir, prompts=PROMPTS[:2], mask_id=_store(client, bits))
+    assert _serve(loop) == 1
+    assert [c.text for c in _done(client, zero_id).choices] != [c.text for c in mixed.choices]
+
+
 def test_streamed_deltas_add_up_to_the_reply(client, loop, model_dir):
     rid = _send(client, model_dir, prompts=PROMPTS[:2], stream=True)
     quiet = _send(client, model_dir, prompts=PROMPTS[2:3])

@@ -35,10 +35,7 @@ def _direct(model, sites, tokenizer, texts, *, skip_first=0, ids_list=None):
             h.remove()
     out = {}
     for kind in ("ff", "attn"):
-        xs = [
-            torch.cat([t[skip_first:] for t in captured[kind][layer]])
-            for layer in range(sites.n_layers)
-        ]
+        xs = [torch.cat([t[skip_first:] for t in captured[kind][layer]]) for layer in range(sites.n_layers)]
         x = torch.stack(xs)  # [layer, tokens, d]
         out[kind] = {
             "n": x.shape[1],
@@ -103,9 +100,7 @@ def test_packed_windows_cover_the_stream_and_skip_each_texts_first_positions(tin
     finally:
         handle.remove()
     x = torch.cat(captured)  # [stream, d_mlp]
-    keep = torch.tensor(
-        [p >= skip and i % window >= skip for i, p in enumerate(positions)], dtype=torch.bool
-    )
+    keep = torch.tensor([p >= skip and i % window >= skip for i, p in enumerate(positions)], dtype=torch.bool)
     assert stats.ff.n == int(keep.sum())
     torch.testing.assert_close(stats.ff.sum_abs[0], x[keep].abs().sum(0), rtol=1e-5, atol=1e-5)
 

@@ -169,7 +169,6 @@ def test_start_mask_is_respected_and_config_errors(tiny_model, tokenizer):
 
 def test_random_baseline_matches_given_per_layer_counts(tiny_model, tokenizer):
     model = tiny_model("llama")
-    sites = resolve_sites(model)
     selective = _run(model, tokenizer, _cfg(steps=2))
     counts = [(r.ff_per_layer, r.attn_per_layer) for r in selective.history[1:]]
     matched = _run(model, tokenizer, _cfg(steps=2, random_baseline=True), random_counts=counts)
@@ -201,7 +200,7 @@ def test_static_mode_never_returns_a_pruned_neuron(tiny_model, tokenizer):
     model = tiny_model("llama")
     seen = []
     _run(model, tokenizer, _cfg(recalculate=False, steps=4), on_step=lambda r, m: seen.append(m))
-    for before, after in zip(seen, seen[1:]):
+    for before, after in zip(seen, seen[1:], strict=False):
         assert not (after.ff_keep & ~before.ff_keep).any() and not (after.attn_keep & ~before.attn_keep).any()
 
 
@@ -252,7 +251,9 @@ def test_budget_never_accepts_a_step_over_it(tiny_model, tokenizer, limit):
         else:
             assert report.budget["broken"] and report.budget["retain_ppl_increase"] > limit
             assert mask.mask_id == last_accepted.mask_id  # the run stays on the last accepted mask
-    for before, after in zip(reports, reports[1:]):  # a retry is smaller than the trial it follows
+    for before, after in zip(
+        reports, reports[1:], strict=False
+    ):  # a retry is smaller than the trial it follows
         if not before.accepted:
             assert after.ff_frac == before.ff_frac * 0.5 and after.trial == before.trial + 1
     assert result.stopped_reason in ("budget_floor", "steps")
