@@ -14,6 +14,15 @@ Pruned neurons read exactly their mask value (0, or their offset under mean abla
 loop enters `apply_mask` before collecting, so the mask pre-hook runs before ours (hooks run in
 registration order), as in the authors' code.
 
+Gradient attributions (the `taylor` scorers) need one more thing per neuron: how much the loss would
+change if the neuron were replaced by a constant c. To first order that is sum_t (c - x_t) * dL/dx_t
+over the tokens of a chunk (one batch), so for every batch we keep the two sums
+
+    A = sum_t x_t * dL/dx_t,    B = sum_t dL/dx_t        (rows [batch_index, layer, d])
+
+and any center c gives the chunk's estimated loss change c * B - A afterwards. L is the summed
+next-token cross-entropy of the batch. Collecting them costs a backward pass per batch.
+
 Which tokens count: every real (non-padding) position, except the first `skip_first` positions of
 every text and of every row. The first positions of a sequence carry very large activations in many
 models (an "attention sink", with or without a BOS token), so short texts would otherwise weigh those
@@ -27,16 +36,26 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from selprune_core.batching import TokenBatch
 from selprune_core.hooks import scoped_pre_hooks
 from selprune_core.sites import ModelSites
 
-__all__ = ["STAT_FIELDS", "ComponentStats", "ActivationStats", "record_activations", "collect_activations"]
+__all__ = [
+    "STAT_FIELDS",
+    "ATTRIBUTION",
+    "ComponentStats",
+    "ActivationStats",
+    "record_activations",
+    "collect_activations",
+]
 
 # Names of the running sums; `fields` arguments choose a subset to save time when a scorer needs less.
 STAT_FIELDS: tuple[str, ...] = ("sum", "sum_sq", "sum_abs", "sum_sqrt", "pos_count")
+# Asking for this pseudo-field collects the per-batch gradient attribution rows (attr_xg, attr_g).
+ATTRIBUTION = "attr"
 
 
 @dataclass
@@ -49,11 +68,25 @@ class ComponentStats:
     sum_abs: torch.Tensor | None = None  # sum |x|
     sum_sqrt: torch.Tensor | None = None  # sum sqrt|x|
     pos_count: torch.Tensor | None = None  # sum [x > 0]
+    attr_xg: torch.Tensor | None = None  # [batch_index, layer, d] float64: sum_t x_t * dL/dx_t per batch
+    attr_g: torch.Tensor | None = None  # [batch_index, layer, d] float64: sum_t dL/dx_t per batch
 
     @classmethod
     def zeros(cls, n_layers: int, width: int, which: Iterable[str], device: torch.device) -> ComponentStats:
         sums = {name: torch.zeros(n_layers, width, dtype=torch.float64, device=device) for name in which}
         return cls(n=0, **sums)
+
+    @property
+    def n_layers_width(self) -> tuple[int, int]:
+        tensors = [getattr(self, name) for name in STAT_FIELDS if getattr(self, name) is not None]
+        assert tensors, "statistics without any running sum have no shape"
+        layers, width = tensors[0].shape
+        return int(layers), int(width)
+
+    @property
+    def device(self) -> torch.device:
+        tensors = [getattr(self, name) for name in STAT_FIELDS if getattr(self, name) is not None]
+        return tensors[0].device if tensors else torch.device("cpu")
 
     def _need(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
@@ -95,18 +128,32 @@ class ComponentStats:
     def sample_var(self) -> torch.Tensor:  # M2 / (N - 1), what the authors' "std" field holds
         return self.var * self.n / max(self.n - 1, 1)
 
+    def attribution(self, center: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Mean absolute first-order loss change per token of replacing each neuron by `center`.
+
+        sum over batches |center * B - A| / N, [layer, d] float64; `center` is a scalar or [layer, d].
+        """
+        a, g = self._need("attr_xg"), self._need("attr_g")  # [batch_index, layer, d]
+        return (center * g - a).abs().sum(dim=0) / max(self.n, 1)
+
     def merge(self, other: ComponentStats) -> ComponentStats:
         """Statistics of the union of both token sets."""
         merged: dict[str, torch.Tensor | None] = {}
-        for name in STAT_FIELDS:
+        for name in (*STAT_FIELDS, "attr_xg", "attr_g"):
             a, b = getattr(self, name), getattr(other, name)
             if (a is None) != (b is None):
                 raise ValueError(f"cannot merge: {name!r} collected on one side only")
-            merged[name] = None if a is None else a + b.to(a.device)
+            if a is None:
+                merged[name] = None
+            else:  # running sums add; attribution rows concatenate
+                merged[name] = (
+                    torch.cat([a, b.to(a.device)]) if name.startswith("attr") else a + b.to(a.device)
+                )
         return ComponentStats(n=self.n + other.n, **merged)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        out = {name: getattr(self, name) for name in STAT_FIELDS if getattr(self, name) is not None}
+        names = (*STAT_FIELDS, "attr_xg", "attr_g")
+        out = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         out["n"] = torch.tensor(self.n, dtype=torch.int64)
         return out
 
@@ -134,12 +181,22 @@ class ActivationStats:
 
 
 class _Recorder:
-    """Adds one batch's weighted sums into a ComponentStats, layer by layer."""
+    """Adds one batch's weighted sums into a ComponentStats, layer by layer (and, when attributing,
+    the batch's gradient sums once backward reaches each hooked input)."""
 
-    def __init__(self, stats: ComponentStats) -> None:
+    def __init__(self, stats: ComponentStats, attribute: bool = False) -> None:
         self.stats = stats
         self.token_weight: torch.Tensor | None = None  # [batch * pos] float64, 1 on counted tokens
-        self.which = [f.name for f in fields(stats) if f.name != "n" and getattr(stats, f.name) is not None]
+        self.which = [
+            f.name for f in fields(stats) if f.name in STAT_FIELDS and getattr(stats, f.name) is not None
+        ]
+        self.attribute = attribute
+        layers, width = stats.n_layers_width
+        # This batch's attribution sums [layer, d], filled by gradient hooks during backward.
+        self.batch_xg = torch.zeros(layers, width, dtype=torch.float64)
+        self.batch_g = torch.zeros(layers, width, dtype=torch.float64)
+        self.rows_xg: list[torch.Tensor] = []
+        self.rows_g: list[torch.Tensor] = []
 
     def hook(self, layer: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -163,16 +220,40 @@ class _Recorder:
                 else:  # pos_count
                     value = weight @ (x > 0).double()
                 getattr(stats, name)[layer] += value
+            if self.attribute and args[0].requires_grad:
+                args[0].register_hook(self._on_grad(layer, x, weight))  # type: ignore[no-untyped-call]
 
         return record
+
+    def _on_grad(self, layer: int, x: torch.Tensor, weight: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def on_grad(grad: torch.Tensor) -> None:
+            g = grad.detach().reshape(-1, grad.shape[-1]).double()  # [batch * pos, d]
+            self.batch_xg[layer] += (weight @ (x * g)).cpu()
+            self.batch_g[layer] += (weight @ g).cpu()
+
+        return on_grad
+
+    def end_batch(self) -> None:
+        """Keep this batch's attribution sums as one row and reset them."""
+        if self.attribute:
+            self.rows_xg.append(self.batch_xg.clone())
+            self.rows_g.append(self.batch_g.clone())
+            self.batch_xg.zero_()
+            self.batch_g.zero_()
+
+    def finish(self) -> None:
+        if self.attribute and self.rows_xg:
+            device = self.stats.device
+            self.stats.attr_xg = torch.stack(self.rows_xg).to(device)  # [batch_index, layer, d]
+            self.stats.attr_g = torch.stack(self.rows_g).to(device)
 
 
 @contextlib.contextmanager
 def record_activations(
-    sites: ModelSites, ff: ComponentStats, attn: ComponentStats
+    sites: ModelSites, ff: ComponentStats, attn: ComponentStats, *, attribute: bool = False
 ) -> Iterator[tuple[_Recorder, _Recorder]]:
     """Register recording pre-hooks on every layer, for this thread only; removed on exit, even on error."""
-    recorders = (_Recorder(ff), _Recorder(attn))
+    recorders = (_Recorder(ff, attribute), _Recorder(attn, attribute))
     hooks = [
         (module, recorder.hook(layer))
         for recorder, modules in zip(recorders, (sites.ff_modules, sites.attn_modules), strict=True)
@@ -180,6 +261,23 @@ def record_activations(
     ]
     with scoped_pre_hooks(hooks):
         yield recorders
+    for recorder in recorders:
+        recorder.finish()
+
+
+def _summed_next_token_loss(model: nn.Module, batch: TokenBatch, device: torch.device) -> torch.Tensor:
+    """Forward with gradients from the input embeddings on; the batch's summed next-token CE."""
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    embed = model.get_input_embeddings()  # type: ignore[operator]
+    # A leaf that requires grad at the bottom makes every hooked input part of the graph, while the
+    # weights' own gradients are never computed (autograd.grad asks for this leaf only).
+    embeds = embed(ids).detach().requires_grad_(True)  # [batch, pos, d_model]
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits  # [batch, pos, vocab]
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # padding is never a target
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    torch.autograd.grad(loss, embeds)
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -197,17 +295,22 @@ def collect_activations(
 
     With `skip_first` 0 counting follows the authors: every real position counts (BOS included).
     Otherwise the first `skip_first` positions of every text and every row are left out. Collection
-    stops once the count *exceeds* `sample_tokens`, keeping the whole last batch.
+    stops once the count *exceeds* `sample_tokens`, keeping the whole last batch. Including
+    ATTRIBUTION in `which` also collects the gradient attribution rows (a backward pass per batch).
     """
     model.eval()
     which = tuple(which)
-    unknown = set(which) - set(STAT_FIELDS)
+    attribute = ATTRIBUTION in which
+    sums = tuple(name for name in which if name != ATTRIBUTION)
+    if attribute and "sum" not in sums:
+        sums = (*sums, "sum")  # cheap, and gives attribution-only statistics their shape
+    unknown = set(sums) - set(STAT_FIELDS)
     assert not unknown, f"unknown statistics {sorted(unknown)}"
     device = next(model.parameters()).device
-    ff = ComponentStats.zeros(sites.n_layers, sites.d_mlp, which, device)
-    attn = ComponentStats.zeros(sites.n_layers, sites.d_attn, which, device)
+    ff = ComponentStats.zeros(sites.n_layers, sites.d_mlp, sums, device)
+    attn = ComponentStats.zeros(sites.n_layers, sites.d_attn, sums, device)
     n_texts = 0
-    with record_activations(sites, ff, attn) as recorders:
+    with record_activations(sites, ff, attn, attribute=attribute) as recorders:
         for batch in batches:
             weight = batch.attention_mask.to(device=device, dtype=torch.float64)  # [batch, pos]
             if skip_first > 0:
@@ -216,7 +319,13 @@ def collect_activations(
             counted = int(weight.sum().item())
             for recorder in recorders:
                 recorder.token_weight = weight.reshape(-1)
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+            if attribute:
+                with torch.enable_grad():
+                    _summed_next_token_loss(model, batch, device)
+                for recorder in recorders:
+                    recorder.end_batch()
+            else:
+                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
             ff.n += counted
             attn.n += counted
             n_texts += len(batch.text_index)

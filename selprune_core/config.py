@@ -31,7 +31,9 @@ __all__ = [
 # authors' formulas (std holding a variance, rms = sqrt(var^2 + mean^2)) for parity runs only.
 # Ours: "dev" is the RMS deviation from the *retain* mean, the activation change that mean ablation
 # causes; the *_out names weight a neuron's importance by the norm of its output weight column, so eps
-# and the global ranking are in units of what the neuron writes to the residual stream.
+# and the global ranking are in units of what the neuron writes to the residual stream. "taylor" and
+# "taylor_mean" score by gradient attribution: the first-order change of the next-token loss when the
+# neuron is set to 0 or to its retain mean (costs a backward pass per statistics batch).
 ScoringName = Literal[
     "freq",
     "abs",
@@ -46,6 +48,8 @@ ScoringName = Literal[
     "abs_out",
     "rms_out",
     "dev_out",
+    "taylor",
+    "taylor_mean",
 ]
 SCORING_NAMES: tuple[str, ...] = ScoringName.__args__  # type: ignore[attr-defined]
 # What a pruned neuron outputs: 0 (the paper) or its mean activation on the retain data.

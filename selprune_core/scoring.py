@@ -77,6 +77,10 @@ SCORERS: dict[str, Scorer] = {
     "abs_out": lambda f, r, eps, w: _ratio(*_weighted(w, f.abs, r.abs), eps),
     "rms_out": lambda f, r, eps, w: _ratio(*_weighted(w, f.rms, r.rms), eps),
     "dev_out": lambda f, r, eps, w: _ratio(*_weighted(w, *_dev(f, r)), eps),
+    # Gradient attribution: the first-order loss change of replacing the neuron by 0 ("taylor", zero
+    # ablation) or by its retain mean ("taylor_mean", mean ablation), per token, forget over retain.
+    "taylor": lambda f, r, eps, w: _ratio(f.attribution(0.0), r.attribution(0.0), eps),
+    "taylor_mean": lambda f, r, eps, w: _ratio(f.attribution(r.mean), r.attribution(r.mean), eps),
     # The authors' "mean" is a difference, not a ratio; eps is unused.
     "mean": lambda f, r, eps, w: (f.mean - r.mean).abs(),
     # Parity with the authors' code (method.md §9.1): their "std" field holds the sample variance,
@@ -102,6 +106,8 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "abs_out": ("sum_abs",),
     "rms_out": ("sum_sq",),
     "dev_out": ("sum", "sum_sq"),
+    "taylor": ("attr",),
+    "taylor_mean": ("attr", "sum"),
     "rand": (),
 }
 

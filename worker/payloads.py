@@ -36,6 +36,8 @@ ScoringName = Literal[
     "abs_out",
     "rms_out",
     "dev_out",
+    "taylor",
+    "taylor_mean",
 ]
 OffsetMode = Literal["zero", "retain_mean"]
 SelectionMode = Literal["global", "per_layer"]

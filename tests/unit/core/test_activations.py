@@ -179,3 +179,42 @@ def test_hooks_removed_even_on_error(tiny_model, tokenizer):
         model(input_ids=bad)
     for module in sites.ff_modules + sites.attn_modules:
         assert not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_attribution_rows_equal_autograd(tiny_model, tokenizer, arch):
+    """A = sum_t x_t dL/dx_t and B = sum_t dL/dx_t per batch, L the batch's summed next-token CE."""
+    model = tiny_model(arch)
+    sites = resolve_sites(model)
+    texts = CORPUS[:4]
+    batches = list(iter_token_batches(tokenizer, texts, token_limit=1000, batch_size=2))
+    stats = collect_activations(model, sites, iter(batches), sample_tokens=10**9, which=("attr",))
+    assert stats.ff.attr_xg is not None and stats.ff.attr_xg.shape == (2, sites.n_layers, sites.d_mlp)
+    assert all(p.grad is None for p in model.parameters())  # the weights' gradients are never computed
+    for row, batch in enumerate(batches):
+        captured = []
+
+        def keep_grad(_module, args):
+            args[0].retain_grad()
+            captured.append(args[0])
+
+        handle = sites.ff_modules[1].register_forward_pre_hook(keep_grad)
+        try:
+            embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+            targets = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum"
+            )
+            loss.backward()
+        finally:
+            handle.remove()
+        x, g = captured[0].detach().double(), captured[0].grad.double()  # [batch, pos, d_mlp]
+        w = batch.attention_mask.double()[..., None]  # padding never counts
+        torch.testing.assert_close(stats.ff.attr_xg[row, 1], (w * x * g).sum((0, 1)), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats.ff.attr_g[row, 1], (w * g).sum((0, 1)), rtol=1e-4, atol=1e-6)
+    # The estimated loss change of mean ablation: |c * B - A| summed over batches, per counted token.
+    center = stats.ff.mean
+    expected = (center * stats.ff.attr_g - stats.ff.attr_xg).abs().sum(0) / stats.ff.n
+    torch.testing.assert_close(stats.ff.attribution(center), expected)
+    assert all(not m._forward_pre_hooks for m in model.modules())
