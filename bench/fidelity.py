@@ -89,6 +89,8 @@ class RunSpec:
     split: str | None = None
     seed: int | None = None  # the random baseline's seed (default 0)
     match: str | None = None  # random baseline: copy this selective run's per-layer counts per step
+    # BudgetConfig fields: the run adapts its step size, checked on a validation carve-out of train
+    budget: tuple[tuple[str, Any], ...] | None = None
 
 
 def _pair(spec: RunSpec, random_steps: int | None = None) -> list[RunSpec]:
@@ -104,6 +106,15 @@ def _pair(spec: RunSpec, random_steps: int | None = None) -> list[RunSpec]:
 
 
 _CODE = dict(forget="python_code", retain="english_prose")
+
+
+def _recipe(name: str) -> tuple[tuple[str, Any], ...]:
+    """A named recipe's method settings (worker/payloads.RECIPES) as RunSpec overrides."""
+    from worker.payloads import RECIPES
+
+    return tuple(sorted(RECIPES[name].items()))
+
+
 # Paper defaults (method.md §3.5, §5): abs importance, 2% of FF neurons per step; attention-only
 # comparisons at 2% of attention neurons; toxicity with abs for both components at 0.5% per step for 10
 # steps. Only the number of steps is cut (6 instead of 50) to fit the CPU budget.
@@ -162,13 +173,45 @@ EXPERIMENTS: dict[str, list[RunSpec]] = {
     ],
     # Gradient attribution (added after the activation-statistics recipes above all stayed near a 36%
     # forget drop at a 5% retain drop on the validation split).
+    # Exploratory: 3 steps each (a step costs about 4x an activation-statistics step on the CPU).
     "recipes_val_taylor": [
-        RunSpec("val_taylor", **_CODE, split="validation", recipe=(("ff_scoring", "taylor"),)),
         RunSpec(
             "val_taylor_mean",
             **_CODE,
+            steps=3,
             split="validation",
             recipe=(("ff_scoring", "taylor_mean"), ("offset_mode", "retain_mean")),
+        ),
+        RunSpec("val_taylor", **_CODE, steps=3, split="validation", recipe=(("ff_scoring", "taylor"),)),
+    ],
+    # Held-out: the paper's recipe, each change alone, the chosen default, matched random x 3.
+    "keep": [
+        RunSpec("keep_paper", **_CODE, recipe=_recipe("paper")),
+        RunSpec("keep_mean", **_CODE, recipe=(("offset_mode", "retain_mean"),)),
+        RunSpec("keep_dev_mean", **_CODE, recipe=(("ff_scoring", "dev"), ("offset_mode", "retain_mean"))),
+        RunSpec("keep_absout", **_CODE, recipe=(("ff_scoring", "abs_out"),)),
+        RunSpec("keep_selprune", **_CODE, recipe=_recipe("selprune")),
+        *[
+            RunSpec(
+                f"keep_random_s{seed}",
+                **_CODE,
+                random=True,
+                seed=seed,
+                match="keep_selprune",
+                recipe=(("offset_mode", dict(_recipe("selprune"))["offset_mode"]),),
+            )
+            for seed in range(3)
+        ],
+    ],
+    # The default demo job's settings (selprune demo) on held-out texts: the retain budget steers on a
+    # validation carve-out of the train texts.
+    "keep_budget": [
+        RunSpec(
+            "keep_budget",
+            **_CODE,
+            steps=10,
+            recipe=_recipe("selprune"),
+            budget=(("max_retain_ppl_increase", 0.1), ("forget_target", 0.6)),
         ),
     ],
     # Does the 25x smaller statistics budget matter? The main run again with 4x the tokens.
@@ -216,7 +259,7 @@ class Harness:
         return self._datasets[name]
 
     def config(self, spec: RunSpec) -> Any:
-        from selprune_core import CollectConfig, EvalConfig, PruneConfig
+        from selprune_core import BudgetConfig, CollectConfig, EvalConfig, PruneConfig
 
         b = self.budget
         steps = min(spec.steps, b.max_steps) if b.max_steps else spec.steps
@@ -230,6 +273,7 @@ class Harness:
             steps=steps,
             random_baseline=spec.random,
             seed=spec.seed or 0,
+            budget=BudgetConfig(**dict(spec.budget)) if spec.budget else None,
             **{k: v for k, v in recipe.items() if k not in collect_keys},
             collect=CollectConfig(
                 token_limit=b.token_limit,
@@ -298,11 +342,15 @@ class Harness:
         forget, retain = self.dataset(spec.forget), self.dataset(spec.retain)
         forget_train, retain_train = forget.train, retain.train
         eval_sets = {"forget": forget.heldout, "retain": retain.heldout}
-        if spec.split == "validation":  # choosing a recipe: held-out texts are never read
+        budget_sets = None
+        if spec.split == "validation" or spec.budget:
             (forget_train, forget_val), (retain_train, retain_val) = map(
                 carve_validation, (forget.train, retain.train)
             )
-            eval_sets = {"forget": forget_val, "retain": retain_val}
+            if spec.split == "validation":  # choosing a recipe: held-out texts are never read
+                eval_sets = {"forget": forget_val, "retain": retain_val}
+            else:  # the budget steers on validation texts; held-out texts only measure
+                budget_sets = {"forget": forget_val, "retain": retain_val}
         random_counts = None
         if spec.match is not None:
             matched = self.run(next(s for s in self.all_specs() if s.name == spec.match))
@@ -380,6 +428,7 @@ class Harness:
             eval_sets,
             cfg,
             random_counts=random_counts,
+            budget_sets=budget_sets,
             on_step=on_step,
             extra_metrics=extra_metrics if tox_steps else None,
         )

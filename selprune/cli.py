@@ -300,8 +300,9 @@ def _run_demo(client: SelpruneClient, *, stack_owned: bool) -> int:
     try:
         code = _follow(client, job_id)
         mask_id = client.job(job_id).get("mask_id") if code == EXIT_OK else None
-        if mask_id:  # the pruned model, served: one request without the mask, one through it
-            out("", generate_command.before_after(client, str(mask_id)))
+        if mask_id:  # the pruned model, served: without the mask and through it, on code and on prose
+            for prompt in generate_command.DEMO_PROMPTS:
+                out("", generate_command.before_after(client, str(mask_id), prompt))
         return code
     except KeyboardInterrupt:
         if not stack_owned:  # our stack dies with us; a shared gateway keeps the job unless we cancel it

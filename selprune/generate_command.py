@@ -77,6 +77,8 @@ def cmd_generate(args: argparse.Namespace, settings: CliSettings) -> int:
 
 
 DEMO_PROMPT = "def fibonacci(n):"
+# What the demo shows through its new mask: the forgotten skill (code) and a kept one (prose).
+DEMO_PROMPTS = (DEMO_PROMPT, "The history of the printing press")
 
 
 def before_after(client: SelpruneClient, mask_id: str, prompt: str = DEMO_PROMPT, tokens: int = 40) -> str:

@@ -22,9 +22,11 @@ from worker.payloads import (
     GenerateUsage,
     JobProgress,
     JobState,
+    PresetName,
     PruneJob,
     PruneParams,
     SamplingParams,
+    apply_preset,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ class UnlearnRequest(BaseModel):
         },
     )
 
+    preset: PresetName | None = Field(
+        default=None,
+        description="a recommended job: 'detox' fills forget, retain, eval and params (fields you give win)",
+    )
     model: str = Field(default=EMBEDDED_MODEL, min_length=1, max_length=200)
     forget: DatasetSpec
     retain: DatasetSpec
@@ -65,6 +71,11 @@ class UnlearnRequest(BaseModel):
         default=None, min_length=1, max_length=200, description=_IDEMPOTENCY_HELP
     )
     params: PruneParams = Field(default_factory=PruneParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return apply_preset(data)
 
     def datasets(self) -> list[DatasetSpec]:
         return [self.forget, self.retain, *(self.eval or [])]

@@ -155,6 +155,42 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Presets: whole recommended jobs, one field in POST /v1/unlearn. A request's own fields win over the
+# preset's (params key by key). "detox" removes toxicity: forget the model's own continuations of toxic
+# prompts that the scorer flags, keep its continuations of the same prompts that it does not flag (same
+# register and length), check English prose as well, under a retain perplexity budget.
+PresetName = Literal["detox"]
+PRESETS: dict[str, dict[str, Any]] = {
+    "detox": {
+        "name": "detox",
+        "forget": {"kind": "builtin", "name": "toxic_continuations"},
+        "retain": {"kind": "builtin", "name": "clean_continuations"},
+        "eval": [{"kind": "builtin", "name": "english_prose"}],
+        "params": {
+            "recipe": "selprune",
+            "ff_frac": 0.01,
+            "attn_frac": 0.0,
+            "steps": 6,
+            "token_limit": 128,
+            "budget": {"max_retain_ppl_increase": 0.1},
+        },
+    },
+}
+
+
+def apply_preset(data: Any) -> Any:
+    """A request body with its preset's fields filled in where the body leaves them out."""
+    if not isinstance(data, dict) or data.get("preset") is None:
+        return data
+    preset = PRESETS.get(str(data["preset"]))
+    if preset is None:  # the Literal check reports the unknown name
+        return data
+    merged = {**preset, **data}
+    if isinstance(data.get("params"), dict):
+        merged["params"] = {**preset.get("params", {}), **data["params"]}
+    return merged
+
+
 class PruneParams(_Strict):
     """Algorithm knobs. Fields left unset take the values of `recipe`; budgets are sized so the
     default job on the embedded model finishes in minutes on 2 CPU cores (the paper uses 1e5 tokens

@@ -165,3 +165,18 @@ def test_chunked_body_under_the_limit_is_read(make_client):
 def test_allow_any_model(make_client):
     client = make_client(allow_any_model=True)
     assert client.post("/v1/unlearn", json=body(model="org/some-model")).status_code == 202
+
+
+def test_detox_preset_fills_the_job_and_explicit_fields_win():
+    from service.schemas import UnlearnRequest
+    from worker.payloads import PRESETS
+
+    req = UnlearnRequest.model_validate({"preset": "detox"})
+    preset = PRESETS["detox"]
+    assert req.forget.model_dump() == preset["forget"] and req.retain.model_dump() == preset["retain"]
+    assert req.params.budget is not None and req.params.budget.max_retain_ppl_increase == 0.1
+    mine = UnlearnRequest.model_validate({"preset": "detox", "params": {"steps": 2}, "name": "mine"})
+    assert mine.params.steps == 2 and mine.name == "mine"
+    assert mine.params.ff_frac == preset["params"]["ff_frac"]  # the rest of the preset's params stay
+    with pytest.raises(ValueError, match="preset"):
+        UnlearnRequest.model_validate({"preset": "nope"})
