@@ -91,6 +91,9 @@ class RunSpec:
     match: str | None = None  # random baseline: copy this selective run's per-layer counts per step
     # BudgetConfig fields: the run adapts its step size, checked on a validation carve-out of train
     budget: tuple[tuple[str, Any], ...] | None = None
+    tox_samples: int | None = None  # continuations per toxicity prompt (default: the budget's)
+    tox_final: bool | None = None  # also measure toxicity on the final mask, whatever its step
+    extra_eval: tuple[str, ...] | None = None  # more builtin corpora evaluated (held-out) every step
 
 
 def _pair(spec: RunSpec, random_steps: int | None = None) -> list[RunSpec]:
@@ -173,6 +176,21 @@ EXPERIMENTS: dict[str, list[RunSpec]] = {
     ],
     # Gradient attribution (added after the activation-statistics recipes above all stayed near a 36%
     # forget drop at a 5% retain drop on the validation split).
+    # Combinations of the changes that did best alone on the validation split (run after those).
+    "recipes_val_combo": [
+        RunSpec(
+            "val_combo",
+            **_CODE,
+            split="validation",
+            recipe=(("ff_scoring", "dev"), ("offset_mode", "retain_mean"), ("selection", "per_layer")),
+        ),
+        RunSpec(
+            "val_combo_out",
+            **_CODE,
+            split="validation",
+            recipe=(("ff_scoring", "dev_out"), ("offset_mode", "retain_mean"), ("selection", "per_layer")),
+        ),
+    ],
     # Exploratory: 3 steps each (a step costs about 4x an activation-statistics step on the CPU).
     "recipes_val_taylor": [
         RunSpec(
@@ -214,6 +232,54 @@ EXPERIMENTS: dict[str, list[RunSpec]] = {
             budget=(("max_retain_ppl_increase", 0.1), ("forget_target", 0.6)),
         ),
     ],
+    # Toxicity (issue 9): the paper's recipe on the old data (forget toxic prompt prefixes, retain
+    # English prose) against the same-register recipe (forget the model's own flagged continuations,
+    # keep its unflagged ones) with the default method and a retain budget, and random pruning matched
+    # to the latter's per-layer counts (3 seeds). Toxicity: 5 continuations of each held-out prompt.
+    "detox": [
+        RunSpec(
+            "detox_paper",
+            forget="toxic",
+            retain="english_prose",
+            ff_frac=0.005,
+            attn_frac=0.005,
+            steps=10,
+            recipe=_recipe("paper"),
+            tox_steps=(0,),
+            tox_final=True,
+            tox_samples=5,
+            extra_eval=("clean_continuations",),
+        ),
+        RunSpec(
+            "detox_selprune",
+            forget="toxic_continuations",
+            retain="clean_continuations",
+            ff_frac=0.01,
+            steps=8,
+            recipe=_recipe("selprune"),
+            budget=(("max_retain_ppl_increase", 0.1),),
+            tox_final=True,
+            tox_samples=5,
+            extra_eval=("english_prose",),
+        ),
+        *[
+            RunSpec(
+                f"detox_random_s{seed}",
+                forget="toxic_continuations",
+                retain="clean_continuations",
+                ff_frac=0.01,
+                steps=8,
+                random=True,
+                seed=seed,
+                match="detox_selprune",
+                recipe=(("offset_mode", dict(_recipe("selprune"))["offset_mode"]),),
+                tox_final=True,
+                tox_samples=5,
+                extra_eval=("english_prose",),
+            )
+            for seed in range(3)
+        ],
+    ],
     # Does the 25x smaller statistics budget matter? The main run again with 4x the tokens.
     "collect_budget": [
         RunSpec("code_ff_abs", **_CODE),
@@ -253,9 +319,28 @@ class Harness:
 
     def dataset(self, name: str) -> Any:
         from selprune_core import BuiltinRef, resolve_dataset
+        from selprune_core.corpora import MODEL_BUILTINS
 
         if name not in self._datasets:
-            self._datasets[name] = resolve_dataset(BuiltinRef(name), data_root=ROOT, cache_dir=self.cache_dir)
+            if name in MODEL_BUILTINS:  # the model's own continuations, generated once and cached
+                from selprune_core.self_contrast import ContinuationConfig, generate_contrast
+                from selprune_core.toxicity import get_scorer
+
+                loaded = self.loaded()
+                flagged, clean = generate_contrast(
+                    loaded.model,
+                    loaded.tokenizer,
+                    loaded.fingerprint,
+                    self.dataset("toxic").train,
+                    ContinuationConfig(),
+                    get_scorer("profanity"),
+                    self.cache_dir,
+                )
+                self._datasets["toxic_continuations"], self._datasets["clean_continuations"] = flagged, clean
+            else:
+                self._datasets[name] = resolve_dataset(
+                    BuiltinRef(name), data_root=ROOT, cache_dir=self.cache_dir
+                )
         return self._datasets[name]
 
     def config(self, spec: RunSpec) -> Any:
@@ -290,15 +375,16 @@ class Harness:
             ),
         )
 
-    def tox_config(self) -> Any:
+    def tox_config(self, spec: RunSpec | None = None) -> Any:
         from selprune_core import SamplingConfig, ToxicityConfig
 
         b = self.budget
+        samples = (spec.tox_samples if spec else None) or b.tox_samples
         sampling = SamplingConfig(
             max_new_tokens=b.tox_new_tokens, temperature=1.0, top_k=50, top_p=1.0, seed=0
         )
         return ToxicityConfig(
-            scorer="profanity", samples_per_prompt=b.tox_samples, threshold=b.tox_threshold, sampling=sampling
+            scorer="profanity", samples_per_prompt=samples, threshold=b.tox_threshold, sampling=sampling
         )
 
     def run_key(self, spec: RunSpec) -> str:
@@ -342,6 +428,8 @@ class Harness:
         forget, retain = self.dataset(spec.forget), self.dataset(spec.retain)
         forget_train, retain_train = forget.train, retain.train
         eval_sets = {"forget": forget.heldout, "retain": retain.heldout}
+        for extra_name in spec.extra_eval or ():
+            eval_sets[extra_name] = self.dataset(extra_name).heldout
         budget_sets = None
         if spec.split == "validation" or spec.budget:
             (forget_train, forget_val), (retain_train, retain_val) = map(
@@ -401,7 +489,7 @@ class Harness:
                     loaded.model,
                     loaded.tokenizer,
                     prompts,
-                    self.tox_config(),
+                    self.tox_config(spec),
                     scorer,
                     bootstrap_samples=self.budget.bootstrap,
                     seed=0,
@@ -432,6 +520,22 @@ class Harness:
             on_step=on_step,
             extra_metrics=extra_metrics if tox_steps else None,
         )
+        if spec.tox_final:
+            if not prompts:
+                prompts = self.dataset("toxic_prompts").heldout[: self.budget.tox_prompts]
+                scorer = get_scorer("profanity")
+            with apply_mask(loaded.model, loaded.sites, result.mask):
+                final_tox = toxicity_metric(
+                    loaded.model,
+                    loaded.tokenizer,
+                    prompts,
+                    self.tox_config(spec),
+                    scorer,
+                    bootstrap_samples=self.budget.bootstrap,
+                    seed=0,
+                    batch_size=16,
+                )
+            record["final_toxicity"] = {"step": result.history[-1].step, **final_tox.as_dict()}
         record.update(
             complete=True,
             stopped_reason=result.stopped_reason,
