@@ -354,6 +354,53 @@ def model_size(exp: Mapping[str, Any]) -> str:
     return f"{name}{run['totals']['ff']} FF and {run['totals']['attn']} attention pre-out neurons"
 
 
+KEEP_ORDER = ["recipes_val", "recipes_val_combo", "recipes_val_taylor", "keep", "keep_budget", "detox"]
+
+
+def keep_sections(out: Path, results: Path) -> list[str]:
+    """Issue 9's sections: choosing the defaults, the held-out comparison, the demo job, toxicity."""
+    from bench import recipes_report as rr
+
+    exps = {
+        name: json.loads((results / f"{name}.json").read_text())
+        for name in KEEP_ORDER
+        if (results / f"{name}.json").is_file()
+    }
+    if not exps:
+        return []
+    lines = ["## Keeping the model: targets", ""]
+    if "keep" in exps:
+        lines += rr.section_heldout_targets(exps["keep"])
+    if "keep_budget" in exps:
+        lines += rr.section_budget(exps["keep_budget"])[2:]
+    if "detox" in exps:
+        lines += rr.detox_verdicts(rr.detox_rows(exps["detox"])[1])
+    lines += [""]
+    commands = sorted({run["command"] for e in exps.values() for run in e["runs"].values()})
+    lines += [
+        "Commands (each writes its JSON under docs/results/; the model, dtype and budgets are those of "
+        "'How it was run' below):",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+    ]
+    if "recipes_val" in exps:
+        extra = [exps[n] for n in ("recipes_val_combo", "recipes_val_taylor") if n in exps]
+        lines += rr.section_validation(out, exps["recipes_val"], extra)
+        if any(not e.get("complete") for e in extra):
+            notes = [e.get("note", "") for e in extra if not e.get("complete")]
+            lines += [f"Incomplete runs: {' '.join(n for n in notes if n)}", ""]
+    if "keep" in exps:
+        lines += rr.section_heldout(out, exps["keep"])
+    if "keep_budget" in exps:
+        lines += rr.section_budget(exps["keep_budget"])
+    if "detox" in exps:
+        lines += rr.section_detox(out, exps["detox"])
+    return lines
+
+
 def write_report(out: Path) -> Path:
     results = out / "results"
     exps = {
@@ -367,6 +414,7 @@ def write_report(out: Path) -> Path:
         "Every number below is read from those files.",
         "",
     ]
+    lines += keep_sections(out, results)
     if not exps:
         lines += ["No results yet: run `python bench/fidelity.py all`.", ""]
     else:
