@@ -378,8 +378,10 @@ def keep_sections(out: Path, results: Path) -> list[str]:
     lines += [""]
     commands = sorted({run["command"] for e in exps.values() for run in e["runs"].values()})
     lines += [
-        "Commands (each writes its JSON under docs/results/; the model, dtype and budgets are those of "
-        "'How it was run' below):",
+        "Commands (each writes its JSON under docs/results/, or under the `--out` folder, from which the "
+        "validation runs' JSON was copied into docs/results/; model, dtype and budgets are those of 'How it "
+        "was run' below; the sections after this block up to 'What held and what did not' are this issue's, "
+        "the ones after it reproduce the paper with its own recipe, at earlier commits):",
         "",
         "```",
         *commands,

@@ -25,7 +25,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 
 DEFAULT_FORGET = "builtin:python_code"
 DEFAULT_RETAIN = "builtin:english_prose"
-TOXIC_BUILTINS = ("toxic", "toxic_prompts")  # the built-in datasets that need `selprune setup`
+# The built-in datasets that need `selprune setup` (the continuations are generated from `toxic`).
+TOXIC_BUILTINS = ("toxic", "toxic_prompts", "toxic_continuations", "clean_continuations")
 
 
 class CliError(Exception):

@@ -237,6 +237,13 @@ class StepMetrics(BaseModel):
     drops: dict[str, Any] | None = None
     seconds: float | None = None
     mask_id: str | None = None
+    ff_frac: float | None = None  # per-step fractions this step (or trial) used
+    attn_frac: float | None = None
+    accepted: bool = True  # False: a trial over the retain budget, retried smaller; the mask did not change
+    trial: int = 0
+    budget: dict[str, Any] | None = Field(
+        default=None, description="drops and retain perplexity increase on the budget's validation texts"
+    )
 
 
 def _json(fields: dict[str, str], key: str) -> Any:
@@ -312,7 +319,9 @@ class JobStatusResponse(JobSummary):
     steps: int
     tokens: int = Field(description="tokens processed in the current phase")
     tokens_total: int = Field(description="tokens processed over the whole job")
-    metrics: list[StepMetrics] = Field(description="one entry per completed step; step 0 is before pruning")
+    metrics: list[StepMetrics] = Field(
+        description="one entry per completed step or rejected trial; step 0 is before pruning"
+    )
     result: dict[str, Any] | None = None
     attempts: int = 0
     cancel_requested: bool = False

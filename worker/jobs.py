@@ -47,7 +47,13 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
     ctx.progress(JobProgress(phase="loading", steps=cfg.n_steps))
     loaded = runtime.model(job.model)
     ctx.progress(JobProgress(phase="resolving_data", steps=cfg.n_steps))
-    forget, retain = (runtime.dataset(s, model_ref=job.model) for s in (job.forget, job.retain))
+
+    def generating(done: int, total: int) -> None:  # the model's own continuations, the first time
+        ctx.progress(JobProgress(phase="generating_continuations", steps=cfg.n_steps, tokens=done))
+
+    forget, retain = (
+        runtime.dataset(s, model_ref=job.model, on_progress=generating) for s in (job.forget, job.retain)
+    )
     eval_sets: dict[str, tuple[str, ...]] = {"forget": forget.heldout, "retain": retain.heldout}
     for spec in job.eval or []:
         eval_sets[describe(to_dataset_ref(spec))] = runtime.dataset(spec, model_ref=job.model).heldout

@@ -92,7 +92,10 @@ class HubData(_Strict):
 
 class BuiltinData(_Strict):
     kind: Literal["builtin"] = "builtin"
-    name: str = Field(description="python_code, english_prose, toxic or toxic_prompts")
+    name: str = Field(
+        description="python_code, english_prose, toxic, toxic_prompts, or (generated per model by the worker) "
+        "toxic_continuations, clean_continuations"
+    )
 
 
 DatasetSpec = Annotated[InlineData | FileData | HubData | BuiltinData, Field(discriminator="kind")]

@@ -179,3 +179,35 @@ def test_killed_worker_mid_job_is_finished_by_another_without_lost_or_repeated_s
     pruned = [m["ff_pruned"] for m in job["metrics"]]
     assert pruned == [pruned[1] * i for i in range(7)]
     r.close()
+
+
+def test_budget_job_reports_every_trial(gateway, redis_url, model_dir, tmp_path):
+    # A budget of zero perplexity increase: zero-ablating neurons of a random-init model raises its
+    # perplexity a little, so trials are rejected and retried smaller until the fraction floor.
+    budget = {"max_retain_ppl_increase": 0.0, "min_frac_ratio": 0.2}
+    body = _unlearn_body(model_dir, recipe="paper", steps=3, budget=budget)
+    job_id = gateway.post("/v1/unlearn", json=body).json()["job_id"]
+
+    _worker(redis_url, tmp_path).run(burst=True)
+
+    job = gateway.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job.get("error")
+    trials = job["metrics"][1:]
+    rejected = [t for t in trials if not t["accepted"]]
+    assert rejected, "no trial was rejected: the budget was not exercised"
+    assert all(t["budget"]["broken"] and not t["metrics"] for t in rejected)
+    assert all(t["budget"]["retain_ppl_increase"] <= 0.0 for t in trials if t["accepted"])
+    events = gateway.get(f"/v1/jobs/{job_id}/events").text
+    assert events.count('"accepted": false') == len(rejected)  # every trial was streamed as an event
+    mask = gateway.get(f"/v1/masks/{job['mask_id']}").json()
+    assert mask["params"]["recipe"] == "paper" and mask["params"]["budget"]["max_retain_ppl_increase"] == 0.0
+
+
+def test_default_jobs_store_mean_ablation_masks(gateway, redis_url, model_dir, tmp_path):
+    job_id = gateway.post("/v1/unlearn", json=_unlearn_body(model_dir, steps=1)).json()["job_id"]
+    _worker(redis_url, tmp_path).run(burst=True)
+    job = gateway.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job.get("error")
+    mask = gateway.get(f"/v1/masks/{job['mask_id']}").json()
+    assert mask["params"]["recipe"] == "selprune" and mask["params"]["offset_mode"] == "retain_mean"
+    assert mask["offsets"] is True  # the stored bits carry the retain means of the pruned neurons
