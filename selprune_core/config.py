@@ -135,7 +135,8 @@ class BudgetConfig:
 
     Every step is checked against the budget after it is tried. When it breaks the budget, the step
     is rejected, the per-step fractions are multiplied by `shrink`, and the step is retried from the
-    last accepted mask (its scores reused, so a retry costs only an evaluation). The run ends when the
+    last accepted mask (its scores reused, so a retry costs only an evaluation); later steps keep the
+    smaller fractions. Rejected trials do not count as steps. The run ends when the
     forget target is reached, or when the fractions fall below `min_frac_ratio` times their start.
     Drops are relative top-1 drops against step 0; perplexity increase is ppl_i / ppl_0 - 1.
     """
