@@ -76,10 +76,40 @@ def last_accepted(run: Run) -> Mapping[str, Any]:
 
 
 def recipe_text(run: Run) -> str:
+    from worker.payloads import RECIPES
+
     recipe = dict(run["spec"].get("recipe") or ())
     if run["spec"].get("random"):
         return f"random (seed {run['spec'].get('seed') or 0}, counts of {run['spec'].get('match')})"
+    for name, settings in RECIPES.items():
+        if recipe == settings:
+            return f"recipe={name}"
     return ", ".join(f"{k}={v}" for k, v in recipe.items()) or "paper (abs, zero ablation)"
+
+
+def comparison(exp: Mapping[str, Any], ours: str, paper: str) -> list[str]:
+    """The default against the paper's recipe, in numbers computed from the runs."""
+    runs = exp["runs"]
+    if ours not in runs or paper not in runs:
+        return []
+    a, b = runs[ours], runs[paper]
+    at_a, at_b = measured_at(a), measured_at(b)
+    fa, fb = last_accepted(a), last_accepted(b)
+    first = {
+        name: accepted_points(run)[1]
+        for name, run in ((ours, a), (paper, b))
+        if len(accepted_points(run)) > 1
+    }
+    lines = [
+        f"Default against the paper's recipe: after the first 2% step the retain drop is "
+        f"{pct(first[ours].retain)} vs {pct(first[paper].retain)} at a forget drop of {pct(first[ours].forget)} vs "
+        f"{pct(first[paper].forget)}; at a retain drop of at most {RETAIN_LIMIT:.0%} the best measured step "
+        f"reaches a forget drop of {pct(at_a.forget) if at_a else 'none'} vs {pct(at_b.forget) if at_b else 'none'} "
+        f"(interpolated {pct(interpolated_at(a))} vs {pct(interpolated_at(b))}); after the last step retain "
+        f"perplexity is {(ppl_increase(a, fa) or 0) * 100:+.0f}% vs {(ppl_increase(b, fb) or 0) * 100:+.0f}%.",
+        "",
+    ]
+    return lines
 
 
 def recipe_rows(exp: Mapping[str, Any]) -> list[list[str]]:
@@ -162,7 +192,7 @@ def section_heldout(out: Path, exp: Mapping[str, Any]) -> list[str]:
         ),
         "",
     ]
-    return lines + section_heldout_targets(exp) + [""]
+    return lines + comparison(exp, "keep_selprune", "keep_paper") + section_heldout_targets(exp) + [""]
 
 
 def section_heldout_targets(exp: Mapping[str, Any]) -> list[str]:
