@@ -21,7 +21,9 @@ from selprune_core.self_contrast import ContinuationConfig, generate_contrast
 from selprune_core.toxicity import ToxicityScorer
 
 PROMPTS = ["the cat sat on", "a quick brown fox", "she sells sea", "the weather is", "def add(a, b):"]
-CFG = ContinuationConfig(max_new_tokens=4, scorer="letters", threshold=0.5, batch_size=4)
+CFG = ContinuationConfig(
+    samples_per_prompt=2, max_new_tokens=4, scorer="letters", threshold=0.5, batch_size=4
+)
 FINGERPRINT = "tinyllama0"
 
 
@@ -134,7 +136,7 @@ def test_the_cache_is_reused(
     [
         {"threshold": 0.25},
         {"seed": 1},
-        {"samples_per_prompt": 1},
+        {"samples_per_prompt": 3},
         {"max_new_tokens": 3},
         {"temperature": 0.7},
         {"top_k": 10},
