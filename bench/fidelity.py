@@ -111,6 +111,24 @@ def _pair(spec: RunSpec, random_steps: int | None = None) -> list[RunSpec]:
 _CODE = dict(forget="python_code", retain="english_prose")
 
 
+def _detox_random(seed: int) -> RunSpec:
+    """Random pruning with detox_selprune's per-layer counts at every step."""
+    return RunSpec(
+        f"detox_random_s{seed}",
+        forget="toxic_continuations",
+        retain="clean_continuations",
+        ff_frac=0.01,
+        steps=8,
+        random=True,
+        seed=seed,
+        match="detox_selprune",
+        recipe=(("offset_mode", dict(_recipe("selprune"))["offset_mode"]),),
+        tox_final=True,
+        tox_samples=2,
+        extra_eval=("english_prose",),
+    )
+
+
 def _recipe(name: str) -> tuple[tuple[str, Any], ...]:
     """A named recipe's method settings (worker/payloads.RECIPES) as RunSpec overrides."""
     from worker.payloads import RECIPES
@@ -262,24 +280,11 @@ EXPERIMENTS: dict[str, list[RunSpec]] = {
             tox_samples=5,
             extra_eval=("english_prose",),
         ),
-        *[
-            RunSpec(
-                f"detox_random_s{seed}",
-                forget="toxic_continuations",
-                retain="clean_continuations",
-                ff_frac=0.01,
-                steps=8,
-                random=True,
-                seed=seed,
-                match="detox_selprune",
-                recipe=(("offset_mode", dict(_recipe("selprune"))["offset_mode"]),),
-                tox_final=True,
-                tox_samples=5,
-                extra_eval=("english_prose",),
-            )
-            for seed in range(3)
-        ],
     ],
+    # Its random baselines, split in two experiments so that two processes share the 2 cores; 2 samples
+    # per prompt (468 continuations) to fit the session's CPU time, against 5 for the runs above.
+    "detox_random_a": [_detox_random(0), _detox_random(1)],
+    "detox_random_b": [_detox_random(2)],
     # Does the 25x smaller statistics budget matter? The main run again with 4x the tokens.
     "collect_budget": [
         RunSpec("code_ff_abs", **_CODE),

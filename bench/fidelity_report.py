@@ -354,7 +354,16 @@ def model_size(exp: Mapping[str, Any]) -> str:
     return f"{name}{run['totals']['ff']} FF and {run['totals']['attn']} attention pre-out neurons"
 
 
-KEEP_ORDER = ["recipes_val", "recipes_val_combo", "recipes_val_taylor", "keep", "keep_budget", "detox"]
+KEEP_ORDER = [
+    "recipes_val",
+    "recipes_val_combo",
+    "recipes_val_taylor",
+    "keep",
+    "keep_budget",
+    "detox",
+    "detox_random_a",
+    "detox_random_b",
+]
 
 
 def keep_sections(out: Path, results: Path) -> list[str]:
@@ -368,6 +377,10 @@ def keep_sections(out: Path, results: Path) -> list[str]:
     }
     if not exps:
         return []
+    if "detox" in exps:  # the toxicity baselines ran as experiments of their own: one table
+        for name in ("detox_random_a", "detox_random_b"):
+            if name in exps:
+                exps["detox"] = {**exps["detox"], "runs": {**exps["detox"]["runs"], **exps.pop(name)["runs"]}}
     lines = ["## Keeping the model: targets", ""]
     if "keep" in exps:
         lines += rr.section_heldout_targets(exps["keep"])

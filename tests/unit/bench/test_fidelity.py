@@ -39,3 +39,24 @@ def test_smoke_run_writes_json_plots_and_a_regenerable_report(model_dir, tmp_pat
     (out / "results.md").unlink()
     assert fidelity.main(["report", "--out", str(out)]) == 0
     assert (out / "results.md").read_text() == report
+
+
+def test_smoke_keep_experiments_report_targets_from_their_json(model_dir, tmp_path):
+    """The issue-9 experiments on a tiny model: random runs copy the default's per-layer counts, the
+    budgeted run records its trials, and the report marks each target met or missed."""
+    out = tmp_path / "docs"
+    common = ["--budget", "smoke", "--model", str(model_dir), "--dtype", "float32", "--no-report"]
+    common += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    for experiment in ("keep", "keep_budget"):
+        assert fidelity.main([experiment, *common]) == 0
+    keep = json.loads((out / "results" / "keep.json").read_text())["runs"]
+    chosen = [(r["ff_per_layer"], r["attn_per_layer"]) for r in keep["keep_selprune"]["steps"][1:]]
+    for seed in range(3):
+        random_run = keep[f"keep_random_s{seed}"]
+        assert [(r["ff_per_layer"], r["attn_per_layer"]) for r in random_run["steps"][1:]] == chosen
+    budget_run = json.loads((out / "results" / "keep_budget.json").read_text())["runs"]["keep_budget"]
+    assert all("accepted" in r and "budget" in r for r in budget_run["steps"])
+    assert fidelity.main(["report", "--out", str(out)]) == 0
+    report = (out / "results.md").read_text()
+    assert "## Unlearning that keeps the model (held-out texts)" in report
+    assert report.count("**met**") + report.count("**missed**") >= 6  # 5 selective runs + the demo job
