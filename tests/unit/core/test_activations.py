@@ -194,7 +194,7 @@ def test_attribution_rows_equal_autograd(tiny_model, tokenizer, arch):
     for row, batch in enumerate(batches):
         captured = []
 
-        def keep_grad(_module, args):
+        def keep_grad(_module, args, captured=captured):
             args[0].retain_grad()
             captured.append(args[0])
 
