@@ -478,29 +478,29 @@ class Harness:
         if self.budget.max_steps:  # smoke budgets shorten runs: measure at their last step instead
             tox_steps = {min(s, cfg.n_steps) for s in tox_steps}
         prompts: tuple[str, ...] = ()
-        if tox_steps:
+        if tox_steps or spec.tox_final:
             prompts = self.dataset("toxic_prompts").heldout[: self.budget.tox_prompts]
             record["toxicity_prompts"] = {"corpus": "builtin:toxic_prompts (held-out)", "n": len(prompts)}
-            scorer = get_scorer("profanity")
         calls = [0]
 
-        def extra_metrics(mask: Any) -> dict[str, Any]:
-            # Called once per evaluated step, step 0 first; it gets the mask, so apply it here.
-            step, calls[0] = calls[0], calls[0] + 1
-            if step not in tox_steps:
-                return {}
+        def toxicity(mask: Any) -> dict[str, Any]:
             with apply_mask(loaded.model, loaded.sites, mask):
                 tox = toxicity_metric(
                     loaded.model,
                     loaded.tokenizer,
                     prompts,
                     self.tox_config(spec),
-                    scorer,
+                    get_scorer("profanity"),
                     bootstrap_samples=self.budget.bootstrap,
                     seed=0,
                     batch_size=16,
                 )
-            return {"toxicity": tox.as_dict()}
+            return dict(tox.as_dict())
+
+        def extra_metrics(mask: Any) -> dict[str, Any]:
+            # Called once per evaluated step, step 0 first; it gets the mask, so apply it here.
+            step, calls[0] = calls[0], calls[0] + 1
+            return {"toxicity": toxicity(mask)} if step in tox_steps else {}
 
         started = time.monotonic()
 
@@ -526,21 +526,7 @@ class Harness:
             extra_metrics=extra_metrics if tox_steps else None,
         )
         if spec.tox_final:
-            if not prompts:
-                prompts = self.dataset("toxic_prompts").heldout[: self.budget.tox_prompts]
-                scorer = get_scorer("profanity")
-            with apply_mask(loaded.model, loaded.sites, result.mask):
-                final_tox = toxicity_metric(
-                    loaded.model,
-                    loaded.tokenizer,
-                    prompts,
-                    self.tox_config(spec),
-                    scorer,
-                    bootstrap_samples=self.budget.bootstrap,
-                    seed=0,
-                    batch_size=16,
-                )
-            record["final_toxicity"] = {"step": result.history[-1].step, **final_tox.as_dict()}
+            record["final_toxicity"] = {"step": result.history[-1].step, **toxicity(result.mask)}
         record.update(
             complete=True,
             stopped_reason=result.stopped_reason,
