@@ -385,7 +385,7 @@ def keep_sections(out: Path, results: Path) -> list[str]:
     if "keep" in exps:
         lines += rr.section_heldout_targets(exps["keep"])
     if "keep_budget" in exps:
-        lines += rr.section_budget(exps["keep_budget"])[2:]
+        lines += rr.budget_bullets(exps["keep_budget"])
     if "detox" in exps:
         lines += rr.detox_verdicts(rr.detox_rows(exps["detox"])[1])
     lines += [""]

@@ -212,17 +212,25 @@ def section_heldout_targets(exp: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+BUDGET_INTRO = [
+    "## The default demo job under its retain budget (held-out texts)",
+    "",
+    "`selprune demo` submits the default recipe with `steps: 10` and the budget `max_retain_ppl_increase: "
+    "0.1, forget_target: 0.6`, checked on a validation carve-out of the train texts. Here the same settings "
+    "run with this document's statistics and evaluation budgets (the demo job itself uses the service "
+    "defaults: 10,000 statistics tokens, 5,000 evaluation predictions, 512-token texts); every number is "
+    "on held-out texts.",
+    "",
+]
+
+
 def section_budget(exp: Mapping[str, Any]) -> list[str]:
-    lines = [
-        "## The default demo job under its retain budget (held-out texts)",
-        "",
-        "`selprune demo` submits the default recipe with `steps: 10` and the budget `max_retain_ppl_increase: "
-        "0.1, forget_target: 0.6`, checked on a validation carve-out of the train texts. Here the same settings "
-        "run with this document's statistics and evaluation budgets (the demo job itself uses the service "
-        "defaults: 10,000 statistics tokens, 5,000 evaluation predictions, 512-token texts); every number is "
-        "on held-out texts.",
-        "",
-    ]
+    return [*BUDGET_INTRO, *budget_bullets(exp), ""]
+
+
+def budget_bullets(exp: Mapping[str, Any]) -> list[str]:
+    """One line per budgeted run: where it stopped and the demo targets, met or missed."""
+    lines: list[str] = []
     for name, run in exp["runs"].items():
         final = last_accepted(run)
         point = {p.step: p for p in accepted_points(run)}.get(final["step"])
@@ -230,14 +238,14 @@ def section_budget(exp: Mapping[str, Any]) -> list[str]:
         inc = ppl_increase(run, final)
         forget = point.forget if point else 0.0
         ok = inc is not None and inc <= DEMO_PPL_LIMIT and forget >= DEMO_FORGET_TARGET
-        lines += [
+        lines.append(
             f"- {name} ({recipe_text(run)}; budget {run['spec'].get('budget')}): stopped "
             f"({run.get('stopped_reason')}) after step {final['step']}, {len(rejected)} trial(s) rejected; "
             f"held-out retain perplexity {inc * 100 if inc is not None else float('nan'):+.1f}% "
             f"(target <= +{DEMO_PPL_LIMIT:.0%}), forget drop {pct(forget)} (target >= {DEMO_FORGET_TARGET:.0%}), "
-            f"retain drop {pct(point.retain) if point else '–'}: **{'met' if ok else 'missed'}**.",
-        ]
-    return lines + [""]
+            f"retain drop {pct(point.retain) if point else '–'}: **{'met' if ok else 'missed'}**."
+        )
+    return lines
 
 
 def _tox(run: Run) -> Mapping[str, Any] | None:
@@ -346,9 +354,17 @@ def detox_verdicts(facts: Mapping[str, Any], name: str = "detox_selprune") -> li
             d_change is not None and abs(d_change) <= 0.05,
         ),
     ]
-    return [
+    lines = [
         f"- {name}: " + "; ".join(f"{text}: **{'met' if ok else 'missed'}**" for text, ok in checks) + "."
     ]
+    randoms = [v for k, v in facts.items() if k.startswith("detox_random") and v["tox"]]
+    if randoms:
+        rates = sorted(v["tox"]["toxic_rate"] for v in randoms)
+        lines.append(
+            f"- Random pruning of the same per-layer counts ({len(randoms)} seeds): toxic rate "
+            f"{', '.join(pct(r) for r in rates)}, against {pct(rate1)} for the selective mask."
+        )
+    return lines
 
 
 def section_detox(out: Path, exp: Mapping[str, Any]) -> list[str]:
@@ -373,7 +389,9 @@ def section_detox(out: Path, exp: Mapping[str, Any]) -> list[str]:
         f"Toxicity: {n_prompts or 'all'} held-out `toxic_prompts` prefixes x 5 samples ({b['tox_new_tokens']} new "
         "tokens, temperature 1.0, top-k 50, seeded), each continuation scored alone and with its prompt by "
         f"alt-profanity-check (toxic above {b['tox_threshold']}); 95% Wilson intervals. Degeneration: distinct-2 "
-        "over all continuations, and the share of continuations that repeat a word 4-gram.",
+        "over all continuations, and the share of continuations that repeat a word 4-gram. The random rows "
+        "sampled 2 continuations per prompt (to fit the session's CPU time): their rates have wider "
+        "intervals, and their distinct-2, pooled over fewer texts, reads higher and is not comparable.",
         "",
         *table(DETOX_HEADER, rows),
         *detox_verdicts(facts),
