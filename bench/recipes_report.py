@@ -11,6 +11,7 @@ reaches while its retain drop stays at or below a limit, read two ways:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,7 @@ def section_validation(out: Path, exp: Mapping[str, Any], extra: Sequence[Mappin
         "36 prose texts) and break ties by the retain perplexity at the last step.",
         "",
         *table(RECIPE_HEADER, recipe_rows(merged)),
+        *quota_note(runs),
         plot(
             out,
             "recipes_val",
@@ -192,7 +194,32 @@ def section_heldout(out: Path, exp: Mapping[str, Any]) -> list[str]:
         ),
         "",
     ]
+    lines += quota_note(runs)
     return lines + comparison(exp, "keep_selprune", "keep_paper") + section_heldout_targets(exp) + [""]
+
+
+def quota_note(runs: Mapping[str, Run]) -> list[str]:
+    """Per-layer runs recorded before per-layer quotas split the global count: say what differs."""
+    notes = []
+    for name, run in runs.items():
+        recipe = dict(run["spec"].get("recipe") or ())
+        steps = [r for r in run["steps"] if r.get("step", 0) > 0 and r.get("accepted", True)]
+        if recipe.get("selection") != "per_layer" or not steps or run["spec"].get("random"):
+            continue
+        first = steps[0]
+        now = math.floor(first["ff_frac"] * run["totals"]["ff"]) if first.get("ff_frac") else None
+        if now is not None and first["ff_selected"] != now:
+            notes.append(
+                f"{name} selected {first['ff_selected']} FF neurons at its first step; the current code selects {now}"
+            )
+    if not notes:
+        return []
+    return [
+        "These per-layer runs used the first version of the quota, floor(frac x d) per layer, which rounds "
+        "away up to one neuron per layer; the current code splits floor(frac x N) over the layers "
+        f"({'; '.join(notes)}). Rerunning the command gives slightly larger steps.",
+        "",
+    ]
 
 
 def section_heldout_targets(exp: Mapping[str, Any]) -> list[str]:

@@ -177,28 +177,47 @@ def select_top_neurons(
 ) -> Selection:
     """Top floor(frac * numel) of `scores` [layer, d] among still-kept neurons.
 
-    Global by default (the paper); with `per_layer`, each layer takes the top floor(frac * d) of its
-    own neurons (a per-layer quota), so no layer can be emptied by a scale difference alone.
+    Global by default (the paper); with `per_layer`, the same count is split evenly over layers and
+    each layer takes its own top neurons (a per-layer quota), so no layer can be emptied, or left alone,
+    by a scale difference between layers.
     """
     candidates = scores.to(torch.float64).nan_to_num(nan=-math.inf)
     candidates = candidates.masked_fill(~keep.to(scores.device), -math.inf)  # [layer, d]
     chosen = torch.zeros_like(keep)
     if per_layer:
-        k_layer = math.floor(frac * scores.shape[1])
-        lowest: list[float] = []
-        for layer in range(scores.shape[0]):
-            k = min(k_layer, int(torch.isfinite(candidates[layer]).sum().item()))
-            if k > 0:
-                values, index = torch.topk(candidates[layer], k, sorted=False)
-                chosen[layer, index.to(chosen.device)] = True
-                lowest.append(float(values.min().item()))
-        return Selection(chosen, min(lowest) if lowest else None)
+        return _top_per_layer(candidates, chosen, math.floor(frac * scores.numel()))
     k = min(math.floor(frac * scores.numel()), int(torch.isfinite(candidates).sum().item()))
     if k <= 0:  # the authors' code crashes here (method.md §9.21)
         return Selection(chosen, None)
     values, index = torch.topk(candidates.flatten(), k, sorted=False)
     chosen.view(-1)[index.to(chosen.device)] = True
     return Selection(chosen, float(values.min().item()))
+
+
+def _top_per_layer(candidates: torch.Tensor, chosen: torch.Tensor, k_total: int) -> Selection:
+    """The global count k_total split evenly over layers, each layer taking its own top scores.
+
+    Every layer gets floor(k_total / layers) (capped by its candidates); the remainder goes to the
+    layers whose next candidate scores highest, so small fractions of small models still select.
+    """
+    layers = candidates.shape[0]
+    available = torch.isfinite(candidates).sum(dim=1).tolist()  # [layer]
+    ranked = candidates.sort(dim=1, descending=True).values  # [layer, d], best first
+    counts = [min(k_total // layers, int(a)) for a in available]
+    left = min(k_total, int(sum(available))) - sum(counts)
+    while left > 0:
+        # next candidate's score per layer; -inf where a layer has none left
+        nxt = [float(ranked[i, c]) if c < available[i] else -math.inf for i, c in enumerate(counts)]
+        best = max(range(layers), key=lambda i: nxt[i])
+        counts[best] += 1
+        left -= 1
+    lowest: list[float] = []
+    for layer, k in enumerate(counts):
+        if k > 0:
+            values, index = torch.topk(candidates[layer], k, sorted=False)
+            chosen[layer, index.to(chosen.device)] = True
+            lowest.append(float(values.min().item()))
+    return Selection(chosen, min(lowest) if lowest else None)
 
 
 def select_top_heads(

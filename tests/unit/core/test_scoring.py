@@ -132,3 +132,16 @@ def test_dev_measures_distance_from_the_retain_mean():
     scores = SCORERS["dev"](forget, retain, 1e-3, None)
     assert scores[0, 0].item() == pytest.approx(0.0, abs=1e-9)
     assert scores[0, 1].item() == pytest.approx(1.0 / 1e-3)
+
+
+def test_per_layer_quota_splits_the_global_count_and_never_rounds_it_away():
+    scores = torch.tensor(
+        [[1.0, 2.0, 3.0, 4.0], [10.0, 0.5, 0.2, 0.1], [5.0, 6.0, 7.0, 8.0]], dtype=torch.float64
+    )
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    # 0.1 of 4 neurons rounds to 0 per layer, but 0.1 of all 12 is 1: the best next score gets it.
+    one = select_top_neurons(scores, keep, 0.1, per_layer=True)
+    assert one.count == 1 and bool(one.chosen[1, 0])
+    # 7 of 12: 2 per layer, and the 7th goes to the layer whose third-best score is highest.
+    seven = select_top_neurons(scores, keep, 7 / 12, per_layer=True)
+    assert seven.per_layer() == [2, 2, 3] and seven.threshold == 0.5  # the lowest score selected anywhere
