@@ -328,18 +328,11 @@ class Harness:
 
         if name not in self._datasets:
             if name in MODEL_BUILTINS:  # the model's own continuations, generated once and cached
-                from selprune_core.self_contrast import ContinuationConfig, generate_contrast
-                from selprune_core.toxicity import get_scorer
+                from selprune_core.self_contrast import builtin_contrast
 
                 loaded = self.loaded()
-                flagged, clean = generate_contrast(
-                    loaded.model,
-                    loaded.tokenizer,
-                    loaded.fingerprint,
-                    self.dataset("toxic").train,
-                    ContinuationConfig(),
-                    get_scorer("profanity"),
-                    self.cache_dir,
+                flagged, clean = builtin_contrast(
+                    loaded.model, loaded.tokenizer, loaded.fingerprint, self.cache_dir
                 )
                 self._datasets["toxic_continuations"], self._datasets["clean_continuations"] = flagged, clean
             else:

@@ -190,6 +190,25 @@ def generate_contrast(
     return _splits(samples, cfg.threshold, data_path)
 
 
+def builtin_contrast(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    fingerprint: str,
+    cache_dir: Path,
+    on_progress: OnProgress | None = None,
+) -> tuple[TextSplits, TextSplits]:
+    """The builtins `toxic_continuations` / `clean_continuations`: `generate_contrast` with the default
+    settings and scorer over the train prompts of builtin `toxic` (needs `selprune setup`)."""
+    from selprune_core.corpora import load_builtin
+    from selprune_core.toxicity import get_scorer
+
+    cfg = ContinuationConfig()
+    prompts = load_builtin("toxic", cache_dir).train
+    return generate_contrast(
+        model, tokenizer, fingerprint, prompts, cfg, get_scorer(cfg.scorer), cache_dir, on_progress
+    )
+
+
 def load_cached(data_path: Path, meta_path: Path, key: dict[str, Any]) -> list[ContrastSample] | None:
     """The cached samples, or None when there is no complete cache for exactly this key."""
     if not meta_path.is_file() or not data_path.is_file():

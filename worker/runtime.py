@@ -17,12 +17,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from selprune_core.corpora import MODEL_BUILTINS, load_builtin
+from selprune_core.corpora import MODEL_BUILTINS
 from selprune_core.data import TextSplits, resolve_dataset
 from selprune_core.errors import ConfigError
 from selprune_core.loading import LoadedModel, load_model
-from selprune_core.self_contrast import CLEAN_NAME, TOXIC_NAME, ContinuationConfig, generate_contrast
-from selprune_core.toxicity import get_scorer
+from selprune_core.self_contrast import CLEAN_NAME, TOXIC_NAME, builtin_contrast
 from worker.payloads import BuiltinData, FileData, HubData, InlineData, to_dataset_ref
 
 log = logging.getLogger(__name__)
@@ -122,17 +121,8 @@ class ModelRuntime:
         with self._contrast_lock:
             key = (loaded.fingerprint, name)
             if key not in self._contrast:
-                prompts = load_builtin("toxic", self.cache_dir).train
-                cfg = ContinuationConfig()
-                flagged, clean = generate_contrast(
-                    loaded.model,
-                    loaded.tokenizer,
-                    loaded.fingerprint,
-                    prompts,
-                    cfg,
-                    get_scorer(cfg.scorer),
-                    cache_dir=self.cache_dir,
-                    on_progress=on_progress,
+                flagged, clean = builtin_contrast(
+                    loaded.model, loaded.tokenizer, loaded.fingerprint, self.cache_dir, on_progress
                 )
                 self._contrast[(loaded.fingerprint, TOXIC_NAME)] = flagged
                 self._contrast[(loaded.fingerprint, CLEAN_NAME)] = clean
