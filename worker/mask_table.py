@@ -103,13 +103,14 @@ class MaskTable:
         """
         if all(s == 0 for s in slots):
             return None
-        index = torch.tensor(sorted(set(slots)) if len(set(slots)) == 1 else list(slots), device=self.device)
+        shared = len(set(slots)) == 1
+        index = torch.tensor(list(slots[:1] if shared else slots), device=self.device)  # [batch] or [1]
 
         def gather(table: torch.Tensor | None) -> torch.Tensor | None:
             if table is None:
                 return None
             rows = table.index_select(0, index).to(dtype)  # [batch, layer, d]
-            return rows[0] if len(set(slots)) == 1 else rows
+            return rows[0] if shared else rows
 
         ff, attn = gather(self._ff), gather(self._attn)
         assert ff is not None and attn is not None
