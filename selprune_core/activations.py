@@ -78,15 +78,19 @@ class ComponentStats:
 
     @property
     def n_layers_width(self) -> tuple[int, int]:
-        tensors = [getattr(self, name) for name in STAT_FIELDS if getattr(self, name) is not None]
+        tensors = self._collected()
         assert tensors, "statistics without any running sum have no shape"
         layers, width = tensors[0].shape
         return int(layers), int(width)
 
     @property
     def device(self) -> torch.device:
-        tensors = [getattr(self, name) for name in STAT_FIELDS if getattr(self, name) is not None]
+        tensors = self._collected()
         return tensors[0].device if tensors else torch.device("cpu")
+
+    def _collected(self) -> list[torch.Tensor]:
+        """The running sums that were collected, in STAT_FIELDS order."""
+        return [value for name in STAT_FIELDS if (value := getattr(self, name)) is not None]
 
     def _need(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
