@@ -130,8 +130,8 @@ def _detox_random(seed: int) -> RunSpec:
 
 
 def _recipe(name: str) -> tuple[tuple[str, Any], ...]:
-    """A named recipe's method settings (worker/payloads.RECIPES) as RunSpec overrides."""
-    from worker.payloads import RECIPES
+    """A named recipe's method settings (protocol.RECIPES) as RunSpec overrides."""
+    from protocol import RECIPES
 
     return tuple(sorted(RECIPES[name].items()))
 

@@ -77,7 +77,7 @@ def last_accepted(run: Run) -> Mapping[str, Any]:
 
 
 def recipe_text(run: Run) -> str:
-    from worker.payloads import RECIPES
+    from protocol import RECIPES
 
     recipe = dict(run["spec"].get("recipe") or ())
     if run["spec"].get("random"):

@@ -38,11 +38,11 @@ apply_process_defaults()  # the worker's OpenMP settings, before torch is import
 import httpx
 import torch
 
+from protocol import GenerateDone, GenerateTask, SamplingParams
 from selprune.launcher import LocalStack, StackConfig, free_port
 from selprune_core.corpora import load_builtin
 from selprune_core.loading import EMBEDDED_MODEL
 from selprune_core.masks import NeuronMask
-from worker.payloads import GenerateDone, GenerateTask, SamplingParams
 from worker.runtime import ModelRuntime
 from worker.serve_engine import Event, ServeEngine
 

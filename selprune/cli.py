@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
+from protocol import EMBEDDED_MODEL, PRESETS, PruneParams
 from selprune import generate_command
 from selprune.cli_args import (
     DEFAULT_FORGET,
@@ -58,7 +59,6 @@ from selprune.launcher import (
     signals_as_interrupt,
 )
 from selprune.settings import CliSettings
-from worker.payloads import EMBEDDED_MODEL, PRESETS, PruneParams
 
 
 # --- output -----------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def _ensure_setup(cache_dir: Path, *, model: bool, corpora: bool) -> None:
 
 
 def cmd_prune(args: argparse.Namespace, settings: CliSettings) -> int:
-    from worker.payloads import PruneJob
+    from protocol import PruneJob
 
     params = PruneParams.model_validate(params_from_args(args))
     job = PruneJob.model_validate(

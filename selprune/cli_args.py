@@ -11,8 +11,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from worker.payloads import (
-    BUILTIN_DATASETS,
+from protocol import (
     EMBEDDED_MODEL,
     RECIPES,
     OffsetMode,
@@ -20,6 +19,7 @@ from worker.payloads import (
     ScoringName,
     SelectionMode,
 )
+from protocol.constants import BUILTIN_DATASETS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -40,7 +40,7 @@ class CliError(Exception):
 # --- dataset specs ----------------------------------------------------------------------------------------
 def dataset_spec(text: str) -> dict[str, Any]:
     """Parse `builtin:NAME`, `file:PATH` (relative to the data root), `inline:TEXT1|TEXT2` or `hub:ID`
-    into the wire form of a dataset reference (worker.payloads.DatasetSpec)."""
+    into the wire form of a dataset reference (protocol.DatasetSpec)."""
     kind, sep, rest = text.partition(":")
     kinds = "builtin:NAME, file:PATH, inline:TEXT1|TEXT2 or hub:ID"
     if not sep:

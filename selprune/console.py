@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from worker.payloads import JobProgress
+from protocol import JobProgress
 
 # Eval sets shown first, in this order; others follow in the order the reports list them.
 _PRIMARY_SETS = ("forget", "retain")

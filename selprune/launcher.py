@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import httpx
 
-from worker.payloads import EMBEDDED_MODEL
+from protocol import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from protocol import ErrorInfo
 from service.queue_client import QUEUE_DOWN_ERRORS
 from service.schemas import ErrorResponse
 from service.serving_client import TIMEOUT_TYPE, GenerationFailed
-from worker.payloads import ErrorInfo
 
 logger = logging.getLogger(__name__)
 

@@ -16,14 +16,8 @@ from pathlib import PurePosixPath, PureWindowsPath
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.deps import mask_id_path, mask_not_found
-from service.errors import ApiError, error_response
-from service.queue_client import QueueClient
-from service.settings import GatewaySettings
-from worker.payloads import (
-    BUILTIN_DATASETS,
+from protocol import (
     EMBEDDED_MODEL,
-    FILE_SUFFIXES,
     BuiltinData,
     DatasetSpec,
     FileData,
@@ -31,15 +25,14 @@ from worker.payloads import (
     InlineData,
     PruneParams,
 )
-from worker.payloads import (
-    FILTER_PATTERN as _FILTER,
-)
-from worker.payloads import (
-    HUB_ID_PATTERN as _HUB_ID,
-)
-from worker.payloads import (
-    PACKAGED_BUILDERS as _PACKAGED_BUILDERS,
-)
+from protocol.constants import BUILTIN_DATASETS, FILE_SUFFIXES
+from protocol.constants import FILTER_PATTERN as _FILTER
+from protocol.constants import HUB_ID_PATTERN as _HUB_ID
+from protocol.constants import PACKAGED_BUILDERS as _PACKAGED_BUILDERS
+from service.deps import mask_id_path, mask_not_found
+from service.errors import ApiError, error_response
+from service.queue_client import QueueClient
+from service.settings import GatewaySettings
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 
+from protocol import keys
 from service.queue_client import QueueClient
 from service.serving_client import ServingClient
 from service.settings import GatewaySettings
-from worker import keys
 
 QUANTILES = (0.5, 0.9, 0.99)
 

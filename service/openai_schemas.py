@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from protocol import ChatMessage, GenerateUsage, SamplingParams
 from service.schemas import SEED_LIMIT, stop_list
-from worker.payloads import ChatMessage, GenerateUsage, SamplingParams
 
 FinishReason = Literal["stop", "length"]
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions

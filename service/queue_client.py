@@ -1,6 +1,6 @@
 """QueueClient: every Redis command the gateway sends. No other module in service/ talks to Redis.
 
-Layout (names in worker/keys.py; the worker reads and writes the same keys):
+Layout (names in protocol/keys.py; the worker reads and writes the same keys):
 
 - job hash `JOB_KEY`: state, kind, tenant, payload (JSON), created_at / started_at / finished_at (unix
   seconds as strings), progress (JSON JobProgress), result (JSON), error (JSON ErrorInfo), attempts,
@@ -28,8 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import keys
-from worker.payloads import JobState
+from protocol import JobState, keys
 
 # Exceptions meaning "Redis is unreachable": the error handlers answer 503 for these.
 QUEUE_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from worker.payloads import (
+from protocol import (
     EMBEDDED_MODEL,
     ChatMessage,
     DatasetSpec,

@@ -1,6 +1,6 @@
 """ServingClient: the gateway's side of the serving lane, and its only Redis user for generation.
 
-Protocol (names in worker/keys.py, models in worker/payloads.py):
+Protocol (names in protocol/keys.py, models in protocol/generate.py):
 
 - a request is XADDed to `GENERATE_STREAM` as {"task": GenerateTask JSON}, stamped with
   `enqueued_at` = now and `deadline` = now + the timeout (a worker skips a task past its deadline);
@@ -26,8 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import TypeAdapter
 
-from worker import keys
-from worker.payloads import (
+from protocol import (
     ChatMessage,
     ErrorInfo,
     GenerateDelta,
@@ -36,6 +35,7 @@ from worker.payloads import (
     GenerateFailed,
     GenerateTask,
     SamplingParams,
+    keys,
 )
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import Field, RedisDsn, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.payloads import EMBEDDED_MODEL
+from protocol import EMBEDDED_MODEL
 
 
 def _split_commas(value: Any) -> Any:

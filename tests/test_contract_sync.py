@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import protocol as payloads
+from protocol import constants
 from selprune_core import corpora, data
-from worker import payloads
+from worker.convert import prune_config
 
 
 def test_dataset_rules_match_the_core():
-    assert set(payloads.BUILTIN_DATASETS) == set(corpora.BUILTIN_CORPORA)
-    assert payloads.FILE_SUFFIXES == data.FILE_SUFFIXES
-    assert payloads.HUB_ID_PATTERN.pattern == data._HUB_ID.pattern
-    assert payloads.FILTER_PATTERN.pattern == data._FILTER.pattern
-    assert payloads.PACKAGED_BUILDERS == data._PACKAGED_BUILDERS
+    assert set(constants.BUILTIN_DATASETS) == set(corpora.BUILTIN_CORPORA)
+    assert constants.FILE_SUFFIXES == data.FILE_SUFFIXES
+    assert constants.HUB_ID_PATTERN.pattern == data._HUB_ID.pattern
+    assert constants.FILTER_PATTERN.pattern == data._FILTER.pattern
+    assert constants.PACKAGED_BUILDERS == data._PACKAGED_BUILDERS
 
 
 def test_embedded_model_name_matches_the_core():
@@ -33,7 +35,7 @@ def test_method_names_match_the_core():
 def test_every_recipe_is_a_valid_core_config():
     for name in payloads.RECIPES:
         params = payloads.PruneParams(recipe=name)  # type: ignore[arg-type]
-        cfg = params.to_config()
+        cfg = prune_config(params)
         for field, value in payloads.RECIPES[name].items():
             assert getattr(params, field) == value
         assert cfg.offset_mode == params.offset_mode and cfg.collect.skip_first == params.skip_first

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from worker.payloads import JobProgress
+from protocol import JobProgress
 
 
 class JobContext(Protocol):

@@ -4,7 +4,7 @@ Hierarchy::
 
     Exception
     ├── JobError              the job cannot run as asked: it fails, and is not retried (caller's fault)
-    │   ├── JobPayloadError   the queued payload does not validate against worker/payloads.py
+    │   ├── JobPayloadError   the queued payload does not validate against the protocol package
     │   └── MaskNotFoundError the mask does not exist or the job's tenant may not see it
     ├── LeaseLostError        another worker took over the job: stop at once and write nothing more
     └── WorkerFatalError      this worker cannot go on (device lost, CUDA error): it exits and the

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from protocol import EvaluateJob, ExportJob, JobProgress, PruneJob
 from selprune_core.config import EvalConfig, SamplingConfig, ToxicityConfig
 from selprune_core.data import carve_validation, describe
 from selprune_core.errors import CancelledError, ConfigError
@@ -21,7 +22,7 @@ from selprune_core.pruning import Progress, StepReport, prune_iteratively
 from selprune_core.sites import resolve_sites
 from selprune_core.toxicity import get_scorer, toxicity_metric
 from worker.context import JobContext, PlotSink
-from worker.payloads import EvaluateJob, ExportJob, JobProgress, PruneJob, to_dataset_ref
+from worker.convert import prune_config, to_dataset_ref
 from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def run_job(
 
 
 def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
-    cfg = job.params.to_config()
+    cfg = prune_config(job.params)
     ctx.progress(JobProgress(phase="loading", steps=cfg.n_steps))
     loaded = runtime.model(job.model)
     ctx.progress(JobProgress(phase="resolving_data", steps=cfg.n_steps))

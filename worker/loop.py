@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import redis
 
-from worker import keys
+from protocol import keys
 
 log = logging.getLogger(__name__)
 

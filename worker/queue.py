@@ -1,6 +1,6 @@
 """The job queue: a Redis stream with one consumer group, a hash per job, and a lease per running job.
 
-Contract (key names in worker/keys.py). The gateway writes and reads these itself, without importing
+Contract (key names in protocol/keys.py). The gateway writes and reads these itself, without importing
 this module, so keep the two in step:
 
 Job hash `JOB_KEY`, all values strings:
@@ -52,8 +52,8 @@ import redis
 from pydantic import TypeAdapter, ValidationError
 from redis.client import Pipeline
 
+from protocol import AnyJob, EvaluateJob, ExportJob, JobProgress, JobState, PruneJob, keys
 from selprune_core.errors import CancelledError, SelPruneError
-from worker import keys
 from worker.context import JobContext
 from worker.errors import (
     JobError,
@@ -66,7 +66,6 @@ from worker.errors import (
     to_error_info,
 )
 from worker.loop import ensure_group, require_bytes_client, run_turns
-from worker.payloads import AnyJob, EvaluateJob, ExportJob, JobProgress, JobState, PruneJob
 from worker.redis_context import Lease, RedisJobContext, add_event
 from worker.settings import WorkerSettings
 from worker.store import MaskStore

@@ -23,9 +23,8 @@ from typing import Any, TypeVar
 import redis
 from redis.client import Pipeline
 
-from worker import keys
+from protocol import JobProgress, keys
 from worker.errors import LeaseLostError
-from worker.payloads import JobProgress
 from worker.store import MaskStore
 
 __all__ = ["Lease", "RedisJobContext", "add_event"]

@@ -17,12 +17,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from protocol import BuiltinData, FileData, HubData, InlineData
 from selprune_core.corpora import MODEL_BUILTINS
 from selprune_core.data import TextSplits, resolve_dataset
 from selprune_core.errors import ConfigError
 from selprune_core.loading import LoadedModel, load_model
 from selprune_core.self_contrast import CLEAN_NAME, TOXIC_NAME, builtin_contrast
-from worker.payloads import BuiltinData, FileData, HubData, InlineData, to_dataset_ref
+from worker.convert import to_dataset_ref
 
 log = logging.getLogger(__name__)
 

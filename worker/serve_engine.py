@@ -21,20 +21,7 @@ from typing import cast
 
 import torch
 
-from selprune_core.decoding import DecodeBatch, Generation, GenerationRow, Piece
-from selprune_core.errors import MaskMismatchError, SelPruneError
-from selprune_core.generation import apply_chat_template, encode_prompts
-from selprune_core.loading import LoadedModel
-from selprune_core.masks import MaskFactors, NeuronMask, apply_row_masks
-from worker.errors import (
-    MaskNotFoundError,
-    WorkerFatalError,
-    is_cuda_oom,
-    is_device_failure,
-    release_cuda_cache,
-)
-from worker.mask_table import MaskTable
-from worker.payloads import (
+from protocol import (
     ErrorInfo,
     GenerateChoice,
     GenerateDelta,
@@ -45,6 +32,20 @@ from worker.payloads import (
     GenerateTimings,
     GenerateUsage,
 )
+from selprune_core.decoding import DecodeBatch, Generation, GenerationRow, Piece
+from selprune_core.errors import MaskMismatchError, SelPruneError
+from selprune_core.generation import apply_chat_template, encode_prompts
+from selprune_core.loading import LoadedModel
+from selprune_core.masks import MaskFactors, NeuronMask, apply_row_masks
+from worker.convert import sampling_config
+from worker.errors import (
+    MaskNotFoundError,
+    WorkerFatalError,
+    is_cuda_oom,
+    is_device_failure,
+    release_cuda_cache,
+)
+from worker.mask_table import MaskTable
 from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,9 @@ class ServeEngine:
         for req in requests:
             for index in range(req.task.rows):
                 rows.append(
-                    GenerationRow(req.prompt_ids[index // req.task.n], req.task.sampling.to_config(index))
+                    GenerationRow(
+                        req.prompt_ids[index // req.task.n], sampling_config(req.task.sampling, index)
+                    )
                 )
                 keys.append((req.task.request_id, index))
                 slots[keys[-1]] = req.slot

@@ -1,6 +1,6 @@
 """ServeLoop: the serving lane. Pulls generation requests from Redis in batches and answers each.
 
-Contract (key names in worker/keys.py; the gateway's side is service/serving_client.py):
+Contract (key names in protocol/keys.py; the gateway's side is service/serving_client.py):
 
     request   XADD GENERATE_STREAM {"task": GenerateTask JSON}; read by the group GENERATE_GROUP
     reply     RPUSH GENERATE_REPLY_KEY <GenerateEvent JSON> (EXPIRE GENERATE_REPLY_TTL_S on every push):
@@ -34,9 +34,8 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from worker import keys
+from protocol import GenerateTask, keys
 from worker.loop import ensure_group, require_bytes_client, run_turns
-from worker.payloads import GenerateTask
 from worker.runtime import ModelRuntime
 from worker.serve_engine import Event, ServeEngine, failed
 from worker.settings import WorkerSettings

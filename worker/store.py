@@ -1,6 +1,6 @@
 """MaskStore: immutable, content-addressed neuron masks in Redis, visible per tenant.
 
-Layout (key names in worker/keys.py). The gateway reads and deletes masks itself with these commands
+Layout (key names in protocol/keys.py). The gateway reads and deletes masks itself with these commands
 (it cannot import this module's `put`, which needs torch), so this is a contract:
 
 - `MASK_KEY` (hash), one per mask id:
@@ -30,7 +30,7 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from worker import keys
+from protocol import keys
 from worker.errors import MaskNotFoundError
 
 __all__ = ["MaskStore"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from protocol import dump
 from service.deps import QueueDep, SettingsDep, TenantDep, mask_not_found
 from service.errors import ApiError, error_responses
 from service.limits import check_budget, check_datasets, check_model
 from service.routes.jobs import accept_job, new_job_id
 from service.schemas import EvaluateRequest, JobAccepted
-from worker.payloads import dump
 
 router = APIRouter(prefix="/v1", tags=["evaluate"])
 

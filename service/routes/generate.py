@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
+from protocol import GenerateDelta, GenerateDone, GenerateTask
 from service.deps import QueueDep, ServingDep, SettingsDep, TenantDep
 from service.errors import error_body, error_responses
 from service.limits import GenerationFields, check_generation
 from service.schemas import GenerateRequest, GenerateResponse
 from service.serving_client import GenerationFailed
-from worker.payloads import GenerateDelta, GenerateDone, GenerateTask
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 

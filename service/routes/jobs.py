@@ -11,12 +11,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
+from protocol import JobProgress, JobState
 from service.deps import JobIdDep, QueueDep, SettingsDep, TenantDep, job_not_found
 from service.errors import ApiError, error_responses
 from service.queue_client import QueueClient, is_finished
 from service.schemas import JobAccepted, JobList, JobStatusResponse, JobSummary
 from service.settings import GatewaySettings
-from worker.payloads import JobProgress, JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
+from protocol import ExportJob, dump
 from service.deps import MaskIdDep, QueueDep, SettingsDep, TenantDep, mask_not_found
 from service.errors import error_responses
 from service.routes.jobs import accept_job, new_job_id
 from service.schemas import JobAccepted, MaskDeleted, MaskInfo, MaskList, MaskSummary
-from worker.payloads import ExportJob, dump
 
 router = APIRouter(prefix="/v1/masks", tags=["masks"])
 

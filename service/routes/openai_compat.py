@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
+from protocol import GenerateDelta, GenerateDone
 from service.deps import QueueDep, ServingDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_body, error_responses
 from service.limits import GenerationFields, check_generation
@@ -39,7 +40,6 @@ from service.queue_client import QueueClient
 from service.routes.generate import SSE_HEADERS, unsent
 from service.serving_client import GenerationFailed
 from service.settings import GatewaySettings
-from worker.payloads import GenerateDelta, GenerateDone
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -64,11 +64,12 @@ def _retain_at(curve, forget):
 
 def test_default_recipe_keeps_more_than_the_paper_recipe(embedded):
     """Issue 9's claim on the real model, in the low-damage region it is about: after its first step
-    (2% of FF neurons) the default recipe (worker.payloads.RECIPES["selprune"]) leaves a lower retain
+    (2% of FF neurons) the default recipe (protocol.RECIPES["selprune"]) leaves a lower retain
     drop than the paper's recipe does at the same forget drop (read off the paper's 2-step curve)."""
     from dataclasses import replace
 
-    from worker.payloads import PruneParams
+    from protocol import PruneParams
+    from worker.convert import prune_config
 
     code = load_builtin("python_code", cache_dir(), max_texts=400)
     prose = load_builtin("english_prose", cache_dir())
@@ -77,7 +78,7 @@ def test_default_recipe_keeps_more_than_the_paper_recipe(embedded):
     args = (embedded.model, embedded.tokenizer, embedded.sites, embedded.fingerprint, code.train, prose.train)
     runs = {}
     for recipe, steps in (("paper", 2), ("selprune", 1)):
-        cfg = PruneParams(recipe=recipe, steps=steps, **budgets).to_config()
+        cfg = prune_config(PruneParams(recipe=recipe, steps=steps, **budgets))
         cfg = replace(cfg, eval=replace(cfg.eval, bootstrap_samples=0))
         runs[recipe] = prune_iteratively(*args, eval_sets, cfg)
     paper, ours = _curve(runs["paper"], "retain"), _curve(runs["selprune"], "retain")

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from protocol import keys
 from selprune_core.masks import NeuronMask
 from tests.helpers import CORPUS
-from worker import keys
 from worker.jobs import run_job
 from worker.queue import Worker
 from worker.runtime import ModelRuntime

@@ -11,10 +11,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from protocol import keys
 from service.main import create_app
 from service.settings import GatewaySettings
 from tests.helpers import CORPUS
-from worker import keys, plots
+from worker import plots
 from worker.jobs import run_job
 from worker.queue import Worker
 from worker.runtime import ModelRuntime

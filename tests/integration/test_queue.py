@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from protocol import JobProgress, keys
 from selprune_core.errors import CancelledError, ConfigError
 from selprune_core.masks import NeuronMask
-from worker import keys
 from worker.errors import LeaseLostError
-from worker.payloads import JobProgress
 from worker.store import MaskStore
 
 pytestmark = pytest.mark.redis

@@ -17,12 +17,11 @@ import redis
 import torch
 from pydantic import TypeAdapter
 
+from protocol import ChatMessage, GenerateEvent, GenerateTask, SamplingParams, keys
 from selprune_core.config import SamplingConfig
 from selprune_core.generation import generate
 from selprune_core.masks import NeuronMask, fold_into_weights
 from selprune_core.sites import model_fingerprint, resolve_sites
-from worker import keys
-from worker.payloads import ChatMessage, GenerateEvent, GenerateTask, SamplingParams
 from worker.runtime import ModelRuntime
 from worker.serving import ServeLoop, ensure_serve_group
 from worker.store import MaskStore

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from protocol import keys
 from selprune_core.errors import MaskMismatchError
 from selprune_core.masks import NeuronMask
-from worker import keys
 from worker.errors import MaskNotFoundError
 from worker.store import MaskStore
 

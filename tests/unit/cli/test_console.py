@@ -7,9 +7,9 @@ import io
 import pytest
 import torch
 
+from protocol import JobProgress
 from selprune.console import ConsoleContext, follow_events, format_step_line, render_table
 from selprune_core.masks import NeuronMask
-from worker.payloads import JobProgress
 
 
 def _report(step, forget, retain, ff_pruned=0, drops=None):

@@ -9,8 +9,8 @@ from typing import Any
 
 import redis
 
+from protocol import keys
 from service.auth import tenant_for_key
-from worker import keys
 
 KEY_A = "key-a-secret"
 KEY_B = "key-b-secret"

@@ -8,8 +8,7 @@ from collections.abc import Callable
 
 import redis
 
-from worker import keys
-from worker.payloads import (
+from protocol import (
     GenerateChoice,
     GenerateDelta,
     GenerateDone,
@@ -17,6 +16,7 @@ from worker.payloads import (
     GenerateTask,
     GenerateTimings,
     GenerateUsage,
+    keys,
 )
 
 Event = GenerateEvent  # delta | done | error

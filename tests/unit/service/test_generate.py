@@ -11,13 +11,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from protocol import EMBEDDED_MODEL, ErrorInfo, GenerateDelta, GenerateFailed, keys
 from selprune import generate_command
 from selprune.cli import main
 from selprune.client import ApiError, SelpruneClient
 from tests.unit.service.helpers import KEY_A, TENANT_A, TENANT_B, assert_error, auth, put_mask, snapshot
 from tests.unit.service.responder import Responder, done_for
-from worker import keys
-from worker.payloads import EMBEDDED_MODEL, ErrorInfo, GenerateDelta, GenerateFailed
 
 pytestmark = pytest.mark.redis
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from protocol import keys
 from tests.unit.service.helpers import assert_error, put_job
-from worker import keys
 
 pytestmark = pytest.mark.redis
 

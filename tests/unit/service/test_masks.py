@@ -6,9 +6,8 @@ import json
 
 import pytest
 
+from protocol import EvaluateJob, keys
 from tests.unit.service.helpers import assert_error, put_mask, snapshot
-from worker import keys
-from worker.payloads import EvaluateJob
 
 pytestmark = pytest.mark.redis
 

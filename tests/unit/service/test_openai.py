@@ -9,9 +9,9 @@ import json
 import openai
 import pytest
 
+from protocol import EMBEDDED_MODEL, ErrorInfo, GenerateDelta, GenerateFailed
 from tests.unit.service.helpers import KEY_A, KEY_B, TENANT_A, TENANT_B, assert_error, put_mask, snapshot
 from tests.unit.service.responder import Responder
-from worker.payloads import EMBEDDED_MODEL, ErrorInfo, GenerateDelta, GenerateFailed
 
 pytestmark = pytest.mark.redis
 M = EMBEDDED_MODEL

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from protocol import keys
 from tests.unit.service.helpers import KEY_A, KEY_B, TENANT_A, assert_error, auth, put_job
-from worker import keys
 
 pytestmark = pytest.mark.redis
 

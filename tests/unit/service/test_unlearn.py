@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
+from protocol import PruneJob, keys
 from tests.unit.service.helpers import assert_error, snapshot
-from worker import keys
-from worker.payloads import PruneJob
 
 pytestmark = pytest.mark.redis
 
@@ -168,8 +167,8 @@ def test_allow_any_model(make_client):
 
 
 def test_detox_preset_fills_the_job_and_explicit_fields_win():
+    from protocol import PRESETS
     from service.schemas import UnlearnRequest
-    from worker.payloads import PRESETS
 
     req = UnlearnRequest.model_validate({"preset": "detox"})
     preset = PRESETS["detox"]

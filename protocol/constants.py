@@ -1,0 +1,55 @@
+"""Names and rules both sides of the wire agree on: the embedded model, the method vocabularies and
+the dataset-reference rules the gateway checks before queueing.
+
+The core has its own copies (the gateway cannot import it); tests/test_contract_sync.py keeps them equal.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+SCHEMA_VERSION = 1
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+MetricName = Literal["next_token", "toxicity"]
+# Copies of the core's names (the gateway cannot import it); tests/test_contract_sync.py keeps them equal.
+ScoringName = Literal[
+    "freq",
+    "abs",
+    "rms",
+    "std",
+    "sqrt",
+    "mean",
+    "rand",
+    "legacy_rms",
+    "legacy_std",
+    "dev",
+    "abs_out",
+    "rms_out",
+    "dev_out",
+    "taylor",
+    "taylor_mean",
+]
+OffsetMode = Literal["zero", "retain_mean"]
+SelectionMode = Literal["global", "per_layer"]
+RecipeName = Literal["selprune", "paper"]
+
+
+# Dataset references: the rules the gateway checks before queueing.
+BUILTIN_DATASETS = (
+    "python_code",
+    "english_prose",
+    "toxic",
+    "toxic_prompts",
+    "toxic_continuations",
+    "clean_continuations",
+)
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# Ids that datasets.load_dataset treats as local-file builders: as hub ids they would escape the data root.
+PACKAGED_BUILDERS = frozenset(
+    "arrow audiofolder cache csv eval generator hdf5 imagefolder json lance niftifolder pandas parquet "
+    "pdffolder spark sql text videofolder webdataset xml".split()
+)
+FILTER_PATTERN = re.compile(r"\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*")

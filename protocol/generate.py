@@ -1,0 +1,108 @@
+"""The serving lane's messages.
+
+A generation request crosses as one GenerateTask (stream entry field "task"); the worker answers on
+the request's reply list (keys.GENERATE_REPLY_KEY) with GenerateEvent items: deltas when streaming,
+then exactly one `done` or `error`. Caps (prompt size, max_new_tokens, rows) are the gateway's job;
+the worker re-checks what only it can measure (prompt tokens, the model's context length).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from protocol.base import ErrorInfo, Strict
+from protocol.constants import EMBEDDED_MODEL
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingParams(Strict):
+    """Decoding settings of one request; every row of the request uses them."""
+
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="1 = off")
+    top_k: int = Field(default=0, ge=0, description="0 = off")
+    seed: int | None = Field(default=None, description="row i samples with seed + i; None = random")
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    ignore_eos: bool = Field(default=False, description="keep generating past EOS (for benchmarks)")
+
+
+class GenerateTask(Strict):
+    """One generation request for the serving lane: len(prompts) x n rows (or n rows for a chat),
+    all on one model and one mask. Row i = prompt i // n, sample i % n; choice index = row index."""
+
+    schema_version: Literal[1] = 1
+    request_id: str
+    tenant: str
+    model: str = EMBEDDED_MODEL
+    mask_id: str | None = None
+    prompts: list[str] | None = None  # raw text, tokenized with the tokenizer's special tokens
+    messages: list[ChatMessage] | None = None  # rendered with the model's chat template
+    n: int = Field(default=1, ge=1)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    stream: bool = False  # send `delta` events as text is produced
+    enqueued_at: float  # unix seconds, set by the gateway
+    deadline: float  # unix seconds; past it the gateway has given up, so the worker skips the task
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateTask:
+        if (self.prompts is None) == (self.messages is None):
+            raise ValueError("exactly one of prompts and messages must be given")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("prompts must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+    @property
+    def rows(self) -> int:
+        return (len(self.prompts) if self.prompts is not None else 1) * self.n
+
+
+class GenerateDelta(Strict):
+    kind: Literal["delta"] = "delta"
+    index: int  # the choice (row) this text extends
+    text: str
+
+
+class GenerateChoice(Strict):
+    index: int
+    text: str  # cut before the first stop string
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateUsage(Strict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateTimings(Strict):
+    queue_ms: float  # enqueued_at -> the batch holding this request started
+    model_ms: float  # time the batch spent in the model (prefill + decoding + sampling)
+    batch_rows: int  # rows in that batch, this request's and others'
+
+
+class GenerateDone(Strict):
+    kind: Literal["done"] = "done"
+    model: str
+    mask_id: str | None
+    choices: list[GenerateChoice]
+    usage: GenerateUsage
+    timings: GenerateTimings
+
+
+class GenerateFailed(Strict):
+    kind: Literal["error"] = "error"
+    error: ErrorInfo
+
+
+GenerateEvent = Annotated[GenerateDelta | GenerateDone | GenerateFailed, Field(discriminator="kind")]
