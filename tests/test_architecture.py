@@ -90,7 +90,9 @@ def test_gateway_import_leaves_torch_out():
 
 
 def test_wire_contract_imports_light():
-    modules = ", ".join(f"protocol.{p.stem}" for p in (ROOT / "protocol").glob("*.py") if p.stem != "__init__")
+    modules = ", ".join(
+        f"protocol.{p.stem}" for p in (ROOT / "protocol").glob("*.py") if p.stem != "__init__"
+    )
     loaded = loaded_after(f"import protocol, {modules}")
     assert not {*HEAVY, "redis", "fastapi", "worker", "service"} & set(loaded)
 
