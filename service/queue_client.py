@@ -7,8 +7,8 @@ Layout (names in protocol/keys.py; the worker reads and writes the same keys):
   cancel_requested ("1"). Step reports (JSON) in the list `JOB_STEPS_KEY`, step 0 first.
 - job plot `JOB_PLOT_KEY`: PNG bytes of a prune job's trade-off plot, written by the worker per step.
 - job events stream `JOB_EVENTS_KEY`: entries with `event` (progress|step|state) and `data` (JSON).
-- enqueue is one MULTI: HSET job hash, ZADD `TENANT_JOBS_KEY` and `ALL_JOBS_KEY` (score created_at),
-  XADD `JOB_STREAM` {"job_id": id}. An idempotency key is claimed first with SET NX.
+- enqueue, cancel and mask delete are the protocol's scripts (protocol/scripts.py), which the worker
+  side shares.
 - mask hash `MASK_KEY`: bits (safetensors bytes), meta (JSON); the tenants that may see a mask are the
   sorted set `TENANT_MASKS_KEY` per tenant and the set `MASK_TENANTS_KEY` per mask.
 
@@ -28,39 +28,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from protocol import JobState, keys
+from protocol import JobProgress, JobState, keys, scripts
 
 # Exceptions meaning "Redis is unreachable": the error handlers answer 503 for these.
 QUEUE_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
 
-EVENTS_MAXLEN = 10_000  # approximate cap on one job's events stream
 _FINISHED = tuple(s.value for s in JobState if s.finished)
-
-# Cancel atomically, so a worker that takes the job at the same moment sees a consistent hash.
-# KEYS: job hash, events stream. ARGV: now, state event data. Returns {state before, state after}.
-_CANCEL_LUA = """
-local st = redis.call('HGET', KEYS[1], 'state')
-if not st then return false end
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return {st, st} end
-redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-if st == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'state', 'data', ARGV[2])
-  return {st, 'cancelled'}
-end
-return {st, st}
-"""
-
-# Drop a tenant's claim on a mask; delete the mask once its owners set has emptied (a mask whose owners
-# set does not list this tenant is left alone). KEYS: tenant masks zset, owners set, mask hash.
-# ARGV: mask id, tenant. Returns 1 if the tenant held the mask.
-_DELETE_MASK_LUA = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-if redis.call('SREM', KEYS[2], ARGV[2]) == 1 and redis.call('SCARD', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[3])
-end
-return 1
-"""
 
 
 def _s(value: Any) -> str:
@@ -143,37 +116,16 @@ class QueueClient:
         Returns (job id, created). With an idempotency key already used by this tenant, returns the
         job it created and queues nothing.
         """
-        job_id, tenant = str(payload["job_id"]), str(payload["tenant"])
-        idem = keys.IDEMPOTENCY_KEY.format(tenant=tenant, key=idempotency_key) if idempotency_key else None
-        if idem is not None and not await self.redis.set(idem, job_id, nx=True, ex=idempotency_ttl_s):
-            existing = await self.redis.get(idem)
-            if existing is not None and await self.redis.exists(keys.JOB_KEY.format(job_id=_s(existing))):
-                return _s(existing), False
-            await self.redis.set(idem, job_id, ex=idempotency_ttl_s)  # the job it named is gone
-        now = time.time()
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    keys.JOB_KEY.format(job_id=job_id),
-                    mapping={
-                        "state": JobState.queued.value,
-                        "kind": str(payload["job_kind"]),
-                        "tenant": tenant,
-                        "payload": json.dumps(payload),
-                        "created_at": repr(now),
-                        "progress": json.dumps(progress),
-                        "attempts": "0",
-                    },
-                )
-                pipe.zadd(keys.TENANT_JOBS_KEY.format(tenant=tenant), {job_id: now})
-                pipe.zadd(keys.ALL_JOBS_KEY, {job_id: now})
-                pipe.xadd(keys.JOB_STREAM, {"job_id": job_id})
-                await pipe.execute()
-        except BaseException:
-            if idem is not None:
-                await self.redis.delete(idem)
-            raise
-        return job_id, True
+        op = scripts.enqueue_job(
+            payload,
+            tenant=str(payload["tenant"]),
+            kind=str(payload["job_kind"]),
+            now=time.time(),
+            progress=JobProgress.model_validate(progress),
+            idempotency_key=idempotency_key,
+            idempotency_ttl_s=idempotency_ttl_s,
+        )
+        return await scripts.call_async(self.redis, op)
 
     async def get_job(self, job_id: str, tenant: str, *, with_steps: bool = True) -> JobRecord | None:
         """The job and its step reports, or None when unknown or another tenant's."""
@@ -224,17 +176,9 @@ class QueueClient:
 
     async def cancel(self, job_id: str, tenant: str) -> tuple[str, str] | None:
         """Ask a job to stop; a queued job is cancelled at once. Returns (state before, state after)."""
-        job_key = keys.JOB_KEY.format(job_id=job_id)
-        if _s(await self.redis.hget(job_key, "tenant") or b"") != tenant:
-            return None
-        data = json.dumps({"type": "state", "job_id": job_id, "state": JobState.cancelled.value})
-        events_key = keys.JOB_EVENTS_KEY.format(job_id=job_id)
-        result = await self.redis.eval(
-            _CANCEL_LUA, 2, job_key, events_key, repr(time.time()), data, EVENTS_MAXLEN
+        return await scripts.call_async(
+            self.redis, scripts.cancel_job(job_id, tenant=tenant, now=time.time())
         )
-        if not result:
-            return None
-        return _s(result[0]), _s(result[1])
 
     async def job_fields(self, job_id: str) -> dict[str, str]:
         return _decode_hash(await self.redis.hgetall(keys.JOB_KEY.format(job_id=job_id)))
@@ -292,16 +236,8 @@ class QueueClient:
 
     async def delete_mask(self, mask_id: str, tenant: str) -> bool:
         """Remove the tenant's claim; the mask's data goes once no tenant holds it."""
-        held = await self.redis.eval(
-            _DELETE_MASK_LUA,
-            3,
-            keys.TENANT_MASKS_KEY.format(tenant=tenant),
-            keys.MASK_TENANTS_KEY.format(mask_id=mask_id),
-            keys.MASK_KEY.format(mask_id=mask_id),
-            mask_id,
-            tenant,
-        )
-        return bool(held)
+        op = scripts.delete_mask(mask_id, tenant=tenant)
+        return await scripts.call_async(self.redis, op) is not scripts.MaskRelease.not_held
 
     # Metrics -----------------------------------------------------------------------------------------
     async def queue_depth(self) -> tuple[int, int]:

@@ -12,12 +12,21 @@ Hierarchy::
 
 Names are stable: a failed job stores `to_error_info(exc)`, and the gateway maps the type name to an
 HTTP status.
+
+`classify` sorts any exception a job or a serving batch raises into one `Outcome`, so the two lanes
+agree on what is the caller's fault, what is the device's, and when the process must exit.
 """
 
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from selprune_core.errors import CancelledError, SelPruneError
 
 __all__ = [
     "JobError",
@@ -29,6 +38,8 @@ __all__ = [
     "is_cuda_oom",
     "is_device_failure",
     "release_cuda_cache",
+    "Outcome",
+    "classify",
 ]
 
 # Long messages (pydantic errors on big payloads) are cut, so a job hash stays small.
@@ -64,6 +75,36 @@ def to_error_info(exc: BaseException) -> dict[str, Any]:
     if len(message) > _MAX_MESSAGE_CHARS:
         message = message[:_MAX_MESSAGE_CHARS] + " [truncated]"
     return {"type": type(exc).__name__, "message": message}
+
+
+class Outcome(Enum):
+    """What an exception means for the work that raised it and for the worker."""
+
+    cancelled = "cancelled"  # the caller asked to stop
+    fenced = "fenced"  # another worker owns the job now: write nothing
+    rejected = "rejected"  # the caller's fault (bad input, unknown mask): fail, do not retry
+    infrastructure = "infrastructure"  # Redis, or a fatal error already raised: leave it for a retry
+    out_of_memory = "out_of_memory"  # the device is fine: fail this work, free the cache, go on
+    device_failure = "device_failure"  # the device is suspect: fail this work, then the worker exits
+    internal = "internal"  # a bug: fail this work with its traceback logged
+
+
+def classify(exc: BaseException) -> Outcome:
+    """The `Outcome` of `exc`. An out-of-memory error frees the device cache on the way."""
+    if isinstance(exc, LeaseLostError):
+        return Outcome.fenced
+    if isinstance(exc, CancelledError):
+        return Outcome.cancelled
+    if isinstance(exc, JobError | SelPruneError | ValidationError):
+        return Outcome.rejected
+    if isinstance(exc, redis.RedisError | WorkerFatalError):
+        return Outcome.infrastructure
+    if is_cuda_oom(exc):
+        release_cuda_cache()
+        return Outcome.out_of_memory
+    if is_device_failure(exc):
+        return Outcome.device_failure
+    return Outcome.internal
 
 
 def _torch_if_loaded() -> Any:

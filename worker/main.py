@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import redis
 from pydantic import ValidationError
 
+from worker.consumer import Job, Worker, ensure_group
 from worker.context import JobContext
 from worker.errors import WorkerFatalError
-from worker.queue import Job, Worker, ensure_group
 from worker.settings import WorkerSettings, get_settings
 
 if TYPE_CHECKING:

@@ -1,119 +1,40 @@
-"""The job lease, and RedisJobContext: worker/context.py's JobContext on Redis.
+"""RedisJobContext: worker/context.py's JobContext on Redis.
 
-A worker runs a job only while it holds the job's lease: `JOB_LEASE_KEY` set with SET NX PX to a
-token unique to this run, renewed by a heartbeat thread. A worker that stalls past the TTL (a long
-pause, a partition) can find the lease taken by another worker; from then on it is *fenced off*:
-every write that matters (a step, the final state) is a WATCH/MULTI transaction that first checks the
-lease still holds our token, so a fenced-off worker never appends a duplicate step or overwrites the
-new holder's result.
-
-Events go to the job's stream `JOB_EVENTS_KEY` as entries {"event": progress|step|state, "data": JSON}.
+Every write that matters (a step, a mask, the plot) goes through the job's lease (worker/lease.py), so
+a fenced-off worker writes nothing. Events go to the job's stream `JOB_EVENTS_KEY` in the protocol's
+layout (protocol/job_hash.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
-import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import redis
 from redis.client import Pipeline
 
 from protocol import JobProgress, keys
+from protocol.job_hash import event_fields, job_fields
 from worker.errors import LeaseLostError
+from worker.lease import Lease
 from worker.store import MaskStore
 
-__all__ = ["Lease", "RedisJobContext", "add_event"]
+__all__ = ["RedisJobContext", "add_event"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
-# Renew our lease; take it back if it expired and nobody else took it (nobody ran the job meanwhile:
-# running needs the lease). KEYS: lease. ARGV: token, ttl ms. Returns 1 if held after the call.
-_RENEW_LUA = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-elseif not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# Delete the lease only if it is still ours. KEYS: lease. ARGV: token.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-def add_event(pipe: Pipeline, job_id: str, event: str, data: dict[str, Any]) -> None:
+def add_event(pipe: Pipeline, job_id: str, event: str, data: Mapping[str, Any] | str) -> None:
     """Queue an XADD of one event on the job's events stream (capped at about JOB_EVENTS_MAXLEN)."""
     pipe.xadd(
         keys.JOB_EVENTS_KEY.format(job_id=job_id),
-        {"event": event, "data": json.dumps(data)},
+        event_fields(event, data),  # type: ignore[arg-type]  # redis-py's field type is invariant
         maxlen=keys.JOB_EVENTS_MAXLEN,
         approximate=True,
     )
-
-
-class Lease:
-    """This worker's claim on one job. `lost` is set once the lease turns out to be someone else's."""
-
-    def __init__(self, redis_client: redis.Redis, job_id: str, owner: str, ttl_seconds: float) -> None:
-        self.redis = redis_client
-        self.key = keys.JOB_LEASE_KEY.format(job_id=job_id)
-        self.token = f"{owner}:{secrets.token_hex(4)}"  # unique per run, even for the same worker
-        self.ttl_ms = max(1, int(ttl_seconds * 1000))
-        self.lost = threading.Event()
-        self._renew = redis_client.register_script(_RENEW_LUA)
-        self._release = redis_client.register_script(_RELEASE_LUA)
-
-    def acquire(self) -> bool:
-        """Take the lease if nobody holds it."""
-        return bool(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms))
-
-    def holder(self) -> str | None:
-        raw = self.redis.get(self.key)
-        return raw.decode() if isinstance(raw, bytes) else raw
-
-    def renew(self) -> bool:
-        """Extend the TTL; False (and `lost` set) when another worker holds the lease now."""
-        if self.lost.is_set():
-            return False
-        if self._renew(keys=[self.key], args=[self.token, self.ttl_ms]) == 1:
-            return True
-        self.lost.set()
-        return False
-
-    def release(self) -> None:
-        self._release(keys=[self.key], args=[self.token])
-
-    def transaction(self, func: Callable[[Pipeline], T], *also_watch: str) -> tuple[bool, T | None]:
-        """Run `func` in a WATCH/MULTI transaction on the lease (and `also_watch` keys), only while
-        the lease is ours. `func` may read in immediate mode, then calls `pipe.multi()` and queues
-        writes; it is retried if a watched key changes. Returns (held, func's value)."""
-
-        while True:
-            with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(self.key, *also_watch)  # type: ignore[no-untyped-call]  # untyped in redis-py
-                    raw = pipe.get(self.key)
-                    if (raw.decode() if isinstance(raw, bytes) else raw) != self.token:
-                        self.lost.set()
-                        return False, None
-                    value = func(pipe)
-                    pipe.execute()
-                    return True, value
-                except redis.WatchError:
-                    continue  # a watched key changed (a renewal, a cancel request): read again
 
 
 class RedisJobContext:
@@ -150,7 +71,7 @@ class RedisJobContext:
             return  # fenced off: the job's new holder reports its progress
         data = progress.model_dump(mode="json")
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self._job_key, "progress", json.dumps(data))
+            pipe.hset(self._job_key, mapping=job_fields(progress=progress))  # type: ignore[arg-type]
             add_event(pipe, self.job_id, "progress", {"type": "progress", **data})
             pipe.execute()
 
@@ -165,7 +86,7 @@ class RedisJobContext:
             pipe.multi()
             pipe.rpush(self._steps_key, json.dumps(report))
             pipe.set(self._checkpoint_key, checkpoint)
-            pipe.hset(self._job_key, "progress", json.dumps(progress))
+            pipe.hset(self._job_key, mapping=job_fields(progress=progress))  # type: ignore[arg-type]
             add_event(pipe, self.job_id, "step", {"type": "step", "report": report})
             pipe.lpush(keys.STEP_DURATIONS_KEY, f"{seconds:.3f}")
             pipe.ltrim(keys.STEP_DURATIONS_KEY, 0, keys.DURATIONS_KEPT - 1)

@@ -40,10 +40,9 @@ from selprune_core.masks import MaskFactors, NeuronMask, apply_row_masks
 from worker.convert import sampling_config
 from worker.errors import (
     MaskNotFoundError,
+    Outcome,
     WorkerFatalError,
-    is_cuda_oom,
-    is_device_failure,
-    release_cuda_cache,
+    classify,
 )
 from worker.mask_table import MaskTable
 from worker.runtime import ModelRuntime
@@ -254,15 +253,15 @@ class ServeEngine:
             requests += list(self._active.requests.values())
         self._active = None
         rows = sum(r.task.rows for r in requests)
-        if is_cuda_oom(exc):
-            release_cuda_cache()
+        outcome = classify(exc)
+        if outcome is Outcome.out_of_memory:
             log.warning("serving batch of %d rows ran out of device memory", rows)
             message = f"out of device memory on a batch of {rows} rows; retry, or ask for fewer tokens"
             reply([(r.task, failed("OutOfMemory", message)) for r in requests])
             return
         log.exception("serving batch of %d rows failed", rows, exc_info=exc)
         reply([(r.task, failed("InternalError", f"generation failed: {exc}")) for r in requests])
-        if is_device_failure(exc):  # the device is suspect: stop serving so the worker restarts
+        if outcome is Outcome.device_failure:  # the device is suspect: stop serving so the worker restarts
             raise WorkerFatalError(f"device failure while serving: {exc}") from exc
 
     # Steps --------------------------------------------------------------------------------------------

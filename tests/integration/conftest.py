@@ -1,6 +1,7 @@
 """Integration fixtures: a bytes Redis client on the test server, worker settings and a worker factory.
 
-Workers here are the real `worker.queue.Worker`; only the job function (the runner) is the test's
+Workers here are the real `worker.consumer.Worker`; jobs are enqueued, cancelled and read with the
+production code (tests/integration/records.py); only the job function (the runner) is the test's
 own, which is a seam we own. Threaded workers are stopped and joined at teardown, and an exception
 in one fails the test.
 """
@@ -19,7 +20,8 @@ from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.settings import GatewaySettings
-from worker.queue import JobQueue, Runner, Worker
+from tests.integration.records import Jobs, Masks
+from worker.consumer import Runner, Worker
 from worker.settings import WorkerSettings
 
 # Short timings so crash recovery and lease expiry take about a second, not a minute.
@@ -36,8 +38,14 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def queue(client: redis.Redis) -> JobQueue:
-    return JobQueue(client)
+def queue(client: redis.Redis) -> Jobs:
+    """Jobs of "tenant-a" (the tenant the queue tests use)."""
+    return Jobs(client, tenant="tenant-a")
+
+
+@pytest.fixture
+def masks(client: redis.Redis, redis_url: str) -> Masks:
+    return Masks(client, redis_url)
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import redis
 from protocol import keys
 from selprune_core.masks import NeuronMask
 from tests.helpers import CORPUS
+from worker.consumer import Worker
 from worker.jobs import run_job
-from worker.queue import Worker
 from worker.runtime import ModelRuntime
 from worker.settings import WorkerSettings
 

@@ -16,8 +16,8 @@ from service.main import create_app
 from service.settings import GatewaySettings
 from tests.helpers import CORPUS
 from worker import plots
+from worker.consumer import Worker
 from worker.jobs import run_job
-from worker.queue import Worker
 from worker.runtime import ModelRuntime
 from worker.settings import WorkerSettings
 

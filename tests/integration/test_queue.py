@@ -19,7 +19,6 @@ from protocol import JobProgress, keys
 from selprune_core.errors import CancelledError, ConfigError
 from selprune_core.masks import NeuronMask
 from worker.errors import LeaseLostError
-from worker.store import MaskStore
 
 pytestmark = pytest.mark.redis
 
@@ -87,7 +86,7 @@ def stepping_runner(n_steps: int = 4):
 
 
 # Round trip --------------------------------------------------------------------------------------
-def test_enqueue_run_succeeds_with_progress_steps_and_events(queue, client, make_worker):
+def test_enqueue_run_succeeds_with_progress_steps_and_events(queue, masks, client, make_worker):
     job_id, created = queue.enqueue(prune_payload(), tenant=TENANT, kind="prune")
     assert created
     job = queue.get_job(job_id)
@@ -119,7 +118,7 @@ def test_enqueue_run_succeeds_with_progress_steps_and_events(queue, client, make
     assert not client.exists(keys.JOB_LEASE_KEY.format(job_id=job_id))
     assert client.llen(keys.JOB_DURATIONS_KEY) == 1 and client.llen(keys.STEP_DURATIONS_KEY) == 2
     assert not client.exists(keys.WORKER_HEARTBEAT_KEY.format(worker_id=worker.id))
-    assert MaskStore(client).get_meta(mask_after(2).mask_id, TENANT)["job_id"] == job_id
+    assert masks.get_meta(mask_after(2).mask_id, TENANT)["job_id"] == job_id
 
 
 def test_idempotency_key_returns_the_first_job(queue, client):
@@ -142,7 +141,7 @@ DOOMED_WORKER = textwrap.dedent(
     import sys, time
     import redis, torch
     from selprune_core.masks import NeuronMask
-    from worker.queue import Worker
+    from worker.consumer import Worker
     from worker.settings import WorkerSettings
 
     def mask_after(step):
@@ -162,7 +161,9 @@ DOOMED_WORKER = textwrap.dedent(
 )
 
 
-def test_killed_worker_job_is_reclaimed_and_resumes_from_checkpoint(queue, client, redis_url, start_worker):
+def test_killed_worker_job_is_reclaimed_and_resumes_from_checkpoint(
+    queue, masks, client, redis_url, start_worker
+):
     job_id, _ = queue.enqueue(prune_payload(), tenant=TENANT, kind="prune")
     doomed = subprocess.Popen([sys.executable, "-c", DOOMED_WORKER, redis_url], cwd=REPO)
     try:
@@ -184,14 +185,14 @@ def test_killed_worker_job_is_reclaimed_and_resumes_from_checkpoint(queue, clien
         d for name, d in event_types(client, job_id) if name == "state" and d["state"] == "succeeded"
     ]
     assert len(succeeded) == 1 and client.llen(keys.JOB_DURATIONS_KEY) == 1
-    masks = MaskStore(client).list(TENANT)
-    assert [m["mask_id"] for m in masks] == [mask_after(4).mask_id] == [job["result"]["mask_id"]]
+    held = masks.list(TENANT)
+    assert [m["mask_id"] for m in held] == [mask_after(4).mask_id] == [job["result"]["mask_id"]]
     assert pending_count(client) == 0 and client.llen(keys.DEAD_LETTER_KEY) == 0
 
 
 # Leases ------------------------------------------------------------------------------------------
 def test_two_workers_never_run_the_same_job(queue, client, start_worker, caplog):
-    caplog.set_level(logging.DEBUG, logger="worker.queue")
+    caplog.set_level(logging.DEBUG, logger="worker.consumer")
     job_id, _ = queue.enqueue(prune_payload(), tenant=TENANT, kind="prune")
 
     def slow_runner(job, ctx):
@@ -220,7 +221,7 @@ def test_entry_leased_by_a_live_worker_is_left_alone(queue, client, make_worker)
     assert queue.get_job(job_id)["attempts"] == 0
 
 
-def test_fenced_off_worker_writes_nothing(queue, client, make_worker):
+def test_fenced_off_worker_writes_nothing(queue, masks, client, make_worker):
     job_id, _ = queue.enqueue(prune_payload(), tenant=TENANT, kind="prune")
     lease_key = keys.JOB_LEASE_KEY.format(job_id=job_id)
     seen = {}
@@ -237,7 +238,7 @@ def test_fenced_off_worker_writes_nothing(queue, client, make_worker):
     make_worker(stalled_runner, lease_seconds=0.3).run(burst=True)
     job = queue.get_job(job_id)
     assert seen["fenced"] and job["state"] == "running" and "result" not in job
-    assert queue.steps(job_id) == [] and pending_count(client) == 1 and MaskStore(client).list(TENANT) == []
+    assert queue.steps(job_id) == [] and pending_count(client) == 1 and masks.list(TENANT) == []
     assert client.get(lease_key) == b"new-holder:token"
 
 
@@ -333,7 +334,7 @@ def test_job_that_kills_its_worker_is_dead_lettered_after_max_attempts(queue, cl
 
 
 # The real job function ---------------------------------------------------------------------------
-def test_real_prune_job_on_a_tiny_model(queue, client, make_worker, tiny_model, tokenizer, tmp_path):
+def test_real_prune_job_on_a_tiny_model(queue, masks, client, make_worker, tiny_model, tokenizer, tmp_path):
     """worker.jobs.run_job through the queue: steps, checkpoint and the final mask land in Redis."""
     from tests.helpers import CORPUS
     from worker.jobs import run_job
@@ -359,5 +360,5 @@ def test_real_prune_job_on_a_tiny_model(queue, client, make_worker, tiny_model, 
     job = queue.get_job(job_id)
     assert job["state"] == "succeeded", job.get("error")
     assert job["result"]["steps"] == 2 and len(queue.steps(job_id)) == 3  # step 0 (baseline), 1, 2
-    mask = NeuronMask.from_bytes(MaskStore(client).get_bytes(job["result"]["mask_id"], TENANT))
+    mask = NeuronMask.from_bytes(masks.get_bytes(job["result"]["mask_id"], TENANT))
     assert mask.pruned_counts()["ff"] == job["result"]["pruned"]["ff"] > 0

@@ -22,9 +22,9 @@ from selprune_core.config import SamplingConfig
 from selprune_core.generation import generate
 from selprune_core.masks import NeuronMask, fold_into_weights
 from selprune_core.sites import model_fingerprint, resolve_sites
+from tests.integration.records import store_mask
 from worker.runtime import ModelRuntime
 from worker.serving import ServeLoop, ensure_serve_group
-from worker.store import MaskStore
 
 pytestmark = pytest.mark.redis
 EVENTS: TypeAdapter[GenerateEvent] = TypeAdapter(GenerateEvent)
@@ -50,7 +50,7 @@ def _mask(loop: ServeLoop, model_dir: Path, seed: int, frac: float = 0.5) -> Neu
 
 
 def _store(client: redis.Redis, mask: NeuronMask, tenant: str = "t1") -> str:
-    return MaskStore(client).put(mask.to_bytes(), {"model": "tiny"}, tenant)
+    return store_mask(client, mask.to_bytes(), {"model": "tiny"}, tenant)
 
 
 def _send(client: redis.Redis, model_dir: Path, tenant: str = "t1", deadline_s: float = 60, **fields) -> str:

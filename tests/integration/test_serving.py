@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from selprune_core.masks import NeuronMask
 from service.main import create_app
 from service.settings import GatewaySettings
+from tests.integration import records
 from tests.unit.service.helpers import KEY_A, KEY_B, TENANT_A, TENANT_B, assert_error, auth
 from worker.runtime import ModelRuntime
 from worker.serving import ServeLoop, ensure_serve_group
-from worker.store import MaskStore
 
 pytestmark = pytest.mark.redis
 MAX_PROMPT_CHARS = 500
@@ -84,7 +84,7 @@ def store_mask(
     ff = torch.rand(sites.n_layers, sites.d_mlp, generator=g) > frac
     attn = torch.rand(sites.n_layers, sites.d_attn, generator=g) > frac
     mask = NeuronMask(loaded.fingerprint, ff, attn, sites.n_heads)
-    return MaskStore(client).put(mask.to_bytes(), {"model": str(model_dir), "name": "pruned"}, tenant)
+    return records.store_mask(client, mask.to_bytes(), {"model": str(model_dir), "name": "pruned"}, tenant)
 
 
 def test_openai_client_round_trips_completions_and_chat(gateway, model_dir):

@@ -1,4 +1,6 @@
-"""MaskStore on a real Redis: content addressing, immutability, tenant isolation, shared deletes."""
+"""Mask records on a real Redis, through the code that writes and reads them in production (a job's
+writes, the worker's and the gateway's reads, the protocol's delete): content addressing,
+immutability, tenant isolation, shared deletes."""
 
 from __future__ import annotations
 
@@ -6,10 +8,10 @@ import pytest
 import torch
 
 from protocol import keys
+from protocol.scripts import MaskRelease
 from selprune_core.errors import MaskMismatchError
 from selprune_core.masks import NeuronMask
 from worker.errors import MaskNotFoundError
-from worker.store import MaskStore
 
 pytestmark = pytest.mark.redis
 
@@ -21,8 +23,8 @@ def tiny_mask(pruned: int = 0) -> NeuronMask:
 
 
 @pytest.fixture
-def store(client):
-    return MaskStore(client)
+def store(masks):
+    return masks
 
 
 def test_put_get_list_delete(store, client):
@@ -35,14 +37,13 @@ def test_put_get_list_delete(store, client):
     second = store.put(tiny_mask(5).to_bytes(), {"name": "m2"}, "a")
     assert [m["name"] for m in store.list("a")] == ["m2", "m1"]  # newest first
 
-    assert store.delete(mask_id, "a") is True
+    assert store.delete(mask_id, "a") is MaskRelease.deleted
     assert [m["mask_id"] for m in store.list("a")] == [second]
     assert not client.exists(keys.MASK_KEY.format(mask_id=mask_id))
     assert not client.exists(keys.MASK_TENANTS_KEY.format(mask_id=mask_id))
     with pytest.raises(MaskNotFoundError):
         store.get_bytes(mask_id, "a")
-    with pytest.raises(MaskNotFoundError):
-        store.delete(mask_id, "a")
+    assert store.delete(mask_id, "a") is MaskRelease.not_held
 
 
 def test_masks_are_immutable(store, client):
@@ -64,9 +65,10 @@ def test_put_rejects_bytes_that_are_not_a_mask(store):
 
 def test_tenant_isolation(store):
     mask_id = store.put(tiny_mask(1).to_bytes(), {}, "a")
-    for read in (store.get_bytes, store.get_meta, store.delete):
-        with pytest.raises(MaskNotFoundError):
-            read(mask_id, "b")
+    with pytest.raises(MaskNotFoundError):
+        store.get_bytes(mask_id, "b")
+    assert store.get_meta(mask_id, "b") is None
+    assert store.delete(mask_id, "b") is MaskRelease.not_held
     assert store.list("b") == []
     assert store.get_meta(mask_id, "a")["mask_id"] == mask_id  # b's failed delete changed nothing
 
@@ -75,9 +77,9 @@ def test_delete_by_one_tenant_keeps_the_mask_for_another(store, client):
     data = tiny_mask(4).to_bytes()
     mask_id = store.put(data, {}, "a")
     assert store.put(data, {}, "b") == mask_id
-    assert store.delete(mask_id, "a") is False  # b still holds it
+    assert store.delete(mask_id, "a") is MaskRelease.released  # b still holds it
     with pytest.raises(MaskNotFoundError):
         store.get_bytes(mask_id, "a")
     assert store.get_bytes(mask_id, "b") == client.hget(keys.MASK_KEY.format(mask_id=mask_id), "bits")
-    assert store.delete(mask_id, "b") is True
+    assert store.delete(mask_id, "b") is MaskRelease.deleted
     assert not client.exists(keys.MASK_KEY.format(mask_id=mask_id))
