@@ -1,6 +1,6 @@
 """Algorithm settings as frozen dataclasses.
 
-Defaults follow ../shared/docs/method.md (the paper's code, read for every default) except where that
+Defaults follow docs/method.md (the paper's code, read for every default) except where that
 document says the authors' code is wrong; the fixes are named on the fields. Process settings (paths,
 devices, Redis) never live here: the worker and the CLI turn their own settings into these objects.
 """

@@ -9,8 +9,8 @@ fixed list of Llama token strings for every model (method.md §9.6); here the li
 tokenizer from the evaluation texts by `common_target_ids`.
 
 All metrics are ratios of sums over texts, so we keep one row of sums per text and bootstrap over texts
-for 95% confidence intervals. Accuracies are fractions in [0, 1]; callers that log percentages (the
-trajectory record, method.md §5.5) multiply by 100.
+for 95% confidence intervals. Accuracies are fractions in [0, 1] everywhere, the step reports included
+(the authors' trajectory record, docs/method.md §5.5, held percentages); only displays show percent.
 """
 
 from __future__ import annotations
