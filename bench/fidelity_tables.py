@@ -1,7 +1,8 @@
 """Tables, run accessors and verdicts for bench/fidelity_report.py, computed from run JSON alone.
 
-A run is the dict bench/fidelity.py writes (spec, budget, totals, steps = StepReport.as_dict()). Drops
-and their intervals come from worker/plots.drop_points, the same code that draws the plots.
+A run is the dict bench/fidelity_runner.py writes (spec, budget, totals, steps =
+StepReport.as_dict()). Drops and their intervals come from worker/plots.drop_points, the same code
+that draws the plots.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.experiments import EXPERIMENTS
 from worker.plots import Curve, DropPoint, drop_points, render_tradeoff
 
 Run = Mapping[str, Any]
@@ -196,9 +198,7 @@ def plot(
 
 
 def ordered(exp: Mapping[str, Any]) -> list[Run]:
-    """The experiment's runs in the order bench/fidelity.py plans them (the JSON sorts its keys)."""
-    from bench.fidelity import EXPERIMENTS
-
+    """The experiment's runs in the order bench/experiments.py plans them (the JSON sorts its keys)."""
     plan = [spec.name for spec in EXPERIMENTS.get(exp["experiment"], [])]
     return sorted(exp["runs"].values(), key=lambda r: plan.index(r["run"]) if r["run"] in plan else len(plan))
 

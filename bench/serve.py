@@ -39,7 +39,7 @@ import httpx
 import torch
 
 from protocol import GenerateDone, GenerateTask, SamplingParams
-from selprune.launcher import LocalStack, StackConfig, free_port
+from selprune.local_stack import LocalStack, StackConfig, free_port
 from selprune_core.corpora import load_builtin
 from selprune_core.loading import EMBEDDED_MODEL
 from selprune_core.masks import NeuronMask

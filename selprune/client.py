@@ -2,8 +2,13 @@
 
 `SelpruneClient(url, api_key)` wraps the routes the CLI uses. Errors come back as exceptions:
 `ApiError(status, type, message)` for a non-2xx answer (read from the gateway's `{"error": {...}}` body)
-and `GatewayUnreachableError` when nothing answers at the URL. Server-sent events are parsed by hand
-(`SseParser`), and `events()` reconnects with `Last-Event-ID` when the connection drops.
+and `GatewayUnreachableError` when nothing answers at the URL. Server-sent events are parsed by
+`SseParser`, and `events()` reconnects with `Last-Event-ID` when the connection drops.
+
+The parser is ours, not httpx-sse's: that one dispatches events without data (so every keep-alive
+comment after an `id:` would reach the caller as an empty "message"), refuses a response without a
+text/event-stream content type, and moves the last event id on before an event is complete, while
+resuming must start after the last event actually received.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -96,6 +101,11 @@ class SseParser:
             if event is not None:
                 events.append(event)
         return events
+
+    def events(self, chunks: Iterable[bytes]) -> Iterator[SseEvent]:
+        """The events of a byte stream, each as soon as its chunk completes it."""
+        for chunk in chunks:
+            yield from self.feed(chunk)
 
     def _line(self, line: str) -> SseEvent | None:
         if not line:
@@ -182,20 +192,16 @@ class SelpruneClient:
                 if response.status_code >= 400:
                     response.read()
                     raise _api_error(response)
-                parser = SseParser()
-                for chunk in response.iter_bytes():
-                    for event in parser.feed(chunk):
-                        data = event.json()
-                        data = data if isinstance(data, dict) else {}
-                        if event.event == "delta":
-                            on_text(str(data.get("text", "")))
-                        elif event.event == "done":
-                            return data
-                        elif event.event == "error":
-                            error = data.get("error") or {}
-                            raise ApiError(
-                                500, str(error.get("type", "Error")), str(error.get("message", ""))
-                            )
+                for event in SseParser().events(response.iter_bytes()):
+                    data = event.json()
+                    data = data if isinstance(data, dict) else {}
+                    if event.event == "delta":
+                        on_text(str(data.get("text", "")))
+                    elif event.event == "done":
+                        return data
+                    elif event.event == "error":
+                        error = data.get("error") or {}
+                        raise ApiError(500, str(error.get("type", "Error")), str(error.get("message", "")))
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         raise ClientError("the generation stream ended without a done event")
@@ -245,19 +251,18 @@ class SelpruneClient:
                         if response.status_code < 500:
                             raise error
                         raise httpx.TransportError(str(error))  # a 5xx is worth a retry
-                    for chunk in response.iter_bytes():
-                        for event in parser.feed(chunk):
-                            failures = 0
-                            delay_ms = event.retry or delay_ms
-                            data = event.json()
-                            if event.event == "step" and isinstance(data, dict):
-                                # The worker wraps the report: {"type": "step", "report": {...}}.
-                                report = data.get("report")
-                                data = report if isinstance(report, dict) else data
-                                seen_step = max(seen_step, int(data.get("step") or 0))
-                            yield event.event, data
-                            if _is_final(event.event, data):
-                                return
+                    for event in parser.events(response.iter_bytes()):
+                        failures = 0
+                        delay_ms = event.retry or delay_ms
+                        data = event.json()
+                        if event.event == "step" and isinstance(data, dict):
+                            # The worker wraps the report: {"type": "step", "report": {...}}.
+                            report = data.get("report")
+                            data = report if isinstance(report, dict) else data
+                            seen_step = max(seen_step, int(data.get("step") or 0))
+                        yield event.event, data
+                        if _is_final(event.event, data):
+                            return
                     last_id = parser.last_event_id or last_id
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 last_id = parser.last_event_id or last_id

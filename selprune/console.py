@@ -1,5 +1,7 @@
-"""What the CLI shows on a terminal: progress bars, step lines and the before/after table.
+"""What the CLI shows on a terminal: its output lines, progress bars, step lines and the before/after table.
 
+Only this module and selprune/generate_command.py (which streams generated text) write to the
+terminal: the commands write results to stdout with `out` and errors to stderr with `err`.
 `ConsoleContext` implements worker.context.JobContext for a local `selprune prune` run (progress on
 the console, steps and checkpoint in memory, masks as files). `follow_events` shows the same progress
 for a job run by a gateway, from its event stream. `render_table` draws the before/after table for
@@ -17,6 +19,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from protocol import JobProgress
+from selprune.client import ApiError
 
 # Eval sets shown first, in this order; others follow in the order the reports list them.
 _PRIMARY_SETS = ("forget", "retain")
@@ -30,6 +33,25 @@ _PHASE_LABELS = {
     "scoring": "scoring neurons",
     "done": "done",
 }
+
+
+# --- output lines ---------------------------------------------------------------------------------------
+def out(*lines: str) -> None:
+    """Write lines to stdout (results, tables, what happened)."""
+    for line in lines:
+        print(line, flush=True)
+
+
+def err(message: str) -> None:
+    """Write an error or warning to stderr."""
+    print(f"selprune: {message}", file=sys.stderr, flush=True)
+
+
+def error_text(exc: Exception) -> str:
+    """One line for a failure of the gateway or the local stack."""
+    if isinstance(exc, ApiError):
+        return f"the gateway answered {exc.status} {exc.type}: {exc.message}"
+    return str(exc)
 
 
 def phase_label(phase: str) -> str:
@@ -67,13 +89,6 @@ def _accuracy_cell(metrics: Mapping[str, Any]) -> str:
     return f"{_pct(top1)} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def relative_drop(before: float | None, after: float | None) -> float | None:
-    """(before - after) / before, as the core reports drops; None when undefined."""
-    if before is None or after is None or before == 0:
-        return None
-    return (before - after) / before
-
-
 def _set_names(first: Mapping[str, Any], last: Mapping[str, Any]) -> list[str]:
     names = list(dict.fromkeys([*(first.get("metrics") or {}), *(last.get("metrics") or {})]))
     return [n for n in _PRIMARY_SETS if n in names] + [n for n in names if n not in _PRIMARY_SETS]
@@ -83,7 +98,8 @@ def render_table(steps: Sequence[Mapping[str, Any]]) -> str:
     """The before (first report) / after (last report) table: one row per eval set.
 
     Columns: top-1 accuracy before and after with 95% CIs, the relative top-1 drop, and loss and
-    perplexity before -> after.
+    perplexity before -> after. The drop is the one the job reported with its last step (the core's,
+    against step 0), not recomputed here.
     """
     steps = [r for r in steps if r.get("accepted", True)]  # rejected trials left the mask unchanged
     if not steps:
@@ -94,9 +110,7 @@ def render_table(steps: Sequence[Mapping[str, Any]]) -> str:
     for name in _set_names(first, last):
         before = (first.get("metrics") or {}).get(name) or {}
         after = (last.get("metrics") or {}).get(name) or {}
-        drop = relative_drop(_num(before.get("top1")), _num(after.get("top1")))
-        if drop is None:  # fall back on the drop the job computed itself
-            drop = _num((last.get("drops") or {}).get(name))
+        drop = _num((last.get("drops") or {}).get(name))
         rows.append(
             [
                 name,

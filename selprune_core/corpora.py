@@ -25,8 +25,8 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from selprune_core.data import TextSplits, split_texts
 from selprune_core.errors import DatasetError, DatasetNotFoundError
+from selprune_core.splits import TextSplits, split_texts
 
 __all__ = [
     "BUILTIN_CORPORA",

@@ -13,12 +13,14 @@ import json
 import logging
 import operator
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selprune_core.corpora import load_builtin
 from selprune_core.errors import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError
+from selprune_core.splits import TextSplits, split_texts
 
 __all__ = [
     "InlineRef",
@@ -27,12 +29,10 @@ __all__ = [
     "BuiltinRef",
     "DatasetRef",
     "RowFilter",
-    "TextSplits",
     "FILE_SUFFIXES",
     "parse_filter",
     "dataset_ref_from_dict",
     "describe",
-    "split_texts",
     "carve_validation",
     "resolve_dataset",
     "total_chars",
@@ -224,37 +224,8 @@ def describe(ref: DatasetRef) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Splits
+# Splits (TextSplits and split_texts live in splits.py, which data.py and corpora.py both build on)
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TextSplits:
-    name: str  # describe(ref) of the source
-    train: tuple[str, ...]  # scored when collecting activations
-    heldout: tuple[str, ...]  # evaluated only
-
-
-def split_texts(name: str, texts: Iterable[str]) -> TextSplits:
-    """Deterministic ~90/10 split: a text is held out when sha256(text) % 10 == 0.
-
-    Hashing the text itself keeps the split stable under reordering and sends duplicates to the same side,
-    so held-out texts never leak into training. Order is preserved within each side.
-    """
-    texts = tuple(texts)
-    assert texts, f"split_texts({name!r}) needs at least one text"
-    held = [int(hashlib.sha256(t.encode()).hexdigest(), 16) % 10 == 0 for t in texts]
-    train = tuple(t for t, h in zip(texts, held, strict=True) if not h)
-    heldout = tuple(t for t, h in zip(texts, held, strict=True) if h)
-    if train and heldout:
-        return TextSplits(name, train, heldout)
-    # Tiny sets often land on one side: fall back to holding out the tail.
-    if len(texts) == 1:
-        log.warning("dataset %s has a single text: using it for both train and held-out", name)
-        return TextSplits(name, texts, texts)
-    k = max(1, len(texts) // 10)
-    log.info("dataset %s: hash split left one side empty, holding out the last %d text(s)", name, k)
-    return TextSplits(name, texts[:-k], texts[-k:])
-
-
 def carve_validation(texts: Sequence[str], share: int = 10) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Split train texts into (rest, validation): about 1 in `share` texts, chosen by a salted hash.
 
@@ -295,8 +266,6 @@ def resolve_dataset(
     name = describe(ref)
     match ref:
         case BuiltinRef():
-            from selprune_core.corpora import load_builtin  # lazy: corpora imports this module
-
             return load_builtin(ref.name, cache_dir, max_texts=max_texts)
         case InlineRef():
             texts = _take(((t, None) for t in ref.texts), None, max_texts, name)

@@ -42,9 +42,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from selprune_core.config import SamplingConfig
-from selprune_core.data import TextSplits, split_texts
 from selprune_core.errors import ConfigError, DatasetError, EmptyDatasetError
 from selprune_core.generation import generate
+from selprune_core.splits import TextSplits, split_texts
 from selprune_core.toxicity import ToxicityScorer
 
 __all__ = [

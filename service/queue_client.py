@@ -2,9 +2,8 @@
 
 Layout (names in protocol/keys.py; the worker reads and writes the same keys):
 
-- job hash `JOB_KEY`: state, kind, tenant, payload (JSON), created_at / started_at / finished_at (unix
-  seconds as strings), progress (JSON JobProgress), result (JSON), error (JSON ErrorInfo), attempts,
-  cancel_requested ("1"). Step reports (JSON) in the list `JOB_STEPS_KEY`, step 0 first.
+- job hash `JOB_KEY`: laid out and decoded by protocol/job_hash.py (`JobHash`). Step reports (JSON) in
+  the list `JOB_STEPS_KEY`, step 0 first.
 - job plot `JOB_PLOT_KEY`: PNG bytes of a prune job's trade-off plot, written by the worker per step.
 - job events stream `JOB_EVENTS_KEY`: entries with `event` (progress|step|state) and `data` (JSON).
 - enqueue, cancel and mask delete are the protocol's scripts (protocol/scripts.py), which the worker
@@ -29,11 +28,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import JobProgress, JobState, keys, scripts
+from protocol.job_hash import JobHash
 
 # Exceptions meaning "Redis is unreachable": the error handlers answer 503 for these.
 QUEUE_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
-
-_FINISHED = tuple(s.value for s in JobState if s.finished)
 
 
 def _s(value: Any) -> str:
@@ -49,7 +47,7 @@ class JobRecord:
     """A job hash (decoded) and its step reports."""
 
     job_id: str
-    fields: dict[str, str]
+    job: JobHash
     steps: list[dict[str, Any]]
 
 
@@ -133,11 +131,11 @@ class QueueClient:
             pipe.hgetall(keys.JOB_KEY.format(job_id=job_id))
             pipe.lrange(keys.JOB_STEPS_KEY.format(job_id=job_id), 0, -1)
             raw, raw_steps = await pipe.execute()
-        fields = _decode_hash(raw)
-        if not fields or fields.get("tenant") != tenant:
+        job = JobHash.decode(raw)
+        if job is None or job.tenant != tenant:
             return None
         steps = [json.loads(s) for s in raw_steps] if with_steps else []
-        return JobRecord(job_id, fields, [s for s in steps if isinstance(s, dict)])
+        return JobRecord(job_id, job, [s for s in steps if isinstance(s, dict)])
 
     async def job_plot(self, job_id: str, tenant: str) -> JobPlot | None:
         """The job's trade-off PNG (None until its first step), or None when unknown or another tenant's."""
@@ -164,24 +162,22 @@ class QueueClient:
                     pipe.hgetall(keys.JOB_KEY.format(job_id=job_id))
                 hashes = await pipe.execute()
             for job_id, raw in zip(ids, hashes, strict=True):
-                fields = _decode_hash(raw)
-                if fields.get("tenant") != tenant or (
-                    state is not None and fields.get("state") != state.value
-                ):
+                job = JobHash.decode(raw)
+                if job is None or job.tenant != tenant or (state is not None and job.state != state):
                     continue
-                out.append(JobRecord(job_id, fields, []))
+                out.append(JobRecord(job_id, job, []))
                 if len(out) >= limit:
                     break
         return out
 
-    async def cancel(self, job_id: str, tenant: str) -> tuple[str, str] | None:
+    async def cancel(self, job_id: str, tenant: str) -> tuple[JobState, JobState] | None:
         """Ask a job to stop; a queued job is cancelled at once. Returns (state before, state after)."""
         return await scripts.call_async(
             self.redis, scripts.cancel_job(job_id, tenant=tenant, now=time.time())
         )
 
-    async def job_fields(self, job_id: str) -> dict[str, str]:
-        return _decode_hash(await self.redis.hgetall(keys.JOB_KEY.format(job_id=job_id)))
+    async def job_hash(self, job_id: str) -> JobHash | None:
+        return JobHash.decode(await self.redis.hgetall(keys.JOB_KEY.format(job_id=job_id)))
 
     async def read_events(
         self, job_id: str, after: str, *, block_ms: int | None, count: int = 100
@@ -299,7 +295,3 @@ def _meta(mask_id: str, raw: Any, held_since: float) -> dict[str, Any]:
     meta.setdefault("mask_id", mask_id)
     meta.setdefault("created_at", held_since)
     return meta
-
-
-def is_finished(state: str | None) -> bool:
-    return state in _FINISHED

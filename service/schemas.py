@@ -3,7 +3,6 @@ than re-declare it; response models read the job and mask hashes the worker writ
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Literal
 
@@ -20,7 +19,6 @@ from protocol import (
     GenerateTask,
     GenerateTimings,
     GenerateUsage,
-    JobProgress,
     JobState,
     PresetName,
     PruneJob,
@@ -28,6 +26,7 @@ from protocol import (
     SamplingParams,
     apply_preset,
 )
+from protocol.job_hash import JobHash
 
 logger = logging.getLogger(__name__)
 
@@ -246,48 +245,18 @@ class StepMetrics(BaseModel):
     )
 
 
-def _json(fields: dict[str, str], key: str) -> Any:
-    raw = fields.get(key)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        logger.warning("job field %s is not JSON: %.80s", key, raw)
-        return None
-
-
-def _time(fields: dict[str, str], key: str) -> float | None:
-    try:
-        return float(fields[key]) if fields.get(key) else None
-    except ValueError:
-        return None
-
-
-def _state(raw: str | None) -> JobState:
-    try:
-        return JobState(raw or "")
-    except ValueError:
-        logger.warning("unknown job state %r, shown as running", raw)
-        return JobState.running
-
-
-def _summary_fields(job_id: str, fields: dict[str, str]) -> dict[str, Any]:
+def _summary_fields(job_id: str, job: JobHash) -> dict[str, Any]:
     """The fields JobSummary and JobStatusResponse share, read from a job hash."""
-    payload = _json(fields, "payload")
-    payload = payload if isinstance(payload, dict) else {}
-    result = _json(fields, "result")
-    error = _json(fields, "error")
     return {
         "job_id": job_id,
-        "kind": fields.get("kind") or payload.get("job_kind", "unknown"),
-        "name": payload.get("name"),
-        "state": _state(fields.get("state")),
-        "created_at": _time(fields, "created_at"),
-        "started_at": _time(fields, "started_at"),
-        "finished_at": _time(fields, "finished_at"),
-        "mask_id": result.get("mask_id") if isinstance(result, dict) else None,
-        "error": ErrorInfo.model_validate(error) if isinstance(error, dict) and "type" in error else None,
+        "kind": job.kind,
+        "name": job.payload.get("name"),
+        "state": job.state,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "mask_id": job.mask_id,
+        "error": job.error,
     }
 
 
@@ -303,8 +272,8 @@ class JobSummary(BaseModel):
     error: ErrorInfo | None = None
 
     @classmethod
-    def from_fields(cls, job_id: str, fields: dict[str, str]) -> JobSummary:
-        return cls.model_validate(_summary_fields(job_id, fields))
+    def from_job_hash(cls, job_id: str, job: JobHash) -> JobSummary:
+        return cls.model_validate(_summary_fields(job_id, job))
 
 
 class JobList(BaseModel):
@@ -327,34 +296,25 @@ class JobStatusResponse(JobSummary):
     cancel_requested: bool = False
 
     @classmethod
-    def from_job(cls, job_id: str, fields: dict[str, str], steps: list[dict[str, Any]]) -> JobStatusResponse:
-        common = _summary_fields(job_id, fields)
-        raw_progress = _json(fields, "progress")
-        progress = (
-            JobProgress.model_validate(raw_progress) if isinstance(raw_progress, dict) else JobProgress()
-        )
-        result = _json(fields, "result")
+    def from_job(cls, job_id: str, job: JobHash, steps: list[dict[str, Any]]) -> JobStatusResponse:
         metrics = []
         for report in steps:
             try:
                 metrics.append(StepMetrics.model_validate(report))
             except ValueError:
                 logger.warning("job %s: skipping a malformed step report", job_id)
-        try:
-            attempts = int(fields.get("attempts") or 0)
-        except ValueError:
-            attempts = 0
+        progress = job.progress
         return cls(
-            **common,
+            **_summary_fields(job_id, job),
             phase=progress.phase,
             step=progress.step,
             steps=progress.steps,
             tokens=progress.tokens,
             tokens_total=progress.tokens_total,
             metrics=metrics,
-            result=result if isinstance(result, dict) else None,
-            attempts=attempts,
-            cancel_requested=fields.get("cancel_requested") == "1",
+            result=job.result,
+            attempts=job.attempts,
+            cancel_requested=job.cancel_requested,
         )
 
 

@@ -29,6 +29,7 @@ CORE_FORBIDDEN = (
     "worker",
     "protocol",
 )
+PACKAGES = ("protocol", "selprune_core", "worker", "service", "selprune", "bench")
 CORE_MODULES = sorted(p.stem for p in (ROOT / "selprune_core").glob("*.py") if p.stem != "__init__")
 
 
@@ -57,9 +58,10 @@ def imports(path: Path) -> list[tuple[str, ast.AST, list[ast.AST]]]:
             if node.level:  # relative: resolve against this file's package
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parts, base] if base else parts)
-            # `from protocol import keys` imports the module protocol.keys.
+            # `from protocol import keys` imports the module protocol.keys (a name that is no module
+            # resolves to its package where that matters, in _module_graph).
             found.extend(
-                (f"{base}.{alias.name}" if base in ("worker", "service", "protocol") else base, node, parents)
+                (f"{base}.{alias.name}" if _top(base) in PACKAGES else base, node, parents)
                 for alias in node.names
             )
         for child in ast.iter_child_nodes(node):
@@ -150,3 +152,77 @@ def test_core_sources_import_nothing_of_ours_and_read_no_environment(path):
             assert not (isinstance(node.value, ast.Name) and node.value.id == "os"), (
                 f"{path.name}:{node.lineno} reads the environment; settings belong to worker/ and service/"
             )
+
+
+# Structure ------------------------------------------------------------------------------------------
+MAX_MODULE_LINES = 400
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Our modules and the modules each imports, at top level, inside functions or for type checking."""
+    modules: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            modules[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported, _, _ in imports(path):
+            # `from pkg import name` counts as importing pkg.name when that is a module.
+            for candidate in (imported, imported.rsplit(".", 1)[0]):
+                if candidate in modules and candidate != name:
+                    targets.add(candidate)
+                    break
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles_even_behind_function_level_imports():
+    assert _cycles(_module_graph()) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_over_400_lines():
+    long = {
+        str(path.relative_to(ROOT)): n
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}, f"split these along their concepts: {long}"

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from protocol import BuiltinData, FileData, HubData, InlineData
 from selprune_core.corpora import MODEL_BUILTINS
-from selprune_core.data import TextSplits, resolve_dataset
+from selprune_core.data import resolve_dataset
 from selprune_core.errors import ConfigError
 from selprune_core.loading import LoadedModel, load_model
 from selprune_core.self_contrast import CLEAN_NAME, TOXIC_NAME, builtin_contrast
+from selprune_core.splits import TextSplits
 from worker.convert import to_dataset_ref
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Response
 from protocol import dump
 from service.deps import QueueDep, SettingsDep, TenantDep, mask_not_found
 from service.errors import ApiError, error_responses
+from service.job_accept import accept_job, new_job_id
 from service.limits import check_budget, check_datasets, check_model
-from service.routes.jobs import accept_job, new_job_id
 from service.schemas import EvaluateRequest, JobAccepted
 
 router = APIRouter(prefix="/v1", tags=["evaluate"])

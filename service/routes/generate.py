@@ -7,18 +7,17 @@ import secrets
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 
 from protocol import GenerateDelta, GenerateDone, GenerateTask
+from service.deltas import unsent
 from service.deps import QueueDep, ServingDep, SettingsDep, TenantDep
 from service.errors import error_body, error_responses
 from service.limits import GenerationFields, check_generation
 from service.schemas import GenerateRequest, GenerateResponse
 from service.serving_client import GenerationFailed
+from service.sse import EventStreamResponse, format_event
 
 router = APIRouter(prefix="/v1", tags=["generate"])
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post(
@@ -34,7 +33,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 )
 async def generate(
     body: GenerateRequest, settings: SettingsDep, queue: QueueDep, serving: ServingDep, tenant: TenantDep
-) -> GenerateResponse | StreamingResponse:
+) -> GenerateResponse | EventStreamResponse:
     """Generate text from a prompt or chat messages, through a mask when `mask_id` is set."""
     model = await check_generation(
         queue,
@@ -62,16 +61,7 @@ async def generate(
     if not body.stream:
         return GenerateResponse.from_done(task, await serving.generate(task))
     events = await serving.open_stream(task)
-    return StreamingResponse(_sse(task, events), media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-def unsent(final: str, sent: str) -> str:
-    """What the final text adds to the streamed deltas (nothing when they already hold it all)."""
-    return final[len(sent) :] if final.startswith(sent) else ""
-
-
-def _event(name: str, data: str) -> str:
-    return f"event: {name}\ndata: {data}\n\n"
+    return EventStreamResponse(_sse(task, events))
 
 
 async def _sse(task: GenerateTask, events: AsyncIterator[GenerateDelta | GenerateDone]) -> AsyncIterator[str]:
@@ -82,11 +72,11 @@ async def _sse(task: GenerateTask, events: AsyncIterator[GenerateDelta | Generat
         async for event in events:
             if isinstance(event, GenerateDelta):
                 sent += event.text
-                yield _event("delta", json.dumps({"text": event.text}))
+                yield format_event(json.dumps({"text": event.text}), event="delta")
                 continue
             response = GenerateResponse.from_done(task, event)
             if rest := unsent(response.text, sent):  # the deltas always add up to the final text
-                yield _event("delta", json.dumps({"text": rest}))
-            yield _event("done", response.model_dump_json())
+                yield format_event(json.dumps({"text": rest}), event="delta")
+            yield format_event(response.model_dump_json(), event="done")
     except GenerationFailed as exc:
-        yield _event("error", json.dumps(error_body(exc.info.type, exc.info.message)))
+        yield format_event(json.dumps(error_body(exc.info.type, exc.info.message)), event="error")

@@ -1,64 +1,28 @@
-"""Jobs: status, list, server-sent events, cancel; and `accept_job`, which every enqueuing route uses."""
+"""Jobs: status, list, plot, server-sent events, cancel. Queuing one is `service.job_accept`."""
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
-from protocol import JobProgress, JobState
+from protocol import JobState
 from service.deps import JobIdDep, QueueDep, SettingsDep, TenantDep, job_not_found
 from service.errors import ApiError, error_responses
-from service.queue_client import QueueClient, is_finished
-from service.schemas import JobAccepted, JobList, JobStatusResponse, JobSummary
-from service.settings import GatewaySettings
+from service.queue_client import QueueClient
+from service.schemas import JobList, JobStatusResponse, JobSummary
+from service.sse import KEEP_ALIVE, EventStreamResponse, format_event
+
+_FINISHED = {s.value for s in JobState if s.finished}
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 _EVENT_NAME = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
-
-
-async def accept_job(
-    queue: QueueClient,
-    settings: GatewaySettings,
-    response: Response,
-    payload: dict[str, Any],
-    *,
-    steps: int = 0,
-    idempotency_key: str | None = None,
-) -> JobAccepted:
-    """Queue a validated payload; 202 for a new job, 200 for the job an idempotency key made earlier."""
-    job_id, created = await queue.enqueue(
-        payload,
-        progress=JobProgress(phase="queued", steps=steps).model_dump(mode="json"),
-        idempotency_key=idempotency_key,
-        idempotency_ttl_s=settings.idempotency_ttl_s,
-    )
-    kind, state = str(payload["job_kind"]), JobState.queued
-    if not created:
-        response.status_code = 200
-        record = await queue.get_job(job_id, str(payload["tenant"]), with_steps=False)
-        if record is not None:
-            summary = JobSummary.from_fields(job_id, record.fields)
-            kind, state = summary.kind, summary.state
-    return JobAccepted(
-        job_id=job_id,
-        kind=kind,
-        state=state,
-        created=created,
-        status_url=f"/v1/jobs/{job_id}",
-        events_url=f"/v1/jobs/{job_id}/events",
-    )
 
 
 @router.get("", response_model=JobList, responses=error_responses(401, 422, 503))
@@ -70,7 +34,7 @@ async def list_jobs(
 ) -> JobList:
     """The caller's jobs, newest first."""
     records = await queue.list_jobs(tenant, state, limit)
-    return JobList(jobs=[JobSummary.from_fields(r.job_id, r.fields) for r in records])
+    return JobList(jobs=[JobSummary.from_job_hash(r.job_id, r.job) for r in records])
 
 
 @router.get("/{job_id}", response_model=JobStatusResponse, responses=error_responses(401, 404, 503))
@@ -79,7 +43,7 @@ async def get_job(job_id: JobIdDep, queue: QueueDep, tenant: TenantDep) -> JobSt
     record = await queue.get_job(job_id, tenant)
     if record is None:
         raise job_not_found(job_id)
-    return JobStatusResponse.from_job(job_id, record.fields, record.steps)
+    return JobStatusResponse.from_job(job_id, record.job, record.steps)
 
 
 @router.get(
@@ -115,12 +79,12 @@ async def cancel_job(job_id: JobIdDep, queue: QueueDep, tenant: TenantDep) -> Jo
     if outcome is None:
         raise job_not_found(job_id)
     before, _ = outcome
-    if is_finished(before):
+    if before.finished:
         raise ApiError(409, "JobFinished", f"job {job_id!r} already {before}; nothing to cancel")
     record = await queue.get_job(job_id, tenant)
     if record is None:
         raise job_not_found(job_id)
-    return JobStatusResponse.from_job(job_id, record.fields, record.steps)
+    return JobStatusResponse.from_job(job_id, record.job, record.steps)
 
 
 @router.get(
@@ -138,22 +102,18 @@ async def job_events(
     tenant: TenantDep,
     settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> StreamingResponse:
+) -> EventStreamResponse:
     """Server-sent events of a job (progress, step, state), ending with a state event once it finishes."""
     if last_event_id is not None and not _STREAM_ID.fullmatch(last_event_id):
         raise ApiError(422, "ValidationError", "Last-Event-ID: expected a stream id like '1700000000000-0'")
     if await queue.get_job(job_id, tenant, with_steps=False) is None:
         raise job_not_found(job_id)
-    stream = _events(queue, job_id, last_event_id or "0-0", settings.sse_block_ms)
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    return EventStreamResponse(_events(queue, job_id, last_event_id or "0-0", settings.sse_block_ms))
 
 
-def _sse(event: str, data: str, id: str | None = None) -> str:
-    lines = [f"id: {id}"] if id else []
-    lines.append(f"event: {_EVENT_NAME.sub('', event) or 'progress'}")
-    lines += [f"data: {line}" for line in data.splitlines() or [""]]
-    return "\n".join(lines) + "\n\n"
+def _job_event(event: str, data: str, id: str | None = None) -> str:
+    """A job event framed; a name the worker mangled is cleaned, and an empty one is `progress`."""
+    return format_event(data, event=_EVENT_NAME.sub("", event) or "progress", id=id or None)
 
 
 def _is_terminal(event: str, data: str) -> bool:
@@ -163,7 +123,7 @@ def _is_terminal(event: str, data: str) -> bool:
         obj = json.loads(data)
     except ValueError:
         return False
-    return isinstance(obj, dict) and is_finished(obj.get("state"))
+    return isinstance(obj, dict) and obj.get("state") in _FINISHED
 
 
 async def _events(queue: QueueClient, job_id: str, after: str, block_ms: int) -> AsyncIterator[str]:
@@ -171,19 +131,21 @@ async def _events(queue: QueueClient, job_id: str, after: str, block_ms: int) ->
     while True:
         events = await queue.read_events(job_id, after, block_ms=None)
         if not events:
-            fields = await queue.job_fields(job_id)
-            if not fields:
-                yield _sse("error", json.dumps({"type": "JobNotFound", "message": f"job {job_id!r} is gone"}))
+            job = await queue.job_hash(job_id)
+            if job is None:
+                yield _job_event(
+                    "error", json.dumps({"type": "JobNotFound", "message": f"job {job_id!r} is gone"})
+                )
                 return
-            if is_finished(fields.get("state")):
-                yield _sse("state", JobSummary.from_fields(job_id, fields).model_dump_json())
+            if job.state.finished:
+                yield _job_event("state", JobSummary.from_job_hash(job_id, job).model_dump_json())
                 return
             events = await queue.read_events(job_id, after, block_ms=block_ms)
             if not events:
-                yield ": keep-alive\n\n"
+                yield KEEP_ALIVE
                 continue
         for ev in events:
-            yield _sse(ev.event, ev.data, ev.id)
+            yield _job_event(ev.event, ev.data, ev.id)
             after = ev.id
             if _is_terminal(ev.event, ev.data):
                 return

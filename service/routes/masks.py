@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from protocol import ExportJob, dump
 from service.deps import MaskIdDep, QueueDep, SettingsDep, TenantDep, mask_not_found
 from service.errors import error_responses
-from service.routes.jobs import accept_job, new_job_id
+from service.job_accept import accept_job, new_job_id
 from service.schemas import JobAccepted, MaskDeleted, MaskInfo, MaskList, MaskSummary
 
 router = APIRouter(prefix="/v1/masks", tags=["masks"])

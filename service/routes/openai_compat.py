@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 
 from protocol import GenerateDelta, GenerateDone
+from service.deltas import unsent
 from service.deps import QueueDep, ServingDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_body, error_responses
 from service.limits import GenerationFields, check_generation
@@ -37,9 +37,9 @@ from service.openai_schemas import (
     Usage,
 )
 from service.queue_client import QueueClient
-from service.routes.generate import SSE_HEADERS, unsent
 from service.serving_client import GenerationFailed
 from service.settings import GatewaySettings
+from service.sse import EventStreamResponse, format_event
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -95,7 +95,7 @@ async def _check(
 )
 async def completions(
     body: CompletionRequest, settings: SettingsDep, queue: QueueDep, serving: ServingDep, tenant: TenantDep
-) -> Completion | StreamingResponse:
+) -> Completion | EventStreamResponse:
     """OpenAI's text completions: each prompt continued n times."""
     prompts, n = body.prompts(), body.n or 1
     max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
@@ -152,7 +152,7 @@ async def chat_completions(
     queue: QueueDep,
     serving: ServingDep,
     tenant: TenantDep,
-) -> ChatCompletion | StreamingResponse:
+) -> ChatCompletion | EventStreamResponse:
     """OpenAI's chat completions: n replies to a conversation, rendered with the model's chat template."""
     messages, n = body.chat(), body.n or 1
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -222,17 +222,18 @@ async def list_models(settings: SettingsDep, queue: QueueDep, tenant: TenantDep)
     return ModelList(data=data)
 
 
-def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(_data_lines(chunks), media_type="text/event-stream", headers=SSE_HEADERS)
+def _stream(chunks: AsyncIterator[str]) -> EventStreamResponse:
+    return EventStreamResponse(_data_lines(chunks))
 
 
 async def _data_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Each chunk as a bare `data:` event, a failure as a last `{"error": ...}` one, then `[DONE]`."""
     try:
         async for data in chunks:
-            yield f"data: {data}\n\n"
+            yield format_event(data)
     except GenerationFailed as exc:
-        yield f"data: {json.dumps(error_body(exc.info.type, exc.info.message))}\n\n"
-    yield "data: [DONE]\n\n"
+        yield format_event(json.dumps(error_body(exc.info.type, exc.info.message)))
+    yield format_event("[DONE]")
 
 
 def _seconds(meta: dict[str, Any], key: str = "created_at") -> int:

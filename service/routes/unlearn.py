@@ -7,8 +7,8 @@ from fastapi import APIRouter, Response
 from protocol import dump
 from service.deps import QueueDep, SettingsDep, TenantDep
 from service.errors import error_responses
+from service.job_accept import accept_job, new_job_id
 from service.limits import check_datasets, check_model, check_prune_params
-from service.routes.jobs import accept_job, new_job_id
 from service.schemas import JobAccepted, UnlearnRequest
 
 router = APIRouter(prefix="/v1", tags=["unlearn"])

@@ -27,7 +27,13 @@ def _report(step, forget, retain, ff_pruned=0, drops=None):
 
 STEPS = [
     _report(0, (0.50, [0.48, 0.52], 2.0, 7.389), (0.40, [0.38, 0.42], 2.5, 12.18)),
-    _report(5, (0.10, [0.09, 0.11], 4.5, 90.02), (0.38, [0.36, 0.40], 2.6, 13.46), 1843, {"forget": 0.8}),
+    _report(
+        5,
+        (0.10, [0.09, 0.11], 4.5, 90.02),
+        (0.38, [0.36, 0.40], 2.6, 13.46),
+        1843,
+        {"forget": 0.8, "retain": 0.05},
+    ),
 ]
 
 
@@ -40,10 +46,10 @@ def test_table_shows_before_after_drop_and_cis():
     retain = next(line for line in lines if line.startswith("retain"))
     assert lines.index(forget) < lines.index(retain)  # forget first, whatever the dict order
     assert "50.0% [48.0, 52.0]" in forget and "10.0% [9.0, 11.0]" in forget
-    assert "80.0%" in forget  # (0.50 - 0.10) / 0.50
+    assert "80.0%" in forget  # the drop the job reported: (0.50 - 0.10) / 0.50
     assert "2.000 -> 4.500" in forget and "7.389 -> 90.0" in forget
     assert "40.0% [38.0, 42.0]" in retain and "38.0% [36.0, 40.0]" in retain
-    assert "5.0%" in retain  # computed: the report gave no retain drop
+    assert "5.0%" in retain  # (0.40 - 0.38) / 0.40, as reported
 
 
 def test_table_handles_missing_values_and_no_steps():
@@ -97,3 +103,15 @@ def test_follow_events_returns_the_final_state():
     ]
     assert follow_events(events, file=lines, show_progress=False) == {"state": "succeeded"}
     assert lines.getvalue().count("\n") == 2  # one line per step
+
+
+def test_table_shows_the_reported_drop_not_a_recomputed_one():
+    # The core's relative_drop is 0.0 when top-1 before is 0; the table shows what the job reported.
+    zero = [_report(0, (0.0, [0.0, 0.0], 9.0, 8103.0), (0.4, [0.38, 0.42], 2.5, 12.18))]
+    zero.append(
+        _report(3, (0.0, [0.0, 0.0], 9.5, 13360.0), (0.4, [0.38, 0.42], 2.5, 12.18), 10, {"forget": 0.0})
+    )
+    forget = next(line for line in render_table(zero).splitlines() if line.startswith("forget"))
+    assert " 0.0%  " in forget
+    retain = next(line for line in render_table(zero).splitlines() if line.startswith("retain"))
+    assert "n/a" in retain  # no reported drop: nothing is made up

