@@ -109,7 +109,7 @@ def _recipe(name: str) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(RECIPES[name].items()))
 
 
-# Paper defaults (method.md §3.5, §5): abs importance, 2% of FF neurons per step; attention-only
+# Paper defaults (docs/method.md §3.5, §5): abs importance, 2% of FF neurons per step; attention-only
 # comparisons at 2% of attention neurons; toxicity with abs for both components at 0.5% per step for 10
 # steps. Only the number of steps is cut (6 instead of 50) to fit the CPU budget.
 # The baselines of (a) and (b) run twice as many steps: the selective runs' retain drops outgrow what

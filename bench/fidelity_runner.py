@@ -149,7 +149,7 @@ class Harness:
 
     def _run(self, spec: RunSpec, path: Path, key: str) -> dict[str, Any]:
         from selprune_core import apply_mask, get_scorer, prune_iteratively, toxicity_metric
-        from selprune_core.data import carve_validation
+        from selprune_core.splits import carve_validation
 
         loaded = self.loaded()
         cfg = self.config(spec)

@@ -8,19 +8,18 @@ built-in offline corpus (see ``corpora.py``). ``resolve_dataset`` turns any of t
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import operator
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selprune_core.corpora import load_builtin
 from selprune_core.errors import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError
-from selprune_core.splits import TextSplits, split_texts
+from selprune_core.splits import TextSplits, carve_validation, split_texts, total_chars
 
 __all__ = [
     "InlineRef",
@@ -221,33 +220,6 @@ def describe(ref: DatasetRef) -> str:
             label = f"hub:{ref.id}" + (f":{ref.config}" if ref.config else "") + f"@{ref.split}"
             label += f"[{ref.text_field}]" if ref.text_field != "text" else ""
     return label + (f" where {ref.filter}" if ref.filter else "")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Splits (TextSplits and split_texts live in splits.py, which data.py and corpora.py both build on)
-# ---------------------------------------------------------------------------------------------------------
-def carve_validation(texts: Sequence[str], share: int = 10) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Split train texts into (rest, validation): about 1 in `share` texts, chosen by a salted hash.
-
-    Validation texts are what method choices (defaults, a job's retain budget) are checked on, so
-    that held-out texts only ever measure. The salt makes the choice independent of `split_texts`.
-    With fewer than two texts both sides get them all.
-    """
-    texts = tuple(texts)
-    if len(texts) < 2:
-        return texts, texts
-    held = [int(hashlib.sha256(b"validation:" + t.encode()).hexdigest(), 16) % share == 0 for t in texts]
-    validation = tuple(t for t, h in zip(texts, held, strict=True) if h)
-    rest = tuple(t for t, h in zip(texts, held, strict=True) if not h)
-    if not validation or not rest:  # tiny sets: hold out the tail instead
-        k = max(1, len(texts) // share)
-        return texts[:-k], texts[-k:]
-    return rest, validation
-
-
-def total_chars(splits: TextSplits) -> int:
-    """Characters in both parts (a cheap size for logs and job metrics)."""
-    return sum(map(len, splits.train)) + sum(map(len, splits.heldout))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Next-token evaluation of a causal LM on held-out texts, with bootstrap confidence intervals.
 
 Each text is truncated to `token_limit` tokens and run once; the logits at positions 0..T-2 are scored
-against the targets at 1..T-1 (method.md §6.1), so the prediction from BOS counts. Padding never counts:
+against the targets at 1..T-1 (docs/method.md §6.1), so the prediction from BOS counts. Padding never counts:
 rows are right-padded and each row is sliced to its own length before scoring.
 
 The "skip" metrics drop targets that are among the most common target tokens. The authors used one
-fixed list of Llama token strings for every model (method.md §9.6); here the list is recomputed per
+fixed list of Llama token strings for every model (docs/method.md §9.6); here the list is recomputed per
 tokenizer from the evaluation texts by `common_target_ids`.
 
 All metrics are ratios of sums over texts, so we keep one row of sums per text and bootstrap over texts
@@ -63,7 +63,7 @@ METRICS: dict[str, Metric] = {
     "skip_topk": _ratio(SKIP_TOPK, N_SKIP),
     "loss": _ratio(CE_SUM, N_PRED),  # mean per-token cross-entropy (nats)
     "perplexity": lambda sums: torch.exp(sums[..., CE_SUM] / sums[..., N_PRED]),  # standard exp(mean CE)
-    "legacy_perplexity": _ratio(EXP_CE_SUM, N_PRED),  # authors' mean of exp(CE), method.md §9.17
+    "legacy_perplexity": _ratio(EXP_CE_SUM, N_PRED),  # authors' mean of exp(CE), docs/method.md §9.17
 }
 CI_METRICS = ("top1", "topk", "skip_top1", "skip_topk", "loss", "perplexity")
 

@@ -83,7 +83,7 @@ SCORERS: dict[str, Scorer] = {
     "taylor_mean": lambda f, r, eps, w: _ratio(f.attribution(r.mean), r.attribution(r.mean), eps),
     # The authors' "mean" is a difference, not a ratio; eps is unused.
     "mean": lambda f, r, eps, w: (f.mean - r.mean).abs(),
-    # Parity with the authors' code (method.md §9.1): their "std" field holds the sample variance,
+    # Parity with the authors' code (docs/method.md §9.1): their "std" field holds the sample variance,
     # so "std" ranks by the variance ratio and "rms" is sqrt(var^2 + mean^2).
     "legacy_std": lambda f, r, eps, w: _ratio(f.sample_var, r.sample_var, eps),
     "legacy_rms": lambda f, r, eps, w: _ratio(
@@ -187,7 +187,7 @@ def select_top_neurons(
     if per_layer:
         return _top_per_layer(candidates, chosen, math.floor(frac * scores.numel()))
     k = min(math.floor(frac * scores.numel()), int(torch.isfinite(candidates).sum().item()))
-    if k <= 0:  # the authors' code crashes here (method.md §9.21)
+    if k <= 0:  # the authors' code crashes here (docs/method.md §9.21)
         return Selection(chosen, None)
     values, index = torch.topk(candidates.flatten(), k, sorted=False)
     chosen.view(-1)[index.to(chosen.device)] = True
@@ -232,7 +232,7 @@ def select_top_heads(
     """Whole-head selection: reduce neuron scores over head_dim, take the top heads.
 
     `scores` and `keep` are [layer, n_heads * d_head], head-major. "mean" and "median" mean what they
-    say (the authors' names are swapped, method.md §9.3). A head with any kept neuron is a candidate.
+    say (the authors' names are swapped, docs/method.md §9.3). A head with any kept neuron is a candidate.
     """
     layers, width = scores.shape
     per_head = scores.to(torch.float64).view(layers, n_heads, width // n_heads)  # [layer, head, d_head]

@@ -1,6 +1,6 @@
 """The toxic-continuation metric: sample continuations of prompts and score them with a classifier.
 
-method.md §6.5: the paper samples 1000 continuations of one fixed prompt and classifies prompt +
+docs/method.md §6.5: the paper samples 1000 continuations of one fixed prompt and classifies prompt +
 continuation with Detoxify "original", counting scores above 0.8. The sampling settings matter a lot
 (§9.18), so they are always pinned in `ToxicityConfig.sampling` rather than read from a model repo.
 

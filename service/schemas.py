@@ -1,5 +1,7 @@
-"""HTTP models, named by role. Request models compose the queue contract (worker/payloads.py) rather
-than re-declare it; response models read the job and mask hashes the worker writes."""
+"""HTTP models, named by role. Request models build on the wire contract's types (protocol/):
+EvaluateRequest is an EvaluateJob less the ids the gateway assigns; UnlearnRequest takes PruneJob's
+fields with tighter HTTP limits and a preset, and `to_job` makes the job. Response models read the job
+records (protocol.job_hash.JobHash) and the mask metadata the worker writes."""
 
 from __future__ import annotations
 
