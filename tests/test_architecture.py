@@ -131,6 +131,13 @@ def test_gateway_never_imports_the_worker(path):
         assert _top(name) not in (*HEAVY, "worker"), f"{path.name}:{node.lineno} imports {name}"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "service" / "routes").glob("*.py")), ids=lambda p: p.name)
+def test_no_router_imports_another(path):
+    """Shared route helpers live in service modules of their own (job_accept, sse, deltas)."""
+    for name, node, _ in imports(path):
+        assert not name.startswith("service.routes."), f"{path.name}:{node.lineno} imports {name}"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "protocol").rglob("*.py")), ids=lambda p: p.name)
 def test_wire_contract_imports_only_stdlib_and_pydantic(path):
     for name, node, parents in imports(path):

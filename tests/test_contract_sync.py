@@ -1,4 +1,5 @@
-"""The gateway's copies of the core's dataset rules (in worker/payloads.py) equal the core's own."""
+"""Every vocabulary the wire contract (protocol/) copies from the core, because the gateway cannot
+import it, equals the core's own."""
 
 from __future__ import annotations
 
@@ -39,3 +40,21 @@ def test_every_recipe_is_a_valid_core_config():
         for field, value in payloads.RECIPES[name].items():
             assert getattr(params, field) == value
         assert cfg.offset_mode == params.offset_mode and cfg.collect.skip_first == params.skip_first
+
+
+def test_head_reduce_and_toxicity_scorer_names_match_the_core():
+    from typing import get_args, get_type_hints
+
+    from selprune_core import config, toxicity
+
+    head_reduce = payloads.PruneParams.model_fields["head_reduce"].annotation
+    assert set(get_args(head_reduce)) == set(get_args(get_type_hints(config.PruneConfig)["head_reduce"]))
+    scorers = payloads.EvaluateJob.model_fields["toxicity_scorer"].annotation
+    assert set(get_args(scorers)) == set(toxicity.SCORER_NAMES)
+
+
+def test_recipe_and_preset_names_match_their_tables():
+    from typing import get_args
+
+    assert set(get_args(payloads.RecipeName)) == set(payloads.RECIPES)
+    assert set(get_args(payloads.PresetName)) == set(payloads.PRESETS)

@@ -3,9 +3,6 @@ response's headers; and the routes' import rule (no router imports another)."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -13,8 +10,6 @@ from starlette.testclient import TestClient
 
 from selprune.client import SseEvent, SseParser
 from service.sse import KEEP_ALIVE, EventStreamResponse, format_event
-
-ROUTES = Path(__file__).resolve().parents[3] / "service" / "routes"
 
 
 @pytest.mark.parametrize(
@@ -76,15 +71,3 @@ def test_event_stream_response_extra_headers_win():
     response = EventStreamResponse(_nothing(), headers={"Cache-Control": "no-store", "X-Other": "1"})
     assert response.headers["cache-control"] == "no-store" and response.headers["x-other"] == "1"
     assert response.headers["x-accel-buffering"] == "no"
-
-
-@pytest.mark.parametrize("path", sorted(ROUTES.glob("*.py")), ids=lambda p: p.name)
-def test_no_router_imports_another(path):
-    """Shared route helpers live in service modules of their own (job_accept, sse, deltas)."""
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom):
-            package = ["service.routes", "service.routes", "service"][min(node.level, 2)]
-            names = [node.module or ""] if node.level == 0 else [f"{package}.{node.module or ''}"]
-        for name in names:
-            assert not name.startswith("service.routes"), f"{path.name}:{node.lineno} imports {name}"
