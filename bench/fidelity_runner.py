@@ -235,10 +235,7 @@ class Harness:
             _write_json(path, record)
 
         result = prune_iteratively(
-            loaded.model,
-            loaded.tokenizer,
-            loaded.sites,
-            loaded.fingerprint,
+            loaded,
             forget_train,
             retain_train,
             eval_sets,

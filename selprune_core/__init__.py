@@ -28,8 +28,6 @@ from selprune_core.data import (
     FileRef,
     HubRef,
     InlineRef,
-    TextSplits,
-    carve_validation,
     dataset_ref_from_dict,
     describe,
     resolve_dataset,
@@ -65,10 +63,20 @@ from selprune_core.generation import (
 )
 from selprune_core.hooks import scoped_pre_hooks
 from selprune_core.loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_model, load_model
-from selprune_core.masks import MaskFactors, NeuronMask, apply_mask, apply_row_masks, fold_into_weights
-from selprune_core.pruning import Progress, PruneResult, StepReport, prune_iteratively
+from selprune_core.masking import MaskFactors, apply_mask, apply_row_masks, fold_into_weights
+from selprune_core.masks import NeuronMask
+from selprune_core.pruning import (
+    Progress,
+    PruneCallbacks,
+    PruneOptions,
+    PruneResult,
+    PruneRun,
+    StepReport,
+    prune_iteratively,
+)
 from selprune_core.scoring import SCORERS, score_neurons, select_top_neurons
 from selprune_core.sites import ARCHITECTURES, ModelSites, model_fingerprint, resolve_sites
+from selprune_core.splits import TextSplits, carve_validation
 from selprune_core.toxicity import (
     ToxicityResult,
     ToxicityScorer,
@@ -111,8 +119,11 @@ __all__ = [
     "ModelSites",
     "NeuronMask",
     "Progress",
+    "PruneCallbacks",
     "PruneConfig",
+    "PruneOptions",
     "PruneResult",
+    "PruneRun",
     "SamplingConfig",
     "ScorerUnavailableError",
     "SelPruneError",

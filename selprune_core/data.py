@@ -19,7 +19,7 @@ from typing import Any
 
 from selprune_core.corpora import load_builtin
 from selprune_core.errors import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError
-from selprune_core.splits import TextSplits, carve_validation, split_texts, total_chars
+from selprune_core.splits import TextSplits, split_texts
 
 __all__ = [
     "InlineRef",
@@ -32,9 +32,7 @@ __all__ = [
     "parse_filter",
     "dataset_ref_from_dict",
     "describe",
-    "carve_validation",
     "resolve_dataset",
-    "total_chars",
 ]
 
 log = logging.getLogger(__name__)

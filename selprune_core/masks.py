@@ -1,4 +1,4 @@
-"""Neuron masks: the artifact selective pruning produces, and how a model runs through one.
+"""Neuron masks: the artifact selective pruning produces, and its file format.
 
 A mask holds keep flags (True = neuron active) for every FF neuron [layer, d_mlp] and every attention
 pre-out neuron [layer, n_heads * d_head] of one model, bound to that model's fingerprint. A mask may
@@ -8,19 +8,14 @@ offsets, so masks are content-addressed and immutable: equal content on the same
 id, and anything cached per mask can key on it. A mask without offsets hashes exactly as before
 offsets existed, so older ids stay valid.
 
-Running through a mask replaces each down- and output-projection input x by x * keep + offset (offset
-is 0 on kept neurons). Zero ablation is exactly zeroing those weight columns; an offset adds the
-constant W[:, pruned] @ offset[pruned] to the projection's output, which is a bias. `fold_into_weights`
-does both for export. `apply_mask` also takes one mask per batch row, which is how many masks share
-one model.
+Running a model through a mask is selprune_core/masking.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load, save
-from torch import nn
 
 from selprune_core.errors import MaskMismatchError
-from selprune_core.hooks import PreHook, scoped_pre_hooks
 from selprune_core.sites import ModelSites
 
-__all__ = ["NeuronMask", "MaskFactors", "apply_mask", "apply_row_masks", "fold_into_weights"]
+__all__ = ["NeuronMask"]
 
 _FORMAT = "selprune.neuron_mask.v1"
 
@@ -301,136 +294,3 @@ def _read_header(data: bytes) -> dict[str, str]:
     meta = header.get("__metadata__", {})
     assert isinstance(meta, dict)
     return meta
-
-
-@dataclass(frozen=True)
-class MaskFactors:
-    """What the hooks multiply and add: x -> x * keep + offset, in the activation dtype.
-
-    Each tensor is [layer, d] (one mask for every row) or [batch, layer, d] (one mask per row). Offsets
-    are 0 on kept neurons; None means every row is zero-ablated, and the hooks skip the addition.
-    """
-
-    ff_keep: torch.Tensor
-    attn_keep: torch.Tensor
-    ff_offset: torch.Tensor | None = None
-    attn_offset: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, masks: Sequence[NeuronMask], device: torch.device, dtype: torch.dtype) -> MaskFactors:
-        """Factors of one mask ([layer, d]) or of one mask per row ([batch, layer, d])."""
-
-        def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-            out = tensors[0] if len(tensors) == 1 else torch.stack(tensors)
-            return out.to(device=device, dtype=dtype)
-
-        offsets = [m.offsets_or_zeros() for m in masks] if any(m.has_offsets for m in masks) else None
-        return cls(
-            ff_keep=stack([m.ff_keep for m in masks]),
-            attn_keep=stack([m.attn_keep for m in masks]),
-            ff_offset=stack([o[0] for o in offsets]) if offsets else None,
-            attn_offset=stack([o[1] for o in offsets]) if offsets else None,
-        )
-
-
-def _layer_factor(rows: torch.Tensor | None, layer: int) -> torch.Tensor | None:
-    # [layer, d] -> [d]; [batch, layer, d] -> [batch, 1, d], broadcasting over positions.
-    if rows is None:
-        return None
-    return rows[layer] if rows.dim() == 2 else rows[:, layer, None, :]
-
-
-@contextlib.contextmanager
-def apply_row_masks(sites: ModelSites, factors: MaskFactors) -> Iterator[None]:
-    """Replace hooked inputs x by x * keep + offset for the duration of the block.
-
-    The hooks act only in the calling thread (another thread may be serving through the same model)
-    and are removed on exit, even on error.
-    """
-
-    def make_hook(keep_rows: torch.Tensor, offset_rows: torch.Tensor | None, layer: int) -> PreHook:
-        keep = _layer_factor(keep_rows, layer)
-        offset = _layer_factor(offset_rows, layer)
-        assert keep is not None
-
-        def mask_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            x = args[0]  # [batch, pos, d]; OPT flattens its MLP input to [batch * pos, d]
-            flat = keep.dim() == 3 and x.dim() == 2
-            view = x.view(keep.shape[0], -1, x.shape[-1]) if flat else x
-            out = view * keep if offset is None else torch.addcmul(offset, view, keep)
-            return (out.view_as(x) if flat else out, *args[1:])
-
-        return mask_input
-
-    hooks = [
-        (module, make_hook(keep_rows, offset_rows, layer))
-        for keep_rows, offset_rows, modules in (
-            (factors.ff_keep, factors.ff_offset, sites.ff_modules),
-            (factors.attn_keep, factors.attn_offset, sites.attn_modules),
-        )
-        for layer, module in enumerate(modules)
-    ]
-    with scoped_pre_hooks(hooks):
-        yield
-
-
-@contextlib.contextmanager
-def apply_mask(
-    model: nn.Module,
-    sites: ModelSites,
-    mask: NeuronMask | Sequence[NeuronMask],
-    *,
-    fingerprint: str | None = None,
-) -> Iterator[None]:
-    """Run `model` through a mask, or through one mask per batch row when given a sequence.
-
-    With a sequence, every forward inside the block must have exactly len(masks) rows.
-    """
-    masks = [mask] if isinstance(mask, NeuronMask) else list(mask)
-    assert masks, "apply_mask needs at least one mask"
-    for m in masks:
-        m.check_fits(sites, fingerprint)
-    param = next(model.parameters())
-    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    with apply_row_masks(sites, MaskFactors.of(masks, param.device, dtype)):
-        yield
-
-
-@torch.no_grad()
-def fold_into_weights(
-    model: nn.Module, sites: ModelSites, mask: NeuronMask, *, fingerprint: str | None = None
-) -> None:
-    """Fold the mask into the weights in place, so the model computes what `apply_mask` computes.
-
-    Pruned neurons' down/out-projection weight columns are zeroed. A mean-ablation mask's offsets
-    become the constant W[:, pruned] @ offset[pruned] added to the projection's bias; where the
-    projection has no bias, `sites.output_bias(module, create=True)` gives it one (and sets the config
-    flag that makes transformers build it on reload). Raises UnsupportedArchitectureError, before
-    changing anything, when the family cannot hold such a bias.
-    """
-    mask.check_fits(sites, fingerprint)
-    ff_offset, attn_offset = mask.offsets_or_zeros()
-    # Check every projection first: failing halfway would leave a half-pruned model behind.
-    for modules, offsets in ((sites.ff_modules, ff_offset), (sites.attn_modules, attn_offset)):
-        for module, offset in zip(modules, offsets, strict=True):
-            if offset.any():
-                sites.check_output_bias(module)
-    for layer in range(sites.n_layers):
-        for module, (weight, axis), keep, offset in (
-            (sites.ff_modules[layer], sites.ff_weight_columns(layer), mask.ff_keep[layer], ff_offset[layer]),
-            (
-                sites.attn_modules[layer],
-                sites.attn_weight_columns(layer),
-                mask.attn_keep[layer],
-                attn_offset[layer],
-            ),
-        ):
-            if offset.any():
-                # Linear: [out, in] @ [in]; Conv1D: [in] @ [in, out]. Computed in fp32, before zeroing.
-                vec = offset.to(device=weight.device, dtype=torch.float32)
-                w = weight.float()
-                shift = w @ vec if axis == 1 else vec @ w  # [out]
-                bias = sites.output_bias(module, create=True)
-                bias.add_(shift.to(bias.dtype))
-            pruned = (~keep).nonzero().flatten().to(weight.device)
-            weight.index_fill_(axis, pruned, 0.0)

@@ -14,12 +14,14 @@ from typing import Any
 
 from protocol import EvaluateJob, ExportJob, JobProgress, PruneJob
 from selprune_core.config import EvalConfig, SamplingConfig, ToxicityConfig
-from selprune_core.data import carve_validation, describe
+from selprune_core.data import describe
 from selprune_core.errors import CancelledError, ConfigError
 from selprune_core.evaluation import evaluate_sets
-from selprune_core.masks import NeuronMask, apply_mask, fold_into_weights
+from selprune_core.masking import apply_mask, fold_into_weights
+from selprune_core.masks import NeuronMask
 from selprune_core.pruning import Progress, StepReport, prune_iteratively
 from selprune_core.sites import resolve_sites
+from selprune_core.splits import carve_validation
 from selprune_core.toxicity import get_scorer, toxicity_metric
 from worker.context import JobContext, PlotSink
 from worker.convert import prune_config, to_dataset_ref
@@ -96,10 +98,7 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
             _store_plot(ctx, steps_so_far, job)
 
     result = prune_iteratively(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.sites,
-        loaded.fingerprint,
+        loaded,
         forget_train,
         retain_train,
         eval_sets,

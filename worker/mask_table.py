@@ -18,7 +18,8 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from selprune_core.masks import MaskFactors, NeuronMask
+from selprune_core.masking import MaskFactors
+from selprune_core.masks import NeuronMask
 from selprune_core.sites import ModelSites
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ from selprune_core.decoding import DecodeBatch, Generation, GenerationRow, Piece
 from selprune_core.errors import MaskMismatchError, SelPruneError
 from selprune_core.generation import apply_chat_template, encode_prompts
 from selprune_core.loading import LoadedModel
-from selprune_core.masks import MaskFactors, NeuronMask, apply_row_masks
+from selprune_core.masking import MaskFactors, apply_row_masks
+from selprune_core.masks import NeuronMask
 from worker.convert import sampling_config
 from worker.errors import (
     MaskNotFoundError,

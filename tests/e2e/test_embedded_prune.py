@@ -25,15 +25,7 @@ def test_code_pruning_is_selective_and_beats_random(embedded):
         collect=CollectConfig(token_limit=128, sample_tokens=4000, batch_size=8),
         eval=EvalConfig(token_limit=128, sample_tokens=1500, batch_size=8, bootstrap_samples=200),
     )
-    args = (
-        embedded.model,
-        embedded.tokenizer,
-        embedded.sites,
-        embedded.fingerprint,
-        code.train,
-        prose.train,
-        eval_sets,
-    )
+    args = (embedded, code.train, prose.train, eval_sets)
     selective = prune_iteratively(*args, cfg)
     before, after = selective.history[0].metrics, selective.history[-1].metrics
     random_cfg = PruneConfig(**{**cfg.__dict__, "random_baseline": True, "run_pre_test": False})
@@ -75,7 +67,7 @@ def test_default_recipe_keeps_more_than_the_paper_recipe(embedded):
     prose = load_builtin("english_prose", cache_dir())
     eval_sets = {"forget": code.heldout[:40], "retain": prose.heldout[:40]}
     budgets = dict(collect_tokens=4000, eval_tokens=2000, token_limit=128, batch_size=8)
-    args = (embedded.model, embedded.tokenizer, embedded.sites, embedded.fingerprint, code.train, prose.train)
+    args = (embedded, code.train, prose.train)
     runs = {}
     for recipe, steps in (("paper", 2), ("selprune", 1)):
         cfg = prune_config(PruneParams(recipe=recipe, steps=steps, **budgets))

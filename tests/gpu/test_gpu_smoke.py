@@ -7,7 +7,8 @@ import torch
 
 from selprune_core.config import CollectConfig, EvalConfig, PruneConfig, SamplingConfig
 from selprune_core.generation import generate
-from selprune_core.masks import apply_mask, fold_into_weights
+from selprune_core.loading import LoadedModel
+from selprune_core.masking import apply_mask, fold_into_weights
 from selprune_core.pruning import prune_iteratively
 from selprune_core.sites import model_fingerprint, resolve_sites
 from tests.helpers import CORPUS
@@ -26,11 +27,17 @@ def test_prune_and_masked_generation_on_cuda(tiny_model, tokenizer, device, dtyp
         collect=CollectConfig(token_limit=64, sample_tokens=2000, batch_size=4),
         eval=EvalConfig(token_limit=64, sample_tokens=500, batch_size=4, bootstrap_samples=50),
     )
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        ref="tiny-llama",
+        fingerprint=model_fingerprint(model),
+        device=torch.device(device),
+        dtype=dtype,
+        sites=sites,
+    )
     result = prune_iteratively(
-        model,
-        tokenizer,
-        sites,
-        model_fingerprint(model),
+        loaded,
         CORPUS[1::2],
         CORPUS[0::2],
         {"forget": CORPUS[1::2], "retain": CORPUS[0::2]},
@@ -48,7 +55,8 @@ def test_prune_and_masked_generation_on_cuda(tiny_model, tokenizer, device, dtyp
 def test_mixed_mask_batch_on_cuda_matches_rows_alone(tiny_model, tokenizer, device):
     """The serving path on the device: per-row masks gathered from a device-resident MaskTable."""
     from selprune_core.generation import GenerationRow, encode_prompts, generate_rows
-    from selprune_core.masks import NeuronMask, apply_row_masks
+    from selprune_core.masking import apply_row_masks
+    from selprune_core.masks import NeuronMask
     from worker.mask_table import MaskTable
 
     model = tiny_model("llama").to(device=device)

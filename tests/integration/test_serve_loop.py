@@ -20,7 +20,8 @@ from pydantic import TypeAdapter
 from protocol import ChatMessage, GenerateEvent, GenerateTask, SamplingParams, keys
 from selprune_core.config import SamplingConfig
 from selprune_core.generation import generate
-from selprune_core.masks import NeuronMask, fold_into_weights
+from selprune_core.masking import fold_into_weights
+from selprune_core.masks import NeuronMask
 from selprune_core.sites import model_fingerprint, resolve_sites
 from tests.integration.records import store_mask
 from worker.runtime import ModelRuntime

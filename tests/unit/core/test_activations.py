@@ -5,7 +5,8 @@ import torch
 
 from selprune_core.activations import STAT_FIELDS, collect_activations, record_activations
 from selprune_core.batching import iter_packed_batches, iter_token_batches
-from selprune_core.masks import NeuronMask, apply_mask
+from selprune_core.masking import apply_mask
+from selprune_core.masks import NeuronMask
 from selprune_core.sites import model_fingerprint, resolve_sites
 from tests.helpers import ARCHS, CORPUS
 

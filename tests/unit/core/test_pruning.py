@@ -7,8 +7,10 @@ import torch
 
 from selprune_core.config import BudgetConfig, CollectConfig, EvalConfig, PruneConfig, StopConfig
 from selprune_core.errors import CancelledError, ConfigError
+from selprune_core.loading import LoadedModel
 from selprune_core.masks import NeuronMask
-from selprune_core.pruning import prune_iteratively
+from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun, prune_iteratively
+from selprune_core.reports import StepReport
 from selprune_core.sites import model_fingerprint, resolve_sites
 from tests.helpers import CORPUS
 
@@ -31,9 +33,22 @@ def _cfg(**kw):
     return PruneConfig(**base)
 
 
+def _loaded(model, tokenizer):
+    param = next(model.parameters())
+    sites, fingerprint = resolve_sites(model), model_fingerprint(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        ref="tiny",
+        fingerprint=fingerprint,
+        device=param.device,
+        dtype=param.dtype,
+        sites=sites,
+    )
+
+
 def _run(model, tokenizer, cfg, **kw):
-    sites = resolve_sites(model)
-    return prune_iteratively(model, tokenizer, sites, model_fingerprint(model), CODE, PROSE, EVAL, cfg, **kw)
+    return prune_iteratively(_loaded(model, tokenizer), CODE, PROSE, EVAL, cfg, **kw)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -150,16 +165,8 @@ def test_start_mask_is_respected_and_config_errors(tiny_model, tokenizer):
     result = _run(model, tokenizer, _cfg(steps=1), start_mask=start)
     assert not result.mask.ff_keep[0, :10].any()
     with pytest.raises(ConfigError, match="forget"):
-        sites = resolve_sites(model)
         prune_iteratively(
-            model,
-            tokenizer,
-            sites,
-            start.fingerprint,
-            CODE,
-            PROSE,
-            {"retain": PROSE},
-            _cfg(stop=StopConfig(forget_drop=0.5)),
+            _loaded(model, tokenizer), CODE, PROSE, {"retain": PROSE}, _cfg(stop=StopConfig(forget_drop=0.5))
         )
     with pytest.raises(ConfigError):
         PruneConfig(ff_frac=-0.1)
@@ -207,7 +214,7 @@ def test_static_mode_never_returns_a_pruned_neuron(tiny_model, tokenizer):
 def test_mean_ablation_stores_retain_means_of_pruned_neurons(tiny_model, tokenizer):
     from selprune_core.activations import collect_activations
     from selprune_core.batching import iter_token_batches
-    from selprune_core.masks import apply_mask
+    from selprune_core.masking import apply_mask
 
     model = tiny_model("llama")
     sites = resolve_sites(model)
@@ -274,3 +281,36 @@ def test_budget_sets_are_what_the_budget_reads(tiny_model, tokenizer):
     assert result.history[0].metrics["retain"]["perplexity"] != pytest.approx(direct.perplexity)
     with pytest.raises(ConfigError, match="budget sets"):
         _run(model, tokenizer, _cfg(budget=budget), budget_sets={"retain": PROSE})
+
+
+def test_a_run_steps_one_report_at_a_time_as_prune_iteratively_does(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    whole = _run(model, tokenizer, _cfg())
+    run = PruneRun(_loaded(model, tokenizer), CODE, PROSE, EVAL, _cfg())
+    reports = []
+    while not run.done:
+        if (report := run.step()) is not None:
+            reports.append(report)
+            assert run.history[-1] is report and run.mask.mask_id == report.mask_id
+    assert run.result is not None and run.result.stopped_reason == whole.stopped_reason
+    assert [r.mask_id for r in reports] == [r.mask_id for r in whole.history]
+    assert run.result.mask.mask_id == whole.mask.mask_id
+
+
+def test_bad_settings_fail_in_the_constructor_before_any_work(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    loaded = _loaded(model, tokenizer)
+    progress = []
+    callbacks = PruneCallbacks(on_progress=progress.append)
+    rejected = StepReport(step=1, accepted=False)
+    bad = [
+        (_cfg(random_baseline=True, budget=BudgetConfig(max_retain_drop=0.1)), PruneOptions()),
+        (_cfg(), PruneOptions(random_counts=[([1], [1])])),
+        (_cfg(random_baseline=True), PruneOptions(random_counts=[([1], [1])])),  # one layer of two
+        (_cfg(), PruneOptions(history=[StepReport(step=0), rejected])),
+        (_cfg(stop=StopConfig(max_retain_drop=0.1)), PruneOptions(retain_eval="prose")),
+    ]
+    for cfg, options in bad:
+        with pytest.raises(ConfigError):
+            PruneRun(loaded, CODE, PROSE, EVAL, cfg, options, callbacks)
+    assert progress == []

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from selprune_core.errors import MaskMismatchError
-from selprune_core.masks import NeuronMask, apply_mask, apply_row_masks
+from selprune_core.masking import apply_mask, apply_row_masks
+from selprune_core.masks import NeuronMask
 from selprune_core.sites import model_fingerprint, resolve_sites
 from worker.mask_table import MaskTable
 
