@@ -63,6 +63,11 @@ class JobHash(BaseModel):
             values["kind"] = values["payload"].get("job_kind", "unknown")
         return cls.model_validate(values)
 
+    @classmethod
+    def read(cls, raw: Mapping[Any, Any]) -> JobHash:
+        """Some fields of a job (an HMGET reply zipped with its field names); the rest take defaults."""
+        return cls.decode({k: v for k, v in raw.items() if v is not None}) or cls()
+
     def encode(self) -> dict[str, str]:
         """Every set field, as the hash stores it."""
         return job_fields(**{name: getattr(self, name) for name in type(self).model_fields})

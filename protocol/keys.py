@@ -13,8 +13,7 @@ PREFIX = "selprune"
 JOB_STREAM = f"{PREFIX}:jobs"
 JOB_GROUP = f"{PREFIX}:job-workers"
 
-# Hash of one job: state, kind, tenant, payload (JSON), timestamps, progress (JSON), result (JSON),
-# error (JSON), attempts, cancel_requested.
+# Hash of one job; its fields and their encoding are protocol/job_hash.py's JobHash.
 JOB_KEY = PREFIX + ":job:{job_id}"
 # List of completed step reports (JSON), step 0 first: the metrics trajectory and the resume point.
 JOB_STEPS_KEY = PREFIX + ":job:{job_id}:steps"
@@ -46,7 +45,7 @@ JOB_DURATIONS_KEY = f"{PREFIX}:stats:job-seconds"
 STEP_DURATIONS_KEY = f"{PREFIX}:stats:step-seconds"
 DURATIONS_KEPT = 1000
 
-# Added with the job queue (worker/queue.py, worker/store.py) -------------------------------------
+# Added with the job queue (worker/consumer.py, worker/store.py) -------------------------------------
 # Set of tenants that hold a mask; its data is deleted when the last one lets go.
 MASK_TENANTS_KEY = MASK_KEY + ":tenants"
 # Approximate cap (XADD MAXLEN ~) on one job's events stream.
@@ -54,12 +53,12 @@ JOB_EVENTS_MAXLEN = 1000
 
 # Serving lane (worker/serving.py, service/serving_client.py) -------------------------------------
 # Generation requests: a stream consumed by the serving workers' group. Each entry holds one request
-# as JSON (payloads.GenerateTask) in the field "task". Entries are acked and deleted as they are read:
+# as JSON (protocol.GenerateTask) in the field "task". Entries are acked and deleted as they are read:
 # generation is latency-bound, so a request whose worker dies is answered 504 by the gateway, not retried.
 GENERATE_STREAM = f"{PREFIX}:generate"
 GENERATE_GROUP = f"{PREFIX}:generate-workers"
 GENERATE_STREAM_MAXLEN = 10_000  # approximate cap (XADD MAXLEN ~); only unread requests stay
-# The list a worker RPUSHes one request's reply events onto (payloads.GenerateEvent JSON); the gateway
+# The list a worker RPUSHes one request's reply events onto (protocol.GenerateEvent JSON); the gateway
 # BLPOPs it. Every push refreshes its TTL, so a reply nobody reads disappears on its own.
 GENERATE_REPLY_KEY = PREFIX + ":generate:{request_id}:reply"
 GENERATE_REPLY_TTL_S = 120

@@ -17,7 +17,7 @@ import redis
 from redis.client import Pipeline
 
 from protocol import JobProgress, keys
-from protocol.job_hash import event_fields, job_fields
+from protocol.job_hash import JobHash, event_fields, job_fields
 from worker.errors import LeaseLostError
 from worker.lease import Lease
 from worker.store import MaskStore
@@ -118,7 +118,8 @@ class RedisJobContext:
             return True  # fencing: another worker runs this job now
         now = time.monotonic()
         if not self._cancel_seen and now - self._cancel_checked_at >= self._cancel_poll:
-            self._cancel_seen = self.redis.hget(self._job_key, "cancel_requested") in (b"1", "1")
+            flag = self.redis.hget(self._job_key, "cancel_requested")
+            self._cancel_seen = JobHash.read({"cancel_requested": flag}).cancel_requested
             self._cancel_checked_at = now
         return self._cancel_seen
 
