@@ -74,3 +74,15 @@ GENERATE_BATCH_ROWS_KEY = f"{PREFIX}:stats:generate-batch-rows"
 # PNG bytes of a prune job's forget-vs-retain trade-off, re-rendered after every completed step; it
 # expires with the job's other keys.
 JOB_PLOT_KEY = PREFIX + ":job:{job_id}:plot"
+
+# Fair job admission (protocol/scripts.py) ----------------------------------------------------------
+# A job stream entry is a token: "one job is waiting". Which job a worker runs is chosen when it takes
+# the token: the first queued job of the tenant served least recently, so one tenant's backlog never
+# delays another tenant's next job by more than one job per worker.
+TENANT_QUEUE_KEY = PREFIX + ":tenant:{tenant}:queue"  # list of the tenant's queued job ids, oldest first
+TENANTS_WAITING_KEY = f"{PREFIX}:tenants:waiting"  # sorted set: tenants with queued jobs, score = last served
+TENANTS_SERVED_KEY = f"{PREFIX}:tenants:served"  # hash: tenant -> unix seconds its last job was taken
+ENTRY_JOBS_KEY = f"{PREFIX}:jobs:entries"  # hash: stream entry id -> the job it delivered (for reclaims)
+# Set of the tenant's unfinished (queued or running) job ids: the per-tenant cap counts these.
+TENANT_ACTIVE_KEY = PREFIX + ":tenant:{tenant}:active"
+DEAD_LETTER_KEPT = 1000  # the dead-letter list keeps the newest this many job ids

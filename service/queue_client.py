@@ -108,12 +108,11 @@ class QueueClient:
         progress: dict[str, Any],
         idempotency_key: str | None = None,
         idempotency_ttl_s: int = 86400,
-    ) -> tuple[str, bool]:
-        """Queue a validated payload (its `job_id`, `job_kind`, `tenant` fields are used).
-
-        Returns (job id, created). With an idempotency key already used by this tenant, returns the
-        job it created and queues nothing.
-        """
+        max_active_jobs: int = 0,
+        history_s: float = 7 * 24 * 3600,
+    ) -> tuple[str, scripts.Enqueued]:
+        """Queue a validated payload (its `job_id`, `job_kind`, `tenant` fields are used): protocol
+        `enqueue_job`, with its idempotency, per-tenant cap and listing trim."""
         op = scripts.enqueue_job(
             payload,
             tenant=str(payload["tenant"]),
@@ -122,6 +121,8 @@ class QueueClient:
             progress=JobProgress.model_validate(progress),
             idempotency_key=idempotency_key,
             idempotency_ttl_s=idempotency_ttl_s,
+            max_active_jobs=max_active_jobs,
+            history_s=history_s,
         )
         return await scripts.call_async(self.redis, op)
 

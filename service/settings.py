@@ -51,6 +51,12 @@ class GatewaySettings(BaseSettings):
     max_steps: int = Field(default=200, ge=1)
     # Seconds an idempotency key keeps pointing at the job it created.
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    # Most unfinished (queued or running) jobs one tenant may hold; more get 429. 0 = no cap.
+    max_active_jobs_per_tenant: int = Field(default=50, ge=0)
+    # Retry-After seconds on that 429.
+    jobs_retry_after_s: int = Field(default=30, ge=1)
+    # Seconds a job stays in the listings (GET /v1/jobs); match the worker's SELPRUNE_JOB_TTL_SECONDS.
+    job_history_s: int = Field(default=7 * 24 * 3600, ge=60)
     # Milliseconds one XREAD BLOCK of the events endpoint waits before a keep-alive comment.
     sse_block_ms: int = Field(default=15_000, ge=10)
     # Most jobs a GET /metrics scan reads to count jobs by state (newest first).

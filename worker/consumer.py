@@ -29,7 +29,7 @@ import redis
 from pydantic import TypeAdapter, ValidationError
 from redis.client import Pipeline
 
-from protocol import AnyJob, EvaluateJob, ExportJob, JobState, PruneJob, keys
+from protocol import AnyJob, EvaluateJob, ExportJob, JobState, PruneJob, keys, scripts
 from protocol.job_hash import JobHash, decode_text, job_fields, state_event
 from worker.context import JobContext
 from worker.errors import JobPayloadError, Outcome, WorkerFatalError, classify, to_error_info
@@ -120,15 +120,19 @@ class Worker:
         return None
 
     def _entry(self, entry_id: Any, fields: Any) -> tuple[str, str]:
-        job_id = (fields or {}).get(b"job_id", b"")
-        return decode_text(entry_id), decode_text(job_id)
+        """The entry and the job it delivers: chosen fairly across tenants when first taken, the same
+        job when the entry is reclaimed from a dead worker."""
+        entry = decode_text(entry_id)
+        named = decode_text((fields or {}).get(b"job_id", b""))  # entries from before fair admission
+        job_id = scripts.call(self.redis, scripts.claim_job(entry, now=time.time(), named_job=named))
+        return entry, job_id or ""
 
     # One job ----------------------------------------------------------------------------------------
     def _process(self, entry_id: str, job_id: str) -> None:
         if not job_id or not self.redis.exists(keys.JOB_KEY.format(job_id=job_id)):
-            log.warning("worker %s: entry %s names no job (%r); dropping it", self.id, entry_id, job_id)
+            log.warning("worker %s: entry %s delivers no job (%r); dropping it", self.id, entry_id, job_id)
             with self.redis.pipeline(transaction=True) as pipe:
-                self._ack(pipe, entry_id)
+                self._ack(pipe, entry_id, job_id)
                 pipe.execute()
             return
         lease = Lease(self.redis, job_id, self.id, self.settings.lease_seconds)
@@ -166,6 +170,7 @@ class Worker:
                 failed = job_fields(state=JobState.failed, finished_at=now, error=error)
                 pipe.hset(job_key, mapping=failed)  # type: ignore[arg-type]
                 pipe.lpush(keys.DEAD_LETTER_KEY, job_id)
+                pipe.ltrim(keys.DEAD_LETTER_KEY, 0, keys.DEAD_LETTER_KEPT - 1)
                 self._settle(pipe, entry_id, job_id, JobState.failed, error)
                 return None
             running = job_fields(state=JobState.running, started_at=now, attempts=attempt, worker=self.id)
@@ -265,16 +270,17 @@ class Worker:
         """Queue the end of a job's life: state event, ack, expiry of its keys, checkpoint dropped."""
         if state is not None:
             add_event(pipe, job_id, "state", state_event(job_id, state, error))
-        self._ack(pipe, entry_id)
+        self._ack(pipe, entry_id, job_id)
         ttl = self.settings.job_ttl_seconds
         for key in (keys.JOB_KEY, keys.JOB_STEPS_KEY, keys.JOB_EVENTS_KEY, keys.JOB_PLOT_KEY):
             pipe.expire(key.format(job_id=job_id), ttl)
         pipe.delete(keys.JOB_CHECKPOINT_KEY.format(job_id=job_id))
 
-    def _ack(self, pipe: Pipeline, entry_id: str) -> None:
+    def _ack(self, pipe: Pipeline, entry_id: str, job_id: str) -> None:
         # XDEL too: the stream then holds exactly the waiting and running jobs (its length is the depth).
         pipe.xack(keys.JOB_STREAM, keys.JOB_GROUP, entry_id)
         pipe.xdel(keys.JOB_STREAM, entry_id)
+        scripts.queue_call(pipe, scripts.release_job(entry_id, job_id))
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ class Jobs:
         op = scripts.enqueue_job(
             payload, tenant=tenant, kind=kind, now=time.time(), idempotency_key=idempotency_key
         )
-        return scripts.call(self.client, op)
+        job_id, outcome = scripts.call(self.client, op)
+        return job_id, outcome is scripts.Enqueued.created
 
     def request_cancel(self, job_id: str) -> str | None:
         """The job's state after the request, or None for an unknown job."""

@@ -46,8 +46,9 @@ def test_unlearn_queues_one_job(client, r):
     assert payload.job_id == job_id and payload.tenant == "local" and payload.params.steps == 3
     assert payload.name == "no-python" and payload.eval is not None
     assert float(job["created_at"]) > 0 and json.loads(job["progress"])["steps"] == 3
-    entries = r.xrange(keys.JOB_STREAM)
-    assert [e[1] for e in entries] == [{b"job_id": job_id.encode()}]
+    entries = r.xrange(keys.JOB_STREAM)  # a token per queued job; the tenant's queue names the job
+    assert [e[1] for e in entries] == [{b"token": b"1"}]
+    assert r.lrange(keys.TENANT_QUEUE_KEY.format(tenant="local"), 0, -1) == [job_id.encode()]
     assert r.zrange(keys.TENANT_JOBS_KEY.format(tenant="local"), 0, -1) == [job_id.encode()]
     assert r.zrange(keys.ALL_JOBS_KEY, 0, -1) == [job_id.encode()]
 
