@@ -28,7 +28,9 @@ def surrogate_error(data: Any, path: str = "") -> str | None:
     if isinstance(data, dict):
         for key, value in data.items():
             if isinstance(key, str) and _SURROGATE.search(key):
-                return f"{path or 'body'}: a field name holds a lone surrogate, which is not valid Unicode text"
+                return (
+                    f"{path or 'body'}: a field name holds a lone surrogate, which is not valid Unicode text"
+                )
             message = surrogate_error(value, f"{path}.{key}" if path else str(key))
             if message is not None:
                 return message

@@ -5,12 +5,23 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.base import Strict
 from protocol.constants import EMBEDDED_MODEL, MetricName
 from protocol.datasets import DatasetSpec
-from protocol.params import PruneParams
+from protocol.params import (
+    JOB_SEED_LIMIT,
+    MAX_EVAL_DATASETS,
+    MAX_TOKEN_BUDGET,
+    PruneParams,
+    check_batch_tokens,
+)
+
+EVAL_BATCH_SIZE = 8  # texts per forward pass of an evaluation job (and prompts per toxicity generate call)
+MAX_TOXICITY_PROMPTS = 1024  # prompts per dataset an evaluation job samples continuations of
+MAX_TOXICITY_TOKENS_PER_PROMPT = 1024  # samples_per_prompt x max_new_tokens
+MAX_TOXICITY_TOKENS = 262_144  # tokens generated per dataset and variant: prompts x samples x max_new_tokens
 
 
 class PruneJob(Strict):
@@ -25,6 +36,7 @@ class PruneJob(Strict):
     retain: DatasetSpec
     eval: list[DatasetSpec] | None = Field(
         default=None,
+        max_length=MAX_EVAL_DATASETS,
         description="extra eval sets; the held-out parts of forget and retain are always evaluated",
     )
     name: str | None = None
@@ -34,6 +46,8 @@ class PruneJob(Strict):
 class EvaluateJob(Strict):
     """Evaluate the base model and/or a mask on datasets."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     schema_version: Literal[1] = 1
     job_kind: Literal["evaluate"] = "evaluate"
     job_id: str
@@ -41,14 +55,43 @@ class EvaluateJob(Strict):
     model: str = EMBEDDED_MODEL
     mask_id: str | None = None
     include_base: bool = True
-    datasets: list[DatasetSpec] = Field(min_length=1)
+    datasets: list[DatasetSpec] = Field(min_length=1, max_length=MAX_EVAL_DATASETS)
     metrics: list[MetricName] = Field(default_factory=lambda: list[MetricName](["next_token"]))
-    eval_tokens: int = Field(default=5_000, ge=1)
-    token_limit: int = Field(default=512, ge=2, le=8192)
+    eval_tokens: int = Field(default=5_000, ge=1, le=MAX_TOKEN_BUDGET)
+    token_limit: int = Field(
+        default=512,
+        ge=2,
+        le=8192,
+        description=f"per-text truncation; {EVAL_BATCH_SIZE} texts per forward pass",
+    )
     toxicity_max_new_tokens: int = Field(default=32, ge=1, le=512)
     toxicity_samples_per_prompt: int = Field(default=1, ge=1, le=16)
+    toxicity_max_prompts: int = Field(
+        default=256,
+        ge=1,
+        le=MAX_TOXICITY_PROMPTS,
+        description="prompts per dataset scored for toxicity (the first)",
+    )
     toxicity_scorer: Literal["profanity", "detoxify"] = "profanity"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=JOB_SEED_LIMIT)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> EvaluateJob:
+        check_batch_tokens(EVAL_BATCH_SIZE, self.token_limit, "texts per batch", "token_limit")
+        per_prompt = self.toxicity_samples_per_prompt * self.toxicity_max_new_tokens
+        if per_prompt > MAX_TOXICITY_TOKENS_PER_PROMPT:
+            raise ValueError(
+                f"toxicity_samples_per_prompt x toxicity_max_new_tokens = {self.toxicity_samples_per_prompt} x "
+                f"{self.toxicity_max_new_tokens} = {per_prompt} tokens per prompt; the limit is "
+                f"{MAX_TOXICITY_TOKENS_PER_PROMPT}"
+            )
+        total = self.toxicity_max_prompts * per_prompt
+        if total > MAX_TOXICITY_TOKENS:
+            raise ValueError(
+                f"toxicity_max_prompts x toxicity_samples_per_prompt x toxicity_max_new_tokens = {total} tokens "
+                f"generated per dataset; the limit is {MAX_TOXICITY_TOKENS} (lower toxicity_max_prompts)"
+            )
+        return self
 
 
 class ExportJob(Strict):
@@ -58,7 +101,7 @@ class ExportJob(Strict):
     job_kind: Literal["export"] = "export"
     job_id: str
     tenant: str
-    mask_id: str
+    mask_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="also the export's folder name")
     model: str | None = Field(default=None, description="defaults to the model the mask was made on")
 
 

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from protocol.base import Strict
 from protocol.constants import OffsetMode, RecipeName, ScoringName, SelectionMode
 
+# Cost caps: the contract refuses a job whose cost has no bound, so the gateway rejects it before queueing
+# and a worker re-validating the payload refuses it too. The gateway's settings may cap budgets lower.
+# Tokens per forward pass (rows x token_limit): activations and logits scale with it.
+MAX_BATCH_TOKENS = 32_768
+MAX_TOKEN_BUDGET = 10_000_000  # ceiling of collect_tokens and eval_tokens (SELPRUNE_MAX_*_TOKENS cap lower)
+MAX_EVAL_DATASETS = 16  # extra eval sets of a prune job, datasets of an evaluation job
+JOB_SEED_LIMIT = 2**32  # seeds in [0, 2**32): the core seeds generators with seed * 1_000_003 + step * 7 + k
+MAX_EPS = 1e6  # ff_eps / attn_eps: far above any importance statistic, far below float32's overflow
+MAX_BUDGET_TRIALS = 64  # rejected trials of a budgeted run: log(min_frac_ratio) / log(shrink)
+
+
+def check_batch_tokens(rows: int, token_limit: int, rows_field: str, limit_field: str) -> None:
+    """ValueError naming both fields when `rows` texts of `token_limit` tokens exceed MAX_BATCH_TOKENS."""
+    if rows * token_limit > MAX_BATCH_TOKENS:
+        raise ValueError(
+            f"{rows_field} x {limit_field} = {rows} x {token_limit} = {rows * token_limit} tokens per forward "
+            f"pass; the limit is {MAX_BATCH_TOKENS} (lower {rows_field} or {limit_field})"
+        )
+
 
 class StopSpec(Strict):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     forget_drop: float | None = Field(
         default=None, ge=0, le=1, description="stop once the forget top-1 drop reaches this"
     )
@@ -21,6 +43,8 @@ class StopSpec(Strict):
 
 class BudgetSpec(Strict):
     """A retain budget: a step that breaks it is retried smaller from the last accepted mask."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     max_retain_drop: float | None = Field(
         default=None, ge=0, le=1, description="largest relative retain top-1 drop a step may leave"
@@ -40,6 +64,13 @@ class BudgetSpec(Strict):
     def _has_a_limit(self) -> BudgetSpec:
         if self.max_retain_drop is None and self.max_retain_ppl_increase is None:
             raise ValueError("a budget needs max_retain_drop or max_retain_ppl_increase")
+        # Each rejected trial costs an evaluation, and a run shrinks at most this many times.
+        trials = math.log(self.min_frac_ratio) / math.log(self.shrink)
+        if trials > MAX_BUDGET_TRIALS:
+            raise ValueError(
+                f"min_frac_ratio {self.min_frac_ratio} with shrink {self.shrink} allows {math.ceil(trials)} "
+                f"trials of a step; the limit is {MAX_BUDGET_TRIALS} (raise min_frac_ratio or lower shrink)"
+            )
         return self
 
 
@@ -106,6 +137,8 @@ class PruneParams(Strict):
     default job on the embedded model finishes in minutes on 2 CPU cores (the paper uses 1e5 tokens
     per collection)."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     recipe: RecipeName = Field(
         default="selprune", description="named defaults for the method fields: selprune (ours) or paper"
     )
@@ -115,13 +148,23 @@ class PruneParams(Strict):
     )
     ff_scoring: ScoringName = "abs"
     attn_scoring: ScoringName = "abs"
-    ff_eps: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
-    attn_eps: float = Field(default=1e-4, gt=0, allow_inf_nan=False)
+    # Finite, and far from float32's overflow (the scores are float32 tensors: 1e39 there is inf).
+    ff_eps: float = Field(default=1e-3, gt=0, le=MAX_EPS, allow_inf_nan=False)
+    attn_eps: float = Field(default=1e-4, gt=0, le=MAX_EPS, allow_inf_nan=False)
     steps: int = Field(default=5, ge=1, le=1000)
-    collect_tokens: int = Field(default=10_000, ge=1, description="tokens per dataset per collection")
+    collect_tokens: int = Field(
+        default=10_000, ge=1, le=MAX_TOKEN_BUDGET, description="tokens per dataset per collection"
+    )
     token_limit: int = Field(default=512, ge=2, le=8192, description="per-text truncation")
-    eval_tokens: int = Field(default=5_000, ge=1, description="non-common-token predictions per eval set")
-    batch_size: int = Field(default=8, ge=1, le=256)
+    eval_tokens: int = Field(
+        default=5_000, ge=1, le=MAX_TOKEN_BUDGET, description="non-common-token predictions per eval set"
+    )
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description=f"texts per forward pass; batch_size x token_limit <= {MAX_BATCH_TOKENS}",
+    )
     recalculate: bool = True
     prune_heads: bool = False
     head_reduce: Literal["mean", "median"] = "mean"
@@ -138,7 +181,9 @@ class PruneParams(Strict):
         default=False, description="pack texts into full token_limit windows for the statistics"
     )
     exclude_first_token: bool = Field(default=False, description="deprecated: the same as skip_first=1")
-    seed: int = 0
+    seed: int = Field(
+        default=0, ge=0, lt=JOB_SEED_LIMIT, description="seeds random selections and bootstraps"
+    )
     random_baseline: bool = False
     stop: StopSpec | None = None
     budget: BudgetSpec | None = Field(
@@ -156,3 +201,13 @@ class PruneParams(Strict):
         if recipe is None:  # let the Literal check report the unknown name
             return data
         return {**recipe, **data}
+
+    @model_validator(mode="after")
+    def _bounded(self) -> PruneParams:
+        check_batch_tokens(self.batch_size, self.token_limit, "batch_size", "token_limit")
+        if self.skip_first >= self.token_limit:
+            raise ValueError(
+                f"skip_first ({self.skip_first}) must be below token_limit ({self.token_limit}): "
+                "it would leave no position to count"
+            )
+        return self

@@ -13,6 +13,12 @@ running jobs), expire the job's keys after job_ttl_seconds, release the lease. A
 mid-job never acks, so after visibility_timeout and lease expiry another worker claims the entry and
 the job resumes from its checkpoint. Failures are data: a failed job stores its error and is not
 retried; only crashes are (up to max_attempts). What counts as which is worker/errors.py's `classify`.
+
+An attempt counts when it starts, so a worker that dies mid-job has used one. An attempt that ends on
+a Redis outage (`is_outage`: connection lost, timeouts) is the infrastructure's doing, not the job's:
+once Redis answers again the worker gives the attempt back (attempts -1, under the lease) before the
+entry is left for a retry, so blips never dead-letter a job. Each attempt runs for at most
+job_timeout_s; past it the job stops at its next check and fails as JobTimeout.
 """
 
 from __future__ import annotations
@@ -32,7 +38,15 @@ from redis.client import Pipeline
 from protocol import AnyJob, EvaluateJob, ExportJob, JobState, PruneJob, keys, scripts
 from protocol.job_hash import JobHash, decode_text, job_fields, state_event
 from worker.context import JobContext
-from worker.errors import JobPayloadError, Outcome, WorkerFatalError, classify, to_error_info
+from worker.errors import (
+    JobPayloadError,
+    JobTimeout,
+    Outcome,
+    WorkerFatalError,
+    classify,
+    is_outage,
+    to_error_info,
+)
 from worker.lease import Lease, LeaseKeeper
 from worker.loop import ensure_group, require_bytes_client, run_turns
 from worker.redis_context import RedisJobContext, add_event
@@ -195,23 +209,39 @@ class Worker:
             bad = exc if isinstance(exc, JobPayloadError) else JobPayloadError(str(exc))
             self._finish(lease, entry_id, job_id, JobState.failed, to_error_info(bad))
             return
-        ctx = RedisJobContext(self.redis, job_id=job_id, tenant=record.tenant, lease=lease, store=self.store)
+        ctx = RedisJobContext(
+            self.redis,
+            job_id=job_id,
+            tenant=record.tenant,
+            lease=lease,
+            store=self.store,
+            timeout_s=self.settings.job_timeout_s,
+        )
         interval = self.settings.lease_seconds / 3
         t0 = time.monotonic()
-        with LeaseKeeper(lease, job_id, interval, lambda renewed: self._beat_job(entry_id, job_id, renewed)):
-            ran = self._run(job, ctx, lease)
-        seconds = time.monotonic() - t0
-        if ran.state is None or not self._finish(
-            lease,
-            entry_id,
-            job_id,
-            ran.state,
-            ran.error,
-            result=ran.result,
-            seconds=seconds if ran.state is JobState.succeeded else None,
-        ):
+        try:
+            with LeaseKeeper(
+                lease, job_id, interval, lambda renewed: self._beat_job(entry_id, job_id, renewed)
+            ):
+                ran = self._run(job, ctx, lease)
+            seconds = time.monotonic() - t0
+            finished = ran.state is not None and self._finish(
+                lease,
+                entry_id,
+                job_id,
+                ran.state,
+                ran.error,
+                result=ran.result,
+                seconds=seconds if ran.state is JobState.succeeded else None,
+            )
+        except Exception as exc:
+            if is_outage(exc):  # Redis went away mid-job or while writing the outcome: not the job's fault
+                ctx.uncount_attempt(attempt, wait_s=self.settings.lease_seconds)
+            raise
+        if not finished:
             log.warning("job %s: lease lost to %s; leaving the job to it", job_id, lease.holder())
         else:
+            assert ran.state is not None
             log.info("job %s: %s in %.1f s (attempt %d)", job_id, ran.state.value, seconds, attempt)
         if ran.fatal is not None:
             raise ran.fatal
@@ -224,7 +254,8 @@ class Worker:
             outcome = classify(exc)
             if outcome is Outcome.infrastructure:
                 raise  # not the job's fault: leave it unacked, another attempt picks it up
-            return _ran_after(job.job_id, exc, outcome, fenced=lease.lost.is_set())
+            timeout = ctx.timeout_error() if ctx.timed_out else None
+            return _ran_after(job.job_id, exc, outcome, fenced=lease.lost.is_set(), timeout=timeout)
 
     def _beat_job(self, entry_id: str, job_id: str, renewed: bool) -> None:
         if renewed:  # reset the entry's idle time so no other worker bothers to claim it
@@ -293,9 +324,15 @@ class _Ran:
     fatal: WorkerFatalError | None = None  # raised once the outcome is written: the worker exits
 
 
-def _ran_after(job_id: str, exc: Exception, outcome: Outcome, *, fenced: bool) -> _Ran:
+def _ran_after(
+    job_id: str, exc: Exception, outcome: Outcome, *, fenced: bool, timeout: JobTimeout | None = None
+) -> _Ran:
+    """The outcome to record. `timeout`: the job's clock ran out, so its stop is a failure, not a cancel."""
     if outcome is Outcome.fenced or (outcome is Outcome.cancelled and fenced):
         return _Ran(None)
+    if outcome is Outcome.cancelled and timeout is not None:
+        log.warning("job %s: %s", job_id, timeout)
+        return _Ran(JobState.failed, to_error_info(timeout))
     if outcome is Outcome.cancelled:
         return _Ran(JobState.cancelled)
     error = to_error_info(exc)

@@ -7,9 +7,12 @@ it on the console. Both run the same job code.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from protocol import JobProgress
+
+T = TypeVar("T")
 
 
 class JobContext(Protocol):
@@ -29,7 +32,8 @@ class JobContext(Protocol):
         """The mask bytes after the last completed step, or None."""
 
     def should_cancel(self) -> bool:
-        """True once the caller asked to cancel; checked between phases and batches."""
+        """True once the job must stop (the caller asked to cancel, or the job ran out of time);
+        checked between phases and batches."""
 
     def store_mask(self, mask_bytes: bytes, meta: dict[str, Any]) -> str:
         """Store the final mask (immutable, content-addressed); returns its id."""
@@ -45,3 +49,14 @@ class PlotSink(Protocol):
 
     def store_plot(self, png: bytes) -> None:
         """Replace the job's plot with these PNG bytes."""
+
+
+@runtime_checkable
+class LeaseGuard(Protocol):
+    """A context whose job another runner may take over (the Redis worker's lease). A job commits a
+    side effect outside the context, such as an export's files, only through `while_owner`, so a
+    fenced-off run never replaces what the job's new owner writes."""
+
+    def while_owner(self, action: Callable[[], T]) -> T:
+        """Run `action` (something quick, like a rename) while this run still owns the job; raise
+        LeaseLostError without running it otherwise."""

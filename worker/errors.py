@@ -5,7 +5,9 @@ Hierarchy::
     Exception
     ├── JobError              the job cannot run as asked: it fails, and is not retried (caller's fault)
     │   ├── JobPayloadError   the queued payload does not validate against the protocol package
-    │   └── MaskNotFoundError the mask does not exist or the job's tenant may not see it
+    │   ├── MaskNotFoundError the mask does not exist or the job's tenant may not see it
+    │   ├── JobTimeout        the job ran past its wall-clock limit (SELPRUNE_JOB_TIMEOUT_S)
+    │   └── CheckpointMissingError  steps were recorded but the mask after them is gone: no resume
     ├── LeaseLostError        another worker took over the job: stop at once and write nothing more
     └── WorkerFatalError      this worker cannot go on (device lost, CUDA error): it exits and the
                               supervisor restarts it; the job is redelivered to another worker
@@ -14,7 +16,9 @@ Names are stable: a failed job stores `to_error_info(exc)`, and the gateway maps
 HTTP status.
 
 `classify` sorts any exception a job or a serving batch raises into one `Outcome`, so the two lanes
-agree on what is the caller's fault, what is the device's, and when the process must exit.
+agree on what is the caller's fault, what is the device's, and when the process must exit. Of the
+infrastructure errors, `is_outage` picks the ones that say nothing about the job (Redis unreachable or
+timing out): an attempt that ends on one is given back rather than counted towards max_attempts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ __all__ = [
     "JobError",
     "JobPayloadError",
     "MaskNotFoundError",
+    "JobTimeout",
+    "CheckpointMissingError",
     "LeaseLostError",
     "WorkerFatalError",
     "to_error_info",
@@ -40,6 +46,7 @@ __all__ = [
     "release_cuda_cache",
     "Outcome",
     "classify",
+    "is_outage",
 ]
 
 # Long messages (pydantic errors on big payloads) are cut, so a job hash stays small.
@@ -56,6 +63,15 @@ class JobPayloadError(JobError):
 
 class MaskNotFoundError(JobError):
     """No mask with this id is visible to the tenant (unknown, deleted, or another tenant's)."""
+
+
+class JobTimeout(JobError):
+    """The job ran past the worker's per-job wall-clock limit; it stops at its next check and fails."""
+
+
+class CheckpointMissingError(JobError):
+    """An earlier attempt recorded steps, but the mask after them (the checkpoint) is gone. Resuming
+    would prune on top of an unpruned model and mislabel every later step, so the job fails instead."""
 
 
 class LeaseLostError(Exception):
@@ -105,6 +121,12 @@ def classify(exc: BaseException) -> Outcome:
     if is_device_failure(exc):
         return Outcome.device_failure
     return Outcome.internal
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Redis unreachable or timing out: the attempt it ends says nothing about the job, so it is not
+    counted. Other Redis errors (a reply error) may be the job's own doing and count like a crash."""
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError)
 
 
 def _torch_if_loaded() -> Any:

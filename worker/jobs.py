@@ -6,25 +6,32 @@ through the JobContext it is given.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import logging
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from protocol import EvaluateJob, ExportJob, JobProgress, PruneJob
+from protocol.jobs import EVAL_BATCH_SIZE
 from selprune_core.config import EvalConfig, SamplingConfig, ToxicityConfig
 from selprune_core.data import describe
 from selprune_core.errors import CancelledError, ConfigError
-from selprune_core.evaluation import evaluate_sets
+from selprune_core.evaluation import common_target_ids, evaluate_sets
 from selprune_core.masking import apply_mask, fold_into_weights
 from selprune_core.masks import NeuronMask
 from selprune_core.pruning import Progress, StepReport, prune_iteratively
 from selprune_core.sites import resolve_sites
 from selprune_core.splits import carve_validation
 from selprune_core.toxicity import get_scorer, toxicity_metric
-from worker.context import JobContext, PlotSink
+from worker.context import JobContext, LeaseGuard, PlotSink
 from worker.convert import prune_config, to_dataset_ref
+from worker.errors import CheckpointMissingError
 from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,12 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
 
     history = [StepReport.from_dict(report) for report in ctx.completed_steps()]
     checkpoint = ctx.checkpoint()
+    if history and not checkpoint:  # each step is recorded with its mask; without it, no honest resume
+        raise CheckpointMissingError(
+            f"job {job.job_id}: {len(history)} completed steps are recorded (the last is step "
+            f"{history[-1].step}) but the mask after them is gone; resuming would prune an unpruned model "
+            "under later step numbers. Submit the job again."
+        )
     resume_mask = NeuronMask.from_bytes(checkpoint) if history and checkpoint else None
     if history:
         log.info("job %s: resuming after step %d", job.job_id, history[-1].step)
@@ -182,7 +195,13 @@ def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> di
     sets = {
         describe(to_dataset_ref(s)): runtime.dataset(s, model_ref=job.model).heldout for s in job.datasets
     }
-    eval_cfg = EvalConfig(token_limit=job.token_limit, sample_tokens=job.eval_tokens, seed=job.seed)
+    eval_cfg = EvalConfig(
+        token_limit=job.token_limit, sample_tokens=job.eval_tokens, batch_size=EVAL_BATCH_SIZE, seed=job.seed
+    )
+    # The common-token list of all sets together, as evaluate_sets draws it, computed once so that the
+    # sets can be evaluated one at a time with a stop check between them.
+    union = [text for texts in sets.values() for text in texts]
+    common = common_target_ids(loaded.tokenizer, union, n=eval_cfg.skip_common, token_limit=job.token_limit)
     tox_cfg = ToxicityConfig(
         scorer=job.toxicity_scorer,
         samples_per_prompt=job.toxicity_samples_per_prompt,
@@ -196,8 +215,7 @@ def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> di
         variants["masked"] = mask
     out: dict[str, Any] = {"model": job.model, "mask_id": job.mask_id, "results": {}}
     for variant, variant_mask in variants.items():
-        if ctx.should_cancel():
-            raise CancelledError("evaluation cancelled")
+        _stop_check(ctx, "evaluation")
         ctx.progress(JobProgress(phase=f"evaluating_{variant}"))
         active = (
             variant_mask if variant_mask is not None else NeuronMask.full(loaded.sites, loaded.fingerprint)
@@ -205,22 +223,45 @@ def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> di
         with apply_mask(loaded.model, loaded.sites, active):
             results: dict[str, Any] = {}
             if "next_token" in job.metrics:
-                for name, result in evaluate_sets(loaded.model, loaded.tokenizer, sets, eval_cfg).items():
-                    results[name] = {"next_token": result.as_dict()}
+                for name, texts in sets.items():
+                    _stop_check(ctx, "evaluation")
+                    one = evaluate_sets(
+                        loaded.model, loaded.tokenizer, {name: texts}, eval_cfg, common_ids=common
+                    )
+                    results[name] = {"next_token": one[name].as_dict()}
             if scorer is not None:
                 for name, prompts in sets.items():
+                    _stop_check(ctx, "evaluation")
                     tox = toxicity_metric(
-                        loaded.model, loaded.tokenizer, prompts, tox_cfg, scorer, seed=job.seed
+                        loaded.model,
+                        loaded.tokenizer,
+                        prompts[: job.toxicity_max_prompts],
+                        tox_cfg,
+                        scorer,
+                        seed=job.seed,
+                        batch_size=EVAL_BATCH_SIZE,
                     )
                     results.setdefault(name, {})["toxicity"] = tox.as_dict()
         out["results"][variant] = results
     return out
 
 
+def _stop_check(ctx: JobContext, what: str) -> None:
+    """CancelledError once the job must stop (cancel requested, or its time is up: the runner tells)."""
+    if ctx.should_cancel():
+        raise CancelledError(f"{what} stopped")
+
+
 def run_export(
     job: ExportJob, runtime: ModelRuntime, ctx: JobContext, *, export_root: Path
 ) -> dict[str, Any]:
-    """Write `<export_root>/<mask_id>/`: the model with the mask folded into its weights."""
+    """Write `<export_root>/<mask_id>/`: the model with the mask folded into its weights.
+
+    The checkpoint is written into a hidden folder beside the target and renamed into place at the
+    end, while this run still owns the job (`LeaseGuard`): the target is only ever a complete export,
+    and a fenced-off worker never replaces it. The result names the folder relative to the export
+    root, never a server path.
+    """
     mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id))
     ref = job.model
     if ref is None:
@@ -228,13 +269,45 @@ def run_export(
     ctx.progress(JobProgress(phase="loading"))
     loaded = runtime.model(ref)
     mask.check_fits(loaded.sites, loaded.fingerprint)
+    _stop_check(ctx, "export")
     ctx.progress(JobProgress(phase="exporting"))
     target = export_root / job.mask_id
-    # Fold into a copy: the cached model is shared by every other job and request.
-    model = copy.deepcopy(loaded.model)
-    fold_into_weights(model, resolve_sites(model), mask)
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
-    loaded.tokenizer.save_pretrained(target)
-    del model
-    return {"path": str(target), "mask_id": job.mask_id, "model": ref}
+    export_root.mkdir(parents=True, exist_ok=True)
+    staging = export_root / f".{job.mask_id}.{uuid.uuid4().hex[:12]}.partial"
+    staging.mkdir()
+    try:
+        # Fold into a copy: the cached model is shared by every other job and request.
+        model = copy.deepcopy(loaded.model)
+        fold_into_weights(model, resolve_sites(model), mask)
+        model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        del model
+        _stop_check(ctx, "export")
+        if isinstance(ctx, LeaseGuard):
+            ctx.while_owner(lambda: _move_into_place(staging, target))
+        else:
+            _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone once renamed; what a failed export left
+    return {"path": job.mask_id, "mask_id": job.mask_id, "model": ref}
+
+
+def _move_into_place(staged: Path, target: Path) -> None:
+    """Rename `staged` to `target`: one atomic rename when `target` is free; otherwise the earlier
+    export is first renamed aside (and deleted after), so `target` never holds a partial checkpoint."""
+    aside: list[Path] = []
+    try:
+        for _ in range(3):  # a concurrent export of the same mask may take the name in between
+            try:
+                os.rename(staged, target)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            aside.append(target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.old"))
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(target, aside[-1])
+        raise OSError(errno.EEXIST, f"export folder {target.name} keeps being replaced; try again")
+    finally:
+        for old in aside:
+            shutil.rmtree(old, ignore_errors=True)

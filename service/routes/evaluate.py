@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from protocol import dump
-from service.deps import QueueDep, SettingsDep, TenantDep, mask_not_found
+from service.deps import QueueDep, SettingsDep, TenantDep, mask_id_path, mask_not_found
 from service.errors import ApiError, error_responses
 from service.job_accept import accept_job, new_job_id
 from service.limits import check_budget, check_datasets, check_model
@@ -36,6 +36,7 @@ async def evaluate(
             422, "ValidationError", "include_base: false with no mask_id leaves nothing to evaluate"
         )
     if body.mask_id is not None:
+        mask_id_path(body.mask_id)  # a value not shaped like a mask id is unknown (404), never sent to Redis
         meta = await queue.mask_meta(body.mask_id, tenant)
         if meta is None:
             raise mask_not_found(body.mask_id)

@@ -21,7 +21,8 @@ _FINISHED = {s.value for s in JobState if s.finished}
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+_STREAM_ID_PART_LIMIT = 2**64  # each part of a stream id is an unsigned 64-bit integer in Redis
 _EVENT_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -104,11 +105,23 @@ async def job_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventStreamResponse:
     """Server-sent events of a job (progress, step, state), ending with a state event once it finishes."""
-    if last_event_id is not None and not _STREAM_ID.fullmatch(last_event_id):
-        raise ApiError(422, "ValidationError", "Last-Event-ID: expected a stream id like '1700000000000-0'")
+    if last_event_id is not None and not _is_stream_id(last_event_id):
+        raise ApiError(
+            422,
+            "ValidationError",
+            "Last-Event-ID: expected a stream id like '1700000000000-0' (milliseconds and sequence each "
+            "below 2**64)",
+        )
     if await queue.get_job(job_id, tenant, with_steps=False) is None:
         raise job_not_found(job_id)
     return EventStreamResponse(_events(queue, job_id, last_event_id or "0-0", settings.sse_block_ms))
+
+
+def _is_stream_id(value: str) -> bool:
+    """`ms` or `ms-seq` as Redis reads a stream id: both parts unsigned 64-bit integers."""
+    if not _STREAM_ID.fullmatch(value):
+        return False
+    return all(int(part) < _STREAM_ID_PART_LIMIT for part in value.split("-"))
 
 
 def _job_event(event: str, data: str, id: str | None = None) -> str:

@@ -101,7 +101,8 @@ def test_unlearn_job_produces_a_mask_served_by_the_api(gateway, redis_url, model
     assert done["state"] == "succeeded", done.get("error")
     from transformers import AutoModelForCausalLM
 
-    exported = AutoModelForCausalLM.from_pretrained(done["result"]["path"])
+    assert done["result"]["path"] == mask_id  # a name under the export root, not a server path
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exports" / done["result"]["path"])
     mask = NeuronMask.from_bytes(blob.content)
     down = exported.model.layers[0].mlp.down_proj.weight  # [d_model, d_mlp]
     assert (down[:, ~mask.ff_keep[0]] == 0).all() and (down[:, mask.ff_keep[0]] != 0).any()
