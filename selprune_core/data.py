@@ -354,7 +354,13 @@ def _hub_rows(ref: HubRef) -> Iterator[Mapping[str, object]]:
         raise DatasetError("hub datasets need the 'datasets' package ('worker' extra)") from None
     label = describe(ref)
     try:
-        stream = iter(datasets.load_dataset(ref.id, ref.config, split=ref.split, streaming=True))
+        # trust_remote_code=False: never run a dataset's loading script (datasets >= 4 cannot; older
+        # releases could, which is why pyproject.toml sets a floor as well).
+        stream = iter(
+            datasets.load_dataset(
+                ref.id, ref.config, split=ref.split, streaming=True, trust_remote_code=False
+            )
+        )
         first = next(stream, None)
     except Exception as e:  # offline, unknown id, bad config/split: datasets raises many types
         raise DatasetNotFoundError(

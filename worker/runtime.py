@@ -4,6 +4,11 @@ Models load lazily into a small LRU cache (a worker may serve a few models, but 
 memory), datasets resolve against the configured data root and cache folder. Built once at start-up,
 never per job, and shared by the job and serving lanes of one process.
 
+What a job may name is confined here, from the worker's settings: local models must lie under
+`models_root` (except the operator's own `trusted_models`, SELPRUNE_MODELS), and hub datasets pass
+`hub_datasets` (SELPRUNE_HUB_DATASETS, protocol/hub_policy.py). The defaults (no root, any hub
+dataset) are for trusted callers: the local command line and tests.
+
 The model builtins (``corpora.MODEL_BUILTINS``: a model's own toxic and clean continuations of the
 ``toxic`` prompts) are resolved here, with the job's model: generated once per model into the disk cache
 by ``selprune_core.self_contrast`` and held in memory per (fingerprint, name) for the process's life.
@@ -14,10 +19,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from protocol import BuiltinData, FileData, HubData, InlineData
+from protocol.hub_policy import HUB_ANY, hub_dataset_refusal, parse_hub_datasets
 from selprune_core.corpora import MODEL_BUILTINS
 from selprune_core.data import resolve_dataset
 from selprune_core.errors import ConfigError
@@ -41,9 +47,15 @@ class ModelRuntime:
         dtype: str = "auto",
         max_models: int = 2,
         max_texts: int = 50_000,
+        models_root: Path | None = None,
+        trusted_models: Collection[str] = (),
+        hub_datasets: str = HUB_ANY,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.data_root = Path(data_root)
+        self.models_root = None if models_root is None else Path(models_root)  # None: any local path
+        self.trusted_models = frozenset(trusted_models)  # refs loaded as given, outside the root too
+        self.hub_datasets = parse_hub_datasets(hub_datasets)  # "off", "any" or an allowlist
         self.device = device
         self.dtype = dtype
         self.max_models = max(1, max_models)
@@ -74,7 +86,10 @@ class ModelRuntime:
                 self._evict(keep=self.max_models - 1)  # make room first: device memory is the limit
             log.info("loading model %s (device=%s, dtype=%s)", ref, self.device, self.dtype)
             try:
-                loaded = load_model(ref, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype)
+                root = None if ref in self.trusted_models else self.models_root
+                loaded = load_model(
+                    ref, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, models_root=root
+                )
             finally:
                 with self._lock:
                     self._loading.pop(ref, None)
@@ -111,6 +126,8 @@ class ModelRuntime:
             splits = self._model_builtin(spec.name, model_ref, on_progress)
             cap = self.max_texts
             return TextSplits(splits.name, splits.train[:cap], splits.heldout[:cap])
+        if isinstance(spec, HubData) and (refusal := hub_dataset_refusal(self.hub_datasets, spec.id)):
+            raise ConfigError(refusal)
         return resolve_dataset(
             to_dataset_ref(spec), data_root=self.data_root, cache_dir=self.cache_dir, max_texts=self.max_texts
         )

@@ -1,10 +1,15 @@
-"""Probes and metrics, outside /v1 and without authentication: /healthz, /readyz, /metrics."""
+"""Probes and metrics, outside /v1 and without API keys: /healthz, /readyz, /metrics (which takes its
+own Bearer token when SELPRUNE_METRICS_KEY is set)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from typing import Annotated
 
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.auth import check_metrics_key
 from service.deps import QueueDep, ServingDep, SettingsDep
 from service.errors import error_response, error_responses
 from service.metrics import render_metrics
@@ -12,6 +17,15 @@ from service.queue_client import QUEUE_DOWN_ERRORS
 from service.schemas import HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
+
+metrics_bearer = HTTPBearer(auto_error=False, scheme_name="MetricsKey", description="SELPRUNE_METRICS_KEY")
+
+
+def metrics_access(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(metrics_bearer)],
+) -> None:
+    check_metrics_key(settings, credentials)
 
 
 @router.get("/healthz", response_model=HealthResponse)
@@ -39,10 +53,14 @@ async def readyz(queue: QueueDep, serving: ServingDep) -> ReadyResponse | JSONRe
     "/metrics",
     response_class=PlainTextResponse,
     response_model=None,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4"}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4"},
+        401: {"description": "Unauthorized: SELPRUNE_METRICS_KEY is set and the request lacks it"},
+    },
+    dependencies=[Depends(metrics_access)],
 )
 async def metrics(queue: QueueDep, serving: ServingDep, settings: SettingsDep) -> PlainTextResponse:
     """Queue depth, jobs by state, workers, job and step durations, serving queue, servers and batch
-    time and size (Prometheus text format)."""
+    time and size (Prometheus text format). With SELPRUNE_METRICS_KEY set, send it as a Bearer token."""
     text = await render_metrics(queue, serving, settings)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

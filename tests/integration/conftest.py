@@ -120,7 +120,11 @@ def start_worker(make_worker: Callable[..., Worker]) -> Iterator[Callable[..., W
 def gateway(redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
     """The real gateway app on the test Redis, serving the tiny model."""
     settings = GatewaySettings(
-        redis_url=redis_url, data_root=tmp_path, models=[str(model_dir)], sse_block_ms=50
+        redis_url=redis_url,
+        data_root=tmp_path,
+        models=[str(model_dir)],
+        sse_block_ms=50,
+        allowed_hosts=["testserver"],  # TestClient's Host header; keyless gateways check it
     )
     with TestClient(create_app(settings)) as client:
         yield client

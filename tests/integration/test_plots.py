@@ -29,7 +29,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def gateway(redis_url, model_dir, tmp_path):
-    settings = GatewaySettings(redis_url=redis_url, data_root=tmp_path, models=[str(model_dir)])
+    settings = GatewaySettings(
+        redis_url=redis_url, data_root=tmp_path, models=[str(model_dir)], allowed_hosts=["testserver"]
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 

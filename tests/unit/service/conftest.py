@@ -32,7 +32,13 @@ def data_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_settings(redis_url: str, data_root: Path) -> Callable[..., GatewaySettings]:
     def make(**overrides: Any) -> GatewaySettings:
-        values: dict[str, Any] = {"redis_url": redis_url, "data_root": data_root, "sse_block_ms": 50}
+        # "testserver": the Host header of TestClient, which a keyless gateway must be told to accept.
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "data_root": data_root,
+            "sse_block_ms": 50,
+            "allowed_hosts": "testserver",
+        }
         return GatewaySettings(**(values | overrides))
 
     return make

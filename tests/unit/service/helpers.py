@@ -50,12 +50,13 @@ def put_job(r: redis.Redis, job_id: str, tenant: str, state: str = "succeeded", 
 
 
 def put_mask(r: redis.Redis, mask_id: str, *tenants: str, model: str = "smollm2-135m-instruct") -> bytes:
-    """A mask hash, its owners set and each tenant's visibility entry; returns the bits."""
+    """A mask hash (bits and the bit-derived meta), its owners set, and each tenant's visibility entry
+    and own meta (worker/store.py's layout); returns the bits."""
     bits = b"\x00\x01safetensors-bytes-" + mask_id.encode()
+    shared = {"mask_id": mask_id, "fingerprint": "fp123", "shape": "2x8", "size_bytes": len(bits)}
     meta = {
-        "mask_id": mask_id,
+        **shared,
         "model": model,
-        "fingerprint": "fp123",
         "params": {"ff_frac": 0.02},
         "ff_pruned_per_layer": [1, 2],
         "metrics": [{"step": 0}],
@@ -63,10 +64,11 @@ def put_mask(r: redis.Redis, mask_id: str, *tenants: str, model: str = "smollm2-
         "name": f"mask {mask_id}",
         "job_id": "j" * 32,
     }
-    r.hset(keys.MASK_KEY.format(mask_id=mask_id), mapping={"bits": bits, "meta": json.dumps(meta)})
+    r.hset(keys.MASK_KEY.format(mask_id=mask_id), mapping={"bits": bits, "meta": json.dumps(shared)})
     for tenant in tenants:
         r.sadd(keys.MASK_TENANTS_KEY.format(mask_id=mask_id), tenant)
         r.zadd(keys.TENANT_MASKS_KEY.format(tenant=tenant), {mask_id: time.time()})
+        r.set(keys.TENANT_MASK_META_KEY.format(tenant=tenant, mask_id=mask_id), json.dumps(meta))
     return bits
 
 
