@@ -57,7 +57,7 @@ JOB_EVENTS_MAXLEN = 1000
 # generation is latency-bound, so a request whose worker dies is answered 504 by the gateway, not retried.
 GENERATE_STREAM = f"{PREFIX}:generate"
 GENERATE_GROUP = f"{PREFIX}:generate-workers"
-GENERATE_STREAM_MAXLEN = 10_000  # approximate cap (XADD MAXLEN ~); only unread requests stay
+GENERATE_STREAM_MAXLEN = 10_000  # unread requests; the gateway answers 503 past it (nothing is trimmed)
 # The list a worker RPUSHes one request's reply events onto (protocol.GenerateEvent JSON); the gateway
 # BLPOPs it. Every push refreshes its TTL, so a reply nobody reads disappears on its own.
 GENERATE_REPLY_KEY = PREFIX + ":generate:{request_id}:reply"
@@ -86,3 +86,20 @@ ENTRY_JOBS_KEY = f"{PREFIX}:jobs:entries"  # hash: stream entry id -> the job it
 # Set of the tenant's unfinished (queued or running) job ids: the per-tenant cap counts these.
 TENANT_ACTIVE_KEY = PREFIX + ":tenant:{tenant}:active"
 DEAD_LETTER_KEPT = 1000  # the dead-letter list keeps the newest this many job ids
+
+# Per-tenant mask metadata (worker/store.py, service/queue_client.py, scripts.delete_mask) -----------
+# JSON of what one tenant's job said about a mask: name, job id, model, params, datasets, metrics. The
+# shared `meta` field of MASK_KEY holds only what the bits determine (mask_id, fingerprint, shape,
+# size_bytes), so a tenant producing the same bits as another never sees the other's metadata.
+TENANT_MASK_META_KEY = PREFIX + ":tenant:{tenant}:mask:{mask_id}:meta"
+MASK_SHARED_META = ("mask_id", "fingerprint", "shape", "size_bytes")  # the fields MASK_KEY's meta holds
+
+# Serving-lane tenancy and cancellation (service/serving_client.py, worker/serving.py) ---------------
+# Sorted set of one tenant's generation requests in flight: member "<request_id>:<rows>", score = unix
+# seconds it expires (refreshed while its reply streams), so a gateway that dies leaks nothing for long.
+# The gateway refuses a request (429) that would take the tenant past its row cap.
+GENERATE_INFLIGHT_KEY = PREFIX + ":generate:tenant:{tenant}:inflight"
+# Sorted set of request ids whose caller went away (disconnect, timeout), score = unix seconds the entry
+# expires; serving workers drop those rows between decode steps and skip them if not yet admitted.
+GENERATE_CANCELLED_KEY = f"{PREFIX}:generate:cancelled"
+GENERATE_CANCEL_TTL_S = 600

@@ -8,8 +8,10 @@ Layout (names in protocol/keys.py; the worker reads and writes the same keys):
 - job events stream `JOB_EVENTS_KEY`: entries with `event` (progress|step|state) and `data` (JSON).
 - enqueue, cancel and mask delete are the protocol's scripts (protocol/scripts.py), which the worker
   side shares.
-- mask hash `MASK_KEY`: bits (safetensors bytes), meta (JSON); the tenants that may see a mask are the
-  sorted set `TENANT_MASKS_KEY` per tenant and the set `MASK_TENANTS_KEY` per mask.
+- mask hash `MASK_KEY`: bits (safetensors bytes), meta (JSON of the facts the bits determine); what a
+  tenant's job said about the mask (name, job id, params, ...) is that tenant's `TENANT_MASK_META_KEY`.
+  The tenants that may see a mask are the sorted set `TENANT_MASKS_KEY` per tenant and the set
+  `MASK_TENANTS_KEY` per mask.
 
 Methods return plain data (decoded hashes, lists); routes turn it into response models. Lookups take
 the caller's tenant and answer None for another tenant's id, exactly as for an unknown one.
@@ -208,9 +210,12 @@ class QueueClient:
         async with self.redis.pipeline(transaction=False) as pipe:
             for mask_id, _ in held:
                 pipe.hget(keys.MASK_KEY.format(mask_id=mask_id), "meta")
-            metas = await pipe.execute()
+                pipe.get(keys.TENANT_MASK_META_KEY.format(tenant=tenant, mask_id=mask_id))
+            raws = await pipe.execute()
         return [
-            _meta(mask_id, raw, t) for (mask_id, t), raw in zip(held, metas, strict=True) if raw is not None
+            _meta(mask_id, shared, own, t)
+            for (mask_id, t), shared, own in zip(held, raws[::2], raws[1::2], strict=True)
+            if shared is not None
         ]
 
     async def mask_visible(self, mask_id: str, tenant: str) -> bool:
@@ -220,8 +225,11 @@ class QueueClient:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(keys.TENANT_MASKS_KEY.format(tenant=tenant), mask_id)
             pipe.hget(keys.MASK_KEY.format(mask_id=mask_id), "meta")
-            held_since, raw = await pipe.execute()
-        return None if held_since is None or raw is None else _meta(mask_id, raw, float(held_since))
+            pipe.get(keys.TENANT_MASK_META_KEY.format(tenant=tenant, mask_id=mask_id))
+            held_since, shared, own = await pipe.execute()
+        if held_since is None or shared is None:
+            return None
+        return _meta(mask_id, shared, own, float(held_since))
 
     async def mask_bits(self, mask_id: str, tenant: str) -> bytes | None:
         if not await self.mask_visible(mask_id, tenant):
@@ -285,14 +293,22 @@ def _event_name(data: str) -> str:
     return name if isinstance(name, str) else "progress"
 
 
-def _meta(mask_id: str, raw: Any, held_since: float) -> dict[str, Any]:
-    """Decoded meta; `created_at` defaults to when the tenant got the mask."""
-    try:
-        meta = json.loads(_s(raw))
-    except ValueError:
-        meta = {}
-    if not isinstance(meta, dict):
-        meta = {}
+def _meta(mask_id: str, shared: Any, own: Any, held_since: float) -> dict[str, Any]:
+    """The tenant's meta over the shared one's bit-derived facts (only those: a record written before
+    meta was per tenant holds its first writer's name and job, which no other tenant may see);
+    `created_at` defaults to when the tenant got the mask."""
+    facts = _json_object(shared)
+    meta = _json_object(own) | {k: facts[k] for k in keys.MASK_SHARED_META if k in facts}
     meta.setdefault("mask_id", mask_id)
     meta.setdefault("created_at", held_since)
     return meta
+
+
+def _json_object(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(_s(raw))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

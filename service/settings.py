@@ -10,10 +10,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, RedisDsn, SecretStr, field_validator
+from pydantic import AfterValidator, Field, RedisDsn, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from protocol import EMBEDDED_MODEL
+from protocol.hub_policy import HUB_OFF, parse_hub_datasets
 
 
 def _split_commas(value: Any) -> Any:
@@ -39,6 +40,12 @@ class GatewaySettings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [EMBEDDED_MODEL])
     # Also accept any hub id or local folder name as a model (the worker must be able to load it).
     allow_any_model: bool = False
+    # Hub datasets a job may name: "off", "any" or comma-separated ids (protocol/hub_policy.py; as the worker's).
+    hub_datasets: Annotated[str, AfterValidator(parse_hub_datasets)] = HUB_OFF
+    # Extra Host header names accepted (comma-separated); keyless mode always checks Host (DNS rebinding).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Bearer token GET /metrics requires; unset: /metrics is open.
+    metrics_key: SecretStr | None = None
     # Largest request body in bytes; larger bodies get 413 before they are parsed.
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Largest total number of characters over all inline datasets of one request.
@@ -70,8 +77,10 @@ class GatewaySettings(BaseSettings):
     max_prompt_chars: int = Field(default=32_000, ge=1)
     # Cap on the rows of one generation request: prompts x n.
     max_generate_rows: int = Field(default=16, ge=1)
+    # Cap on one tenant's generation rows in flight (queued or decoding); past it, 429 with Retry-After.
+    max_inflight_rows_per_tenant: int = Field(default=32, ge=1)
 
-    @field_validator("api_keys", "models", mode="before")
+    @field_validator("api_keys", "models", "allowed_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)

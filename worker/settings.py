@@ -14,8 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from protocol.hub_policy import HUB_OFF, parse_hub_datasets
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 Role = Literal["jobs", "serve"]
@@ -40,6 +42,19 @@ class WorkerSettings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     # Folder that {"kind": "file"} dataset references resolve inside; paths may not leave it.
     data_root: Path = Path("data")
+    # Folder local model references must resolve inside (symlinks followed); the embedded model and the
+    # operator's SELPRUNE_MODELS entries load regardless.
+    models_root: Path = Path("models")
+    # The gateway's model list (comma-separated, SELPRUNE_MODELS): these refs load as given, even outside models_root.
+    models: Annotated[
+        list[str],
+        NoDecode,
+        BeforeValidator(
+            lambda v: [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+        ),
+    ] = Field(default_factory=list)
+    # Hub datasets a job may name: "off", "any" or comma-separated ids (protocol/hub_policy.py; as the gateway's).
+    hub_datasets: Annotated[str, AfterValidator(parse_hub_datasets)] = HUB_OFF
     # Folder where export jobs write folded checkpoints (<export_root>/<mask_id>/).
     export_root: Path = Path("exports")
     # Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.
@@ -57,6 +72,8 @@ class WorkerSettings(BaseSettings):
     visibility_timeout: float = Field(default=60.0, gt=0)
     # Starts of one job (the first included) before it is dead-lettered as RetriesExhausted.
     max_attempts: int = Field(default=3, ge=1)
+    # Wall-clock seconds one attempt of a job may run; past it the job stops at its next check, failed JobTimeout.
+    job_timeout_s: float = Field(default=6 * 3600, gt=0)
     # This worker's consumer name in the stream group and its heartbeat key; unique per process.
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1)
     # Seconds a finished job's hash, step list and events are kept (default 7 days).
@@ -79,6 +96,8 @@ class WorkerSettings(BaseSettings):
     serve_mask_cache: int = Field(default=256, ge=1)
     # Longest prompt in tokens the serving loop accepts; longer ones are answered PromptTooLong.
     max_prompt_tokens: int = Field(default=2048, ge=1)
+    # Rows the serving loop reads ahead of its batch, so admission can take tenants in turn (round robin).
+    serve_max_pending: int = Field(default=64, ge=0, le=4096)
 
     @field_validator("roles", mode="before")
     @classmethod
