@@ -23,6 +23,7 @@ def _spawn_worker(redis_url: str, tmp_path, roles: str) -> subprocess.Popen[byte
         "SELPRUNE_ROLES": roles,
         "SELPRUNE_CACHE_DIR": str(tmp_path / "cache"),
         "SELPRUNE_DATA_ROOT": str(tmp_path),
+        "SELPRUNE_MODELS_ROOT": str(tmp_path),  # the tiny checkpoint lives here
         "SELPRUNE_DEVICE": "cpu",
         "SELPRUNE_POLL_BLOCK_MS": "100",
         "PYTHONPATH": str(REPO),
