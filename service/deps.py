@@ -19,6 +19,7 @@ from service.errors import ApiError
 from service.queue_client import QueueClient
 from service.serving_client import ServingClient
 from service.settings import GatewaySettings
+from service.stream_slots import StreamSlots
 
 
 def get_app_settings(request: Request) -> GatewaySettings:
@@ -36,9 +37,15 @@ def get_serving_client(request: Request) -> ServingClient:
     return serving
 
 
+def get_stream_slots(request: Request) -> StreamSlots:
+    slots: StreamSlots = request.app.state.stream_slots
+    return slots
+
+
 SettingsDep = Annotated[GatewaySettings, Depends(get_app_settings)]
 QueueDep = Annotated[QueueClient, Depends(get_queue_client)]
 ServingDep = Annotated[ServingClient, Depends(get_serving_client)]
+StreamSlotsDep = Annotated[StreamSlots, Depends(get_stream_slots)]
 
 
 def get_tenant(

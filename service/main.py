@@ -27,6 +27,7 @@ from service.queue_client import QueueClient
 from service.routes import evaluate, generate, health, jobs, masks, openai_compat, unlearn
 from service.serving_client import ServingClient
 from service.settings import GatewaySettings, get_settings
+from service.stream_slots import StreamSlots
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.auth_enabled:
             logger.warning("SELPRUNE_API_KEYS is not set: authentication is off (serve on loopback only)")
-        app.state.queue = QueueClient.from_url(str(settings.redis_url), block_ms=settings.sse_block_ms)
+        app.state.queue = QueueClient.from_url(
+            str(settings.redis_url),
+            block_ms=settings.sse_block_ms,
+            max_connections=settings.redis_max_connections,
+        )
         app.state.serving = ServingClient(
             app.state.queue.redis, timeout_s=settings.generate_timeout_s, block_s=settings.sse_block_ms / 1000
         )
@@ -55,6 +60,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app = FastAPI(title="selprune", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.stream_slots = StreamSlots(settings.max_event_streams_per_tenant, settings.event_stream_max_s)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     hosts = allowed_hosts(settings)

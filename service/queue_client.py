@@ -76,15 +76,21 @@ class QueueClient:
         self.redis = redis
 
     @classmethod
-    def from_url(cls, url: str, *, block_ms: int = 15_000) -> QueueClient:
+    def from_url(cls, url: str, *, block_ms: int = 15_000, max_connections: int = 200) -> QueueClient:
         # The read timeout must outlast the events endpoint's XREAD BLOCK: left unset, redis-py falls
         # back to the connect timeout (5 s) and every idle event stream died after 5 s.
         read_timeout = block_ms / 1000 + 10
-        return cls(
-            aioredis.Redis.from_url(
-                url, socket_connect_timeout=5, socket_timeout=read_timeout, health_check_interval=30
-            )
+        # A bounded pool: a burst of streams waits for a connection (up to 5 s, then 503) instead of
+        # opening connections until Redis's maxclients locks the workers out too.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=5,
+            socket_connect_timeout=5,
+            socket_timeout=read_timeout,
+            health_check_interval=30,
         )
+        return cls(aioredis.Redis.from_pool(pool))  # owns the pool: aclose() closes it
 
     async def aclose(self) -> None:
         await self.redis.aclose()

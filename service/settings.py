@@ -64,6 +64,12 @@ class GatewaySettings(BaseSettings):
     jobs_retry_after_s: int = Field(default=30, ge=1)
     # Seconds a job stays in the listings (GET /v1/jobs); match the worker's SELPRUNE_JOB_TTL_SECONDS.
     job_history_s: int = Field(default=7 * 24 * 3600, ge=60)
+    # Most Redis connections this gateway process opens (streams and generation waits hold one each).
+    redis_max_connections: int = Field(default=200, ge=4)
+    # Most job event streams one tenant may hold open on this gateway process; more get 429.
+    max_event_streams_per_tenant: int = Field(default=8, ge=1)
+    # Seconds an event stream lasts before the gateway ends it (the client reconnects with Last-Event-ID).
+    event_stream_max_s: float = Field(default=3600.0, gt=0)
     # Milliseconds one XREAD BLOCK of the events endpoint waits before a keep-alive comment.
     sse_block_ms: int = Field(default=15_000, ge=10)
     # Most jobs a GET /metrics scan reads to count jobs by state (newest first).

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from protocol import JobState
-from service.deps import JobIdDep, QueueDep, SettingsDep, TenantDep, job_not_found
+from service.deps import JobIdDep, QueueDep, SettingsDep, StreamSlotsDep, TenantDep, job_not_found
 from service.errors import ApiError, error_responses
 from service.queue_client import QueueClient
 from service.schemas import JobList, JobStatusResponse, JobSummary
@@ -94,7 +94,7 @@ async def cancel_job(job_id: JobIdDep, queue: QueueDep, tenant: TenantDep) -> Jo
     response_model=None,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "progress, step and state events"},
-        **error_responses(401, 404, 422, 503),
+        **error_responses(401, 404, 422, 429, 503),
     },
 )
 async def job_events(
@@ -102,6 +102,7 @@ async def job_events(
     queue: QueueDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    slots: StreamSlotsDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventStreamResponse:
     """Server-sent events of a job (progress, step, state), ending with a state event once it finishes."""
@@ -114,7 +115,9 @@ async def job_events(
         )
     if await queue.get_job(job_id, tenant, with_steps=False) is None:
         raise job_not_found(job_id)
-    return EventStreamResponse(_events(queue, job_id, last_event_id or "0-0", settings.sse_block_ms))
+    slots.take(tenant)
+    events = _events(queue, job_id, last_event_id or "0-0", settings.sse_block_ms)
+    return EventStreamResponse(slots.hold(tenant, events))
 
 
 def _is_stream_id(value: str) -> bool:
