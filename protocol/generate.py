@@ -10,10 +10,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from protocol.base import ErrorInfo, Strict
 from protocol.constants import EMBEDDED_MODEL
+
+# What a worker can execute, whatever a gateway's settings allow: every number below becomes a torch
+# tensor or a Python loop bound on the worker, so none may be unbounded. The gateway caps lower.
+MAX_NEW_TOKENS = 1_000_000  # the model's context bounds it further (the worker answers PromptTooLong)
+MAX_TOP_K = 1_000_000  # above any vocabulary, where top-k is off anyway; far inside int64
+SEED_LIMIT = 2**63  # row seeds (seed + row) stay within what torch.Generator.manual_seed takes
+MAX_ROWS = 1024  # rows of one request (prompts x n); also caps n and the number of prompts
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 256  # characters of one stop string (a streamed row holds back that many)
 
 
 class ChatMessage(Strict):
@@ -24,12 +33,18 @@ class ChatMessage(Strict):
 class SamplingParams(Strict):
     """Decoding settings of one request; every row of the request uses them."""
 
-    max_new_tokens: int = Field(default=64, ge=1)
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    max_new_tokens: int = Field(default=64, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="1 = off")
-    top_k: int = Field(default=0, ge=0, description="0 = off")
-    seed: int | None = Field(default=None, description="row i samples with seed + i; None = random")
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K, description="0 = off")
+    seed: int | None = Field(
+        default=None, ge=0, lt=SEED_LIMIT, description="row i samples with seed + i; None = random"
+    )
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP
+    )
     ignore_eos: bool = Field(default=False, description="keep generating past EOS (for benchmarks)")
 
 
@@ -42,9 +57,10 @@ class GenerateTask(Strict):
     tenant: str
     model: str = EMBEDDED_MODEL
     mask_id: str | None = None
-    prompts: list[str] | None = None  # raw text, tokenized with the tokenizer's special tokens
+    # Raw text, tokenized with the tokenizer's special tokens.
+    prompts: list[str] | None = Field(default=None, max_length=MAX_ROWS)
     messages: list[ChatMessage] | None = None  # rendered with the model's chat template
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_ROWS)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     stream: bool = False  # send `delta` events as text is produced
     enqueued_at: float  # unix seconds, set by the gateway
@@ -58,6 +74,8 @@ class GenerateTask(Strict):
             raise ValueError("prompts must not be empty")
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
+        if self.rows > MAX_ROWS:
+            raise ValueError(f"the task asks for {self.rows} rows (prompts x n); the limit is {MAX_ROWS}")
         return self
 
     @property

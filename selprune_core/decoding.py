@@ -15,7 +15,7 @@ and other cache types still decode, just without admitting rows mid-flight.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -305,29 +305,46 @@ class DecodeBatch:
         """Remove the rows that have finished and return their generations (the batch shrinks)."""
         finished = [(r.key, self._generation(r)) for r in self.rows if r.done]
         if finished:
-            keep = [i for i, r in enumerate(self.rows) if not r.done]
-            self.rows = [self.rows[i] for i in keep]
-            if keep and self.cache is not None:
-                index = torch.tensor(keep, dtype=torch.long, device=self.device)
-                self.cache.batch_select_indices(index)
-                self.attention_mask = self.attention_mask.index_select(0, index)
-                self.next_ids = self.next_ids.index_select(0, index)
-                self.next_positions = self.next_positions.index_select(0, index)
-                self._trim_left()
+            self._keep([i for i, r in enumerate(self.rows) if not r.done])
         return finished
 
+    def drop(self, keys: Collection[Hashable]) -> None:
+        """Remove the rows named by `keys` unfinished (nobody waits for them any more)."""
+        if any(r.key in keys for r in self.rows):
+            self._keep([i for i, r in enumerate(self.rows) if r.key not in keys])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the rows at these indices, in order, with their cache rows."""
+        self.rows = [self.rows[i] for i in keep]
+        if keep and self.cache is not None:
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self.cache.batch_select_indices(index)
+            self.attention_mask = self.attention_mask.index_select(0, index)
+            self.next_ids = self.next_ids.index_select(0, index)
+            self.next_positions = self.next_positions.index_select(0, index)
+            self._trim_left()
+
     def extend(self, other: DecodeBatch) -> None:
-        """Merge a prefilled batch into this one: the shorter cache is left-padded with masked zeros."""
+        """Merge a prefilled batch into this one: the shorter cache is left-padded with masked zeros.
+        All or nothing: every merged tensor is built before any is stored, so a failure (out of memory)
+        leaves this batch as it was."""
         assert self.mergeable and other.mergeable, "extend needs DynamicLayer caches on both sides"
         assert other.model is self.model, "rows of one batch share one model"
         width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
+        layers = [
+            (
+                torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)]),
+                torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)]),
+            )
+            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True)
+        ]
         masks = [_pad_left(m, width, 1) for m in (self.attention_mask, other.attention_mask)]
-        self.attention_mask = torch.cat(masks)  # [batch, width]
-        self.next_ids = torch.cat([self.next_ids, other.next_ids])
-        self.next_positions = torch.cat([self.next_positions, other.next_positions])
+        attention_mask = torch.cat(masks)  # [batch, width]
+        next_ids = torch.cat([self.next_ids, other.next_ids])
+        next_positions = torch.cat([self.next_positions, other.next_positions])
+        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+            layer.keys, layer.values = keys, values
+        self.attention_mask, self.next_ids, self.next_positions = attention_mask, next_ids, next_positions
         self.rows.extend(other.rows)
 
     def _trim_left(self) -> None:

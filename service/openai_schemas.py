@@ -9,15 +9,21 @@ instead of having it silently ignored. Fields OpenAI does not know are rejected 
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from protocol import ChatMessage, GenerateUsage, SamplingParams
-from service.schemas import SEED_LIMIT, stop_list
+from protocol.base import reject_surrogates
+from protocol.generate import MAX_NEW_TOKENS, MAX_ROWS, MAX_STOP_CHARS, MAX_TOP_K, SEED_LIMIT
+from service.schemas import stop_list
 
 FinishReason = Literal["stop", "length"]
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+# Bounds are the serving contract's (protocol/generate.py), so a request that passes them always makes a
+# valid task; the gateway's settings cap max_tokens and rows lower.
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 # Requests ----------------------------------------------------------------------------------------
@@ -28,7 +34,7 @@ class StreamOptions(BaseModel):
 class OpenAIRequest(BaseModel):
     """What completions and chat completions share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     # Field -> the values meaning "off"; any other value is refused by unsupported().
     ACCEPTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "presence_penalty": (None, 0),
@@ -39,16 +45,25 @@ class OpenAIRequest(BaseModel):
     model: str = Field(min_length=1, max_length=400, description="a base model, or `<model>@<mask_id>`")
     temperature: float | None = Field(default=None, ge=0, le=2, description="default 1; 0 = greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0, description="an extension (as in vLLM); 0 = off")
-    n: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_K, description="an extension (as in vLLM); 0 = off"
+    )
+    n: int | None = Field(default=None, ge=1, le=MAX_ROWS)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopText | list[StopText] | None = None
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # A lone surrogate (JSON "\ud800") has no UTF-8 form: refused here, naming the field, before it
+        # could reach Redis or a response.
+        return reject_surrogates(data)
 
     def unsupported(self) -> str | None:
         """A message naming the first parameter set to a value we cannot honour, else None."""
@@ -89,11 +104,18 @@ class CompletionRequest(OpenAIRequest):
     }
 
     prompt: str | list[str] = Field(description="one prompt, or several (each gets n completions)")
-    max_tokens: int | None = Field(default=COMPLETION_MAX_TOKENS, ge=1)
+    max_tokens: MaxTokens | None = COMPLETION_MAX_TOKENS
     logprobs: int | None = None
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list holds no prompt; send a string or a list of at least one")
+        return value
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -131,10 +153,10 @@ class ChatCompletionRequest(OpenAIRequest):
     }
 
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(
-        default=None, ge=1, description="deprecated by OpenAI for max_completion_tokens"
+    max_tokens: MaxTokens | None = Field(
+        default=None, description="deprecated by OpenAI for max_completion_tokens"
     )
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None

@@ -26,9 +26,12 @@ from protocol import (
     PruneJob,
     PruneParams,
     SamplingParams,
+    Strict,
     apply_preset,
 )
+from protocol.generate import SEED_LIMIT
 from protocol.job_hash import JobHash
+from protocol.params import MAX_EVAL_DATASETS
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class ErrorResponse(BaseModel):
 
 
 # Requests ----------------------------------------------------------------------------------------
-class UnlearnRequest(BaseModel):
+class UnlearnRequest(Strict):
     """Prune neurons that matter for `forget` more than for `retain`."""
 
     model_config = ConfigDict(
@@ -66,7 +69,9 @@ class UnlearnRequest(BaseModel):
     model: str = Field(default=EMBEDDED_MODEL, min_length=1, max_length=200)
     forget: DatasetSpec
     retain: DatasetSpec
-    eval: list[DatasetSpec] | None = Field(default=None, max_length=32, description="extra eval sets")
+    eval: list[DatasetSpec] | None = Field(
+        default=None, max_length=MAX_EVAL_DATASETS, description="extra eval sets"
+    )
     name: str | None = Field(default=None, max_length=200)
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, description=_IDEMPOTENCY_HELP
@@ -115,9 +120,6 @@ class EvaluateRequest(EvaluateJob):
 
 
 # Generation --------------------------------------------------------------------------------------
-SEED_LIMIT = 2**63  # row seeds (seed + row) stay within what torch.Generator.manual_seed takes
-
-
 def stop_list(value: Any) -> Any:
     """`stop` as a list: one string becomes a list of one, None an empty list."""
     if value is None:

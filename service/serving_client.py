@@ -2,29 +2,42 @@
 
 Protocol (names in protocol/keys.py, models in protocol/generate.py):
 
+- admission: while a request is in flight its rows are held in the tenant's `GENERATE_INFLIGHT_KEY`
+  (member "<request_id>:<rows>", score = when the hold expires, refreshed while a reply streams); a
+  request that would take the tenant past `max_tenant_rows` is refused 429 with Retry-After, so one
+  tenant cannot fill the lane. A stream already holding `GENERATE_STREAM_MAXLEN` unread requests
+  refuses new ones (503, Retry-After): nothing queued is ever trimmed away;
 - a request is XADDed to `GENERATE_STREAM` as {"task": GenerateTask JSON}, stamped with
   `enqueued_at` = now and `deadline` = now + the timeout (a worker skips a task past its deadline);
 - the worker RPUSHes GenerateEvent JSON onto `GENERATE_REPLY_KEY`: `delta`s when the task streams,
   then exactly one `done` or `error`. The gateway BLPOPs it in slices shorter than the connection's
   read timeout, and gives up once `timeout_s` passes without an event (for a stream: between two
   events). The reply key is deleted once the reply is complete or abandoned; its TTL, refreshed by
-  every push, removes what a disconnected caller leaves behind.
+  every push, removes what a disconnected caller leaves behind;
+- when the gateway stops waiting before the final event (the client disconnected, or the wait timed
+  out) it adds the request id to `GENERATE_CANCELLED_KEY`; serving workers drop its rows between decode
+  steps, or skip it if it was not yet admitted.
 
 A worker error and a timeout both raise `GenerationFailed` carrying an ErrorInfo; service/errors.py
-maps its type to an HTTP status.
+maps its type to an HTTP status. `GenerationRefused`, a GenerationFailed with its own status (429,
+503, a worker's rejection of the caller's input), is answered by the routes with that status.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from typing import Any
 
+import anyio
 import redis.asyncio as aioredis
 from pydantic import TypeAdapter
+from redis.exceptions import RedisError
 
 from protocol import (
     ChatMessage,
@@ -43,6 +56,15 @@ logger = logging.getLogger(__name__)
 TIMEOUT_TYPE = "GenerationTimeout"
 _EVENT: TypeAdapter[GenerateDelta | GenerateDone | GenerateFailed] = TypeAdapter(GenerateEvent)
 _MIN_BLOCK_S = 0.01  # BLPOP with timeout 0 would block forever
+_DISCONNECT_POLL_S = 1.0  # a caller that may disconnect is checked at least this often while waiting
+_HOLD_REFRESH_S = 30.0  # a streaming request refreshes its in-flight hold after this long
+RETRY_AFTER_BUSY_S = 1  # Retry-After of a 429: a tenant's rows free up as its generations end
+RETRY_AFTER_FULL_S = 5  # Retry-After of a 503: the lane has a backlog of GENERATE_STREAM_MAXLEN requests
+# Worker error types that are the caller's fault, with their status (service/errors.py's SERVING_STATUS
+# maps the others): the model's chat template refused the messages, the tokenizer the prompt.
+WORKER_REJECTIONS = {"InvalidMessages": 422, "InvalidPrompt": 422}
+
+Disconnected = Callable[[], Awaitable[bool]]  # e.g. starlette's Request.is_disconnected
 
 
 class GenerationFailed(Exception):
@@ -53,12 +75,33 @@ class GenerationFailed(Exception):
         self.info = info
 
 
+class GenerationRefused(GenerationFailed):
+    """A failure with its own status: the tenant's in-flight cap (429), a full stream (503), input the
+    worker rejected (422), the caller gone (499). The routes answer it with that status and `headers`;
+    after a stream's headers it is an error event like any GenerationFailed."""
+
+    def __init__(self, status: int, info: ErrorInfo, retry_after_s: int | None = None) -> None:
+        super().__init__(info)
+        self.status = status
+        self.headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+
+
+class _CallerGone(Exception):
+    """The caller disconnected while we waited for the worker."""
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _held_rows(member: Any) -> int:
+    """Rows of an in-flight member "<request_id>:<rows>" (0 for anything else)."""
+    _, _, rows = _s(member).rpartition(":")
+    return int(rows) if rows.isdigit() else 0
 
 
 class ServingClient:
@@ -68,6 +111,8 @@ class ServingClient:
         # One BLPOP waits at most this long; the connection's read timeout (QueueClient.from_url) is
         # 10 s longer, so a quiet wait never looks like a dead connection.
         self.block_s = max(block_s, _MIN_BLOCK_S)
+        # An in-flight hold outlives the longest quiet wait by a minute, so only a dead gateway's expire.
+        self.hold_s = timeout_s + 60.0
 
     def task(
         self,
@@ -97,18 +142,29 @@ class ServingClient:
             deadline=now + self.timeout_s,
         )
 
-    async def generate(self, task: GenerateTask) -> GenerateDone:
-        """Queue the task and wait for its `done`; GenerationFailed for an error or a timeout."""
-        async for event in self._events(task, await self._submit(task)):
-            if isinstance(event, GenerateDone):
-                return event
-        raise AssertionError("the reply ended without a done event")  # _events always ends on done
+    async def generate(
+        self, task: GenerateTask, *, max_tenant_rows: int, disconnected: Disconnected | None = None
+    ) -> GenerateDone:
+        """Queue the task and wait for its `done`; GenerationFailed for an error or a timeout,
+        GenerationRefused when refused. `disconnected`, polled while waiting, cancels the generation
+        once it says the caller is gone."""
+        async with aclosing(self._events(task, max_tenant_rows, disconnected)) as events:
+            async for event in events:
+                if isinstance(event, GenerateDone):
+                    return event
+        info = ErrorInfo(
+            type="ClientClosedRequest", message="the caller went away; the generation was cancelled"
+        )
+        raise GenerationRefused(499, info)
 
-    async def open_stream(self, task: GenerateTask) -> AsyncIterator[GenerateDelta | GenerateDone]:
+    async def open_stream(
+        self, task: GenerateTask, *, max_tenant_rows: int
+    ) -> AsyncGenerator[GenerateDelta | GenerateDone]:
         """Queue a streaming task and wait for its first event, so an early failure (unknown mask, prompt
-        too long, no worker) raises here, before any response header is sent. The iterator yields that
-        event and the rest, ending with `done`; a later failure raises GenerationFailed from it."""
-        events = self._events(task, await self._submit(task))
+        too long, no worker, a refusal) raises here, before any response header is sent. The generator
+        yields that event and the rest, ending with `done`; a later failure raises GenerationFailed from
+        it. Closing it early (the client went away) cancels the generation on the worker."""
+        events = self._events(task, max_tenant_rows, None)
         try:
             first = await anext(events)
         except BaseException:
@@ -137,46 +193,135 @@ class ServingClient:
         return int(await self.redis.xlen(keys.GENERATE_STREAM))
 
     # Plumbing ----------------------------------------------------------------------------------------
-    async def _submit(self, task: GenerateTask) -> str:
-        entry_id = await self.redis.xadd(
-            keys.GENERATE_STREAM,
-            {"task": task.model_dump_json()},
-            maxlen=keys.GENERATE_STREAM_MAXLEN,
-            approximate=True,
-        )
-        return _s(entry_id)
-
     async def _events(
-        self, task: GenerateTask, entry_id: str
+        self, task: GenerateTask, max_tenant_rows: int, disconnected: Disconnected | None
     ) -> AsyncGenerator[GenerateDelta | GenerateDone]:
-        """The task's reply events up to `done`; GenerationFailed for an error event or a timeout."""
+        """The task's reply events up to `done`; GenerationFailed for an error event or a timeout. Holds
+        the task's rows in the tenant's in-flight set from before the XADD until the reply ends, and
+        cancels the task on the worker when it stops before the final event."""
         key = keys.GENERATE_REPLY_KEY.format(request_id=task.request_id)
-        started = False
+        held = False
+        entry_id: str | None = None
+        started = finished = False
         try:
+            await self._hold(task, max_tenant_rows)
+            held = True
+            entry_id = await self._submit(task)
+            refreshed = time.monotonic()
             while True:
-                raw = await self._pop(key)
+                raw = await self._pop(key, disconnected)
                 if raw is None:
-                    if not started:  # nobody took it: drop the entry so no worker starts it late
-                        await self.redis.xdel(keys.GENERATE_STREAM, entry_id)
                     raise GenerationFailed(await self._timeout_info(started))
                 started = True
                 event = _EVENT.validate_json(raw)
                 if isinstance(event, GenerateFailed):
+                    finished = True
+                    status = WORKER_REJECTIONS.get(event.error.type)
+                    if status is not None:
+                        raise GenerationRefused(status, event.error)
                     raise GenerationFailed(event.error)
+                finished = isinstance(event, GenerateDone)
                 yield event
-                if isinstance(event, GenerateDone):
+                if finished:
                     return
+                if time.monotonic() - refreshed >= _HOLD_REFRESH_S:
+                    await self._refresh_hold(task)
+                    refreshed = time.monotonic()
+        except _CallerGone:
+            logger.info("request %s: the caller went away; cancelling it", task.request_id)
         finally:
-            await self.redis.delete(key)
+            # Runs on cancellation too (a streaming client that disconnects cancels its task): shielded,
+            # so the hold is released and the worker told even then.
+            with anyio.CancelScope(shield=True):
+                await self._release(
+                    task, key, held=held, entry_id=entry_id, finished=finished, started=started
+                )
 
-    async def _pop(self, key: str) -> bytes | None:
-        """The next item of the reply list, or None once `timeout_s` passes without one."""
+    async def _hold(self, task: GenerateTask, cap: int) -> None:
+        """Count the task's rows in its tenant's in-flight set, or refuse it: 429 past `cap`."""
+        if task.rows > cap:
+            message = (
+                f"the request asks for {task.rows} completions; a tenant may have at most {cap} in flight "
+                "(SELPRUNE_MAX_INFLIGHT_ROWS_PER_TENANT)"
+            )
+            raise GenerationRefused(422, ErrorInfo(type="LimitExceeded", message=message))
+        key = keys.GENERATE_INFLIGHT_KEY.format(tenant=task.tenant)
+        member = f"{task.request_id}:{task.rows}"
+        now = time.time()
+        # Add first, then count what the set holds: two racing requests may both be refused near the cap,
+        # but the tenant never gets past it.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {member: now + self.hold_s})
+            pipe.zrange(key, 0, -1)
+            pipe.expire(key, math.ceil(self.hold_s))
+            _, _, members, _ = await pipe.execute()
+        held = sum(_held_rows(m) for m in members)
+        if held > cap:
+            await self.redis.zrem(key, member)
+            message = (
+                f"this tenant has {held - task.rows} generation rows in flight and asks for {task.rows} more; "
+                f"the limit is {cap} (SELPRUNE_MAX_INFLIGHT_ROWS_PER_TENANT); retry once some finish"
+            )
+            info = ErrorInfo(type="TooManyRequests", message=message)
+            raise GenerationRefused(429, info, retry_after_s=RETRY_AFTER_BUSY_S)
+
+    async def _refresh_hold(self, task: GenerateTask) -> None:
+        key = keys.GENERATE_INFLIGHT_KEY.format(tenant=task.tenant)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {f"{task.request_id}:{task.rows}": time.time() + self.hold_s}, xx=True)
+            pipe.expire(key, math.ceil(self.hold_s))
+            await pipe.execute()
+
+    async def _submit(self, task: GenerateTask) -> str:
+        """XADD the task, or refuse it (503) when the stream already holds its cap of unread requests.
+        Never trims: an approximate MAXLEN would drop the oldest requests, which may be other tenants'."""
+        waiting = await self.waiting()
+        if waiting >= keys.GENERATE_STREAM_MAXLEN:
+            message = (
+                f"{waiting} generation requests are already waiting for a serving worker; "
+                f"retry in {RETRY_AFTER_FULL_S} s"
+            )
+            info = ErrorInfo(type="ServingQueueFull", message=message)
+            raise GenerationRefused(503, info, retry_after_s=RETRY_AFTER_FULL_S)
+        entry_id = await self.redis.xadd(keys.GENERATE_STREAM, {"task": task.model_dump_json()})
+        return _s(entry_id)
+
+    async def _release(
+        self, task: GenerateTask, key: str, *, held: bool, entry_id: str | None, finished: bool, started: bool
+    ) -> None:
+        """Delete the reply list and the in-flight hold; a request abandoned before its final event is
+        withdrawn from the stream if no worker read it yet, and cancelled on the worker otherwise."""
+        now = time.time()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(key)
+                if held:
+                    inflight = keys.GENERATE_INFLIGHT_KEY.format(tenant=task.tenant)
+                    pipe.zrem(inflight, f"{task.request_id}:{task.rows}")
+                if entry_id is not None and not finished:
+                    if not started:  # nobody answered yet: drop the entry so no worker starts it late
+                        pipe.xdel(keys.GENERATE_STREAM, entry_id)
+                    pipe.zadd(
+                        keys.GENERATE_CANCELLED_KEY, {task.request_id: now + keys.GENERATE_CANCEL_TTL_S}
+                    )
+                    pipe.zremrangebyscore(keys.GENERATE_CANCELLED_KEY, "-inf", now)
+                await pipe.execute()
+        except RedisError as exc:  # the hold expires on its own; the original error matters more
+            logger.warning("request %s: could not release its serving state: %s", task.request_id, exc)
+
+    async def _pop(self, key: str, disconnected: Disconnected | None) -> bytes | None:
+        """The next item of the reply list, or None once `timeout_s` passes without one; _CallerGone
+        when `disconnected` says the caller left."""
         deadline = time.monotonic() + self.timeout_s
+        block = self.block_s if disconnected is None else min(self.block_s, _DISCONNECT_POLL_S)
         while (left := deadline - time.monotonic()) > 0:
-            got = await self.redis.blpop([key], timeout=max(min(left, self.block_s), _MIN_BLOCK_S))
+            got = await self.redis.blpop([key], timeout=max(min(left, block), _MIN_BLOCK_S))
             if got is not None:
                 raw = got[1]
                 return raw if isinstance(raw, bytes) else str(raw).encode()
+            if disconnected is not None and await disconnected():
+                raise _CallerGone()
         return None
 
     async def _timeout_info(self, started: bool) -> ErrorInfo:
@@ -199,7 +344,7 @@ class ServingClient:
 
 async def _prepend(
     first: GenerateDelta | GenerateDone, rest: AsyncGenerator[GenerateDelta | GenerateDone]
-) -> AsyncIterator[GenerateDelta | GenerateDone]:
+) -> AsyncGenerator[GenerateDelta | GenerateDone]:
     try:
         yield first
         if isinstance(first, GenerateDone):

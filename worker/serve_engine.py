@@ -4,10 +4,13 @@ requests joining and leaving a running batch (continuous batching).
 The serving loop (worker/serving.py) decides what to admit and carries replies over Redis; this module
 does the model work and knows nothing of Redis. Admitting a request resolves its mask into the model's
 device-resident MaskTable (fetching the bits on first use), renders and tokenizes its prompt and checks
-its length; a request that fails any of that is answered with an error event and left out, so one bad
-request never fails its neighbours. The admitted rows are prefilled together and merged into the
-running `DecodeBatch`; every `step` then decodes one token for every row inside `apply_row_masks` with
-the per-row factors the table gathers, and a request is answered the moment its last row finishes.
+its length; a request that fails any of that (a chat template that raises included) is answered with an
+error event and left out, so one bad request never fails its neighbours. The admitted rows are prefilled
+together apart from the running `DecodeBatch` and merged into it only once that succeeded: a failing
+admission fails only the new requests, never the rows already running. Every `step` then decodes one
+token for every row inside `apply_row_masks` with the per-row factors the table gathers, and a request
+is answered the moment its last row finishes; `cancel` drops the rows of requests nobody waits for.
+Only a device failure (worker/errors.py `classify`) fails everything and stops the worker.
 Models whose cache cannot take rows mid-flight (sliding windows) are admitted only into an empty batch.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -71,6 +74,7 @@ class _Request:
     task: GenerateTask
     slot: int  # mask table slot; 0 = unmasked
     prompt_ids: list[list[int]]  # one list per prompt (a chat has one)
+    rows: list[GenerationRow]  # one per choice: its prompt and its own sampling settings
     admitted_at: float = 0.0  # unix seconds
     model_start: float = 0.0  # perf_counter at admission
     batch_rows: int = 0  # rows in the batch right after admission
@@ -128,11 +132,19 @@ class ServeEngine:
     @property
     def model(self) -> str | None:
         """The model of the running batch; None when idle."""
-        return self._active.ref if self._active is not None else None
+        active = self._active  # read once: other threads may look (tests, metrics)
+        return active.ref if active is not None else None
 
     @property
     def rows(self) -> int:
-        return len(self._active.batch) if self._active is not None else 0
+        active = self._active
+        return len(active.batch) if active is not None else 0
+
+    @property
+    def request_ids(self) -> list[str]:
+        """The requests with rows in the running batch."""
+        active = self._active
+        return list(active.requests) if active is not None else []
 
     def can_admit(self, model: str) -> bool:
         """Whether requests for `model` may join now: the engine is idle, or runs that model with a cache
@@ -154,51 +166,49 @@ class ServeEngine:
         assert self.can_admit(ref), f"cannot admit {ref} now"
         try:
             loaded = self.runtime.model(ref)
-        except SelPruneError as exc:
-            reply([(t, failed("ModelLoadError", str(exc))) for t in tasks])
+            table = self.table(ref, loaded)
+        except Exception as exc:
+            if classify(exc) is Outcome.device_failure:
+                self._fail(list(tasks), exc, reply, running=False)
+            log.warning(
+                "model %s could not be loaded: %s", ref, exc, exc_info=not isinstance(exc, SelPruneError)
+            )
+            reply([(t, failed("ModelLoadError", f"model {ref!r} could not be loaded: {exc}")) for t in tasks])
             return
-        table = self.table(ref, loaded)
         active = self._active
         in_use = {r.task.mask_id or "" for r in active.requests.values()} if active is not None else set()
         requests: list[_Request] = []
-        for task in tasks:
+        for i, task in enumerate(tasks):
             try:
                 requests.append(self._prepare(task, loaded, table, in_use))
                 in_use.add(task.mask_id or "")
             except ServeError as exc:
                 reply([(task, failed(exc.type, str(exc)))])
+            except Exception as exc:  # a bug or the device: still only this request, unless the device
+                if classify(exc) is Outcome.device_failure:
+                    self._fail([*(r.task for r in requests), *tasks[i:]], exc, reply, running=False)
+                self._fail([task], exc, reply, running=False)
         if not requests:
             return
-        rows: list[GenerationRow] = []
-        keys: list[tuple[str, int]] = []
-        slots: dict[tuple[str, int], int] = {}
-        for req in requests:
-            for index in range(req.task.rows):
-                rows.append(
-                    GenerationRow(
-                        req.prompt_ids[index // req.task.n], sampling_config(req.task.sampling, index)
-                    )
-                )
-                keys.append((req.task.request_id, index))
-                slots[keys[-1]] = req.slot
+        keys = [(r.task.request_id, index) for r in requests for index in range(r.task.rows)]
+        slots = {(r.task.request_id, index): r.slot for r in requests for index in range(r.task.rows)}
         admitted_at, model_start = time.time(), time.perf_counter()
-        batch = DecodeBatch(
-            loaded.model,
-            loaded.tokenizer,
-            rows,
-            keys,
-            stream=[r.task.stream for r in requests for _ in range(r.task.rows)],
-        )
-        fresh = _Active(ref, loaded, table, batch, {r.task.request_id: r for r in requests}, slots)
         try:
+            stream = [r.task.stream for r in requests for _ in range(r.task.rows)]
+            rows = [row for r in requests for row in r.rows]
+            batch = DecodeBatch(loaded.model, loaded.tokenizer, rows, keys, stream=stream)
+            fresh = _Active(ref, loaded, table, batch, {r.task.request_id: r for r in requests}, slots)
+            # Prefilled apart from the running batch and merged (all or nothing) only on success: a
+            # failure here leaves the running rows untouched and fails only the new requests.
             pieces = self._forward(fresh, batch.prefill)
+            if active is not None:
+                active.batch.extend(batch)
         except Exception as exc:
-            self._fail(fresh, exc, reply)
+            self._fail([r.task for r in requests], exc, reply, running=False)
             return
         if active is None:
             self._active = active = fresh
         else:
-            active.batch.extend(batch)
             active.requests.update(fresh.requests)
             active.slots.update(slots)
         for req in requests:
@@ -212,9 +222,29 @@ class ServeEngine:
         try:
             pieces = self._forward(active, active.batch.step)
         except Exception as exc:
-            self._fail(active, exc, reply)
+            self._fail([], exc, reply, running=True)
             return
         self._deliver(active, pieces, reply)
+
+    def cancel(self, request_ids: Collection[str], reply: Reply) -> list[GenerateTask]:
+        """Drop the running rows of these requests, whose callers went away (no event is sent for them);
+        returns their tasks."""
+        active = self._active
+        gone = {rid for rid in request_ids if active is not None and rid in active.requests}
+        if active is None or not gone:
+            return []
+        keys = {key for key in active.batch.keys if _row_key(key)[0] in gone}
+        try:
+            active.batch.drop(keys)
+        except Exception as exc:  # the cache could not be cut: the batch cannot go on
+            self._fail([], exc, reply, running=True)
+            return []
+        for key in keys:
+            active.slots.pop(_row_key(key), None)
+        tasks = [active.requests.pop(rid).task for rid in gone]
+        if not len(active.batch):
+            self._active = None
+        return tasks
 
     def _forward(self, active: _Active, run: Callable[[], list[Piece]]) -> list[Piece]:
         """One forward of `active.batch` (prefill or step) through its rows' masks."""
@@ -246,23 +276,24 @@ class ServeEngine:
         if not len(active.batch):
             self._active = None
 
-    def _fail(self, active: _Active, exc: Exception, reply: Reply) -> None:
-        """A forward failed: every request in `active` is answered with the error and the batch dropped
-        (the running batch too, if `active` was being admitted into it: its cache may be half-updated)."""
-        requests = list(active.requests.values())
-        if self._active is not None and self._active is not active:
-            requests += list(self._active.requests.values())
-        self._active = None
-        rows = sum(r.task.rows for r in requests)
+    def _fail(self, tasks: list[GenerateTask], exc: Exception, reply: Reply, *, running: bool) -> None:
+        """Answer `tasks` with the error `exc`; with `running` (a step failed) the running batch's requests
+        too, and the batch is dropped. A device failure fails everything and stops serving, so the worker
+        restarts on a fresh device."""
         outcome = classify(exc)
+        fatal = outcome is Outcome.device_failure
+        if (running or fatal) and self._active is not None:
+            tasks = [*tasks, *(r.task for r in self._active.requests.values())]
+            self._active = None
+        rows = sum(t.rows for t in tasks)
         if outcome is Outcome.out_of_memory:
-            log.warning("serving batch of %d rows ran out of device memory", rows)
+            log.warning("serving %d rows ran out of device memory", rows)
             message = f"out of device memory on a batch of {rows} rows; retry, or ask for fewer tokens"
-            reply([(r.task, failed("OutOfMemory", message)) for r in requests])
+            reply([(t, failed("OutOfMemory", message)) for t in tasks])
             return
-        log.exception("serving batch of %d rows failed", rows, exc_info=exc)
-        reply([(r.task, failed("InternalError", f"generation failed: {exc}")) for r in requests])
-        if outcome is Outcome.device_failure:  # the device is suspect: stop serving so the worker restarts
+        log.error("serving %d rows failed", rows, exc_info=exc)
+        reply([(t, failed("InternalError", f"generation failed: {exc}")) for t in tasks])
+        if fatal:
             raise WorkerFatalError(f"device failure while serving: {exc}") from exc
 
     # Steps --------------------------------------------------------------------------------------------
@@ -271,12 +302,18 @@ class ServeEngine:
     ) -> _Request:
         slot = 0 if task.mask_id is None else self._mask_slot(task, table, in_batch)
         tokenizer = loaded.tokenizer
-        if task.messages is not None:
-            text = apply_chat_template(tokenizer, [m.model_dump() for m in task.messages])
-            prompt_ids = encode_prompts(tokenizer, [text], add_special_tokens=False)
-        else:
-            assert task.prompts is not None
-            prompt_ids = encode_prompts(tokenizer, task.prompts)
+        try:  # a chat template may refuse a conversation ("roles must alternate"): the caller's input
+            if task.messages is not None:
+                text = apply_chat_template(tokenizer, [m.model_dump() for m in task.messages])
+                prompt_ids = encode_prompts(tokenizer, [text], add_special_tokens=False)
+            else:
+                prompt_ids = encode_prompts(tokenizer, task.prompts or [])
+        except Exception as exc:
+            what = "messages" if task.messages is not None else "prompt"
+            message = f"the model's tokenizer or chat template refused the {what}: {exc}"
+            raise ServeError(
+                "InvalidMessages" if task.messages is not None else "InvalidPrompt", message
+            ) from None
         longest = max(len(ids) for ids in prompt_ids)
         if longest > self.max_prompt_tokens:
             raise ServeError(
@@ -290,7 +327,11 @@ class ServeEngine:
                 f"prompt ({longest} tokens) + max_new_tokens ({task.sampling.max_new_tokens}) exceeds "
                 f"the model's context of {context} tokens",
             )
-        return _Request(task, slot, prompt_ids)
+        rows = [
+            GenerationRow(prompt_ids[i // task.n], sampling_config(task.sampling, i))
+            for i in range(task.rows)
+        ]
+        return _Request(task, slot, prompt_ids, rows)
 
     def _mask_slot(self, task: GenerateTask, table: MaskTable, in_batch: set[str]) -> int:
         assert task.mask_id is not None

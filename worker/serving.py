@@ -8,27 +8,36 @@ Contract (key names in protocol/keys.py; the gateway's side is service/serving_c
     presence  SET SERVER_HEARTBEAT_KEY {"worker_id", "models", "at"} PX (TTL), refreshed every loop
     stats     LPUSH GENERATE_BATCH_SECONDS_KEY / GENERATE_BATCH_ROWS_KEY, one value per turn, sent at most
               once a second (trimmed), for /metrics
+    cancel    ZMSCORE GENERATE_CANCELLED_KEY <running and pending request ids>, at most every
+              CANCEL_CHECK_S: the rows of a request whose caller went away leave the batch unanswered
 
-Continuous batching. Each turn reads what is waiting (up to serve_max_batch rows, counting the running
-batch), admits what may join the running batch, and decodes one token for every running row; a request
-is answered the moment its rows finish, and a newcomer joins at the next turn instead of waiting for the
-batch to end. Idle, the first arrival waits serve_batch_window_ms once for batch-mates. Admission is
-first come, first served (see `_admissible`): the oldest request picks the model, and a request for
-another model waits for the running batch to drain rather than be overtaken.
+Continuous batching. Each turn reads what is waiting (up to serve_max_batch + serve_max_pending rows,
+counting the running batch and what is already pending), admits what may join the running batch, and
+decodes one token for every running row; a request is answered the moment its rows finish, and a
+newcomer joins at the next turn instead of waiting for the batch to end. Idle, the first arrival waits
+serve_batch_window_ms once for batch-mates. Admission is round robin across tenants (see
+`_fair_order`): each tenant's requests in arrival order, the tenant served longest ago first, so one
+tenant's burst never delays another tenant's next request beyond the first turn with room for it. The
+first request in that order picks the model, and a request for another model waits for the running
+batch to drain rather than be overtaken; a request with more rows than there is room for is not
+overtaken either.
 
 Requests are acked and deleted as they are read: generation is short and latency-bound, so a request
 whose worker dies is answered 504 by the gateway rather than retried after a visibility timeout. A
 request past its deadline when read or admitted is dropped (the gateway has already answered 504). On
-stop, the running batch is decoded to its end before the loop exits.
+stop, the running batch is decoded to its end before the loop exits. One request's failure (a task
+that does not validate, a chat template that raises, a prefill that fails) is that request's error
+event; only a device failure stops the loop (worker/serve_engine.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import re
 import threading
 import time
-from collections import deque
 from typing import Any
 
 import redis
@@ -42,6 +51,10 @@ from worker.settings import WorkerSettings
 from worker.store import MaskStore
 
 log = logging.getLogger(__name__)
+
+CANCEL_CHECK_S = 0.1  # how often (at most) the loop asks Redis which of its requests were cancelled
+_SERVED_KEPT = 10_000  # tenants whose last admission is remembered for the round robin
+_REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # what a gateway's request id looks like
 
 
 def ensure_serve_group(redis_client: redis.Redis) -> None:
@@ -62,7 +75,11 @@ class ServeLoop:
             mask_slots=max(settings.serve_mask_cache, settings.serve_max_batch),
             max_prompt_tokens=settings.max_prompt_tokens,
         )
-        self.pending: deque[GenerateTask] = deque()
+        self.pending: list[GenerateTask] = []  # read, not yet admitted; oldest first
+        self._served: dict[str, int] = {}  # tenant -> number of its latest admission (round robin)
+        self._admissions = itertools.count()
+        self.cancel_every_s = CANCEL_CHECK_S
+        self._cancel_checked = float("-inf")
         self._turn_stats: list[tuple[float, int]] = []  # (seconds, rows) per turn, not yet in Redis
         self._stats_sent_at = 0.0
         self._beat_key = keys.SERVER_HEARTBEAT_KEY.format(worker_id=self.id)
@@ -111,12 +128,12 @@ class ServeLoop:
         request arrives, waits serve_batch_window_ms once for batch-mates; while a batch runs, reads do
         not block, so decoding never waits on an empty stream.
         """
-        engine, cap = self.engine, self.settings.serve_max_batch
-        room = cap - engine.rows - sum(t.rows for t in self.pending)
-        if room > 0:
+        engine = self.engine
+        self._drop_cancelled()
+        if (room := self._room()) > 0:
             idle = engine.model is None and not self.pending
             self._read(room, block_ms=self.settings.poll_block_ms if idle else None)
-            room = cap - engine.rows - sum(t.rows for t in self.pending)
+            room = self._room()
             if engine.model is None and self.pending and room > 0 and self.settings.serve_batch_window_ms > 0:
                 time.sleep(self.settings.serve_batch_window_ms / 1000)
                 self._read(room, block_ms=None)
@@ -143,6 +160,25 @@ class ServeLoop:
         self.redis.set(self._beat_key, json.dumps(info), px=self._beat_ttl_ms)
 
     # Requests ---------------------------------------------------------------------------------------
+    def _room(self) -> int:
+        """Rows still to read: a batch's worth, and serve_max_pending more to choose fairly among."""
+        held = self.engine.rows + sum(t.rows for t in self.pending)
+        return self.settings.serve_max_batch + self.settings.serve_max_pending - held
+
+    def _drop_cancelled(self) -> None:
+        """Drop the requests whose callers went away: their running rows leave the batch, pending ones
+        are never admitted. Nobody reads their replies, so none is sent."""
+        ids = [*self.engine.request_ids, *(t.request_id for t in self.pending)]
+        if not ids or time.monotonic() - self._cancel_checked < self.cancel_every_s:
+            return
+        self._cancel_checked = time.monotonic()
+        scores = self.redis.zmscore(keys.GENERATE_CANCELLED_KEY, ids)
+        gone = {rid for rid, score in zip(ids, scores, strict=True) if score is not None}
+        if gone:
+            dropped = self.engine.cancel(gone, self._send)
+            self.pending = [t for t in self.pending if t.request_id not in gone]
+            log.info("cancelled %d request(s), %d of them running", len(gone), len(dropped))
+
     def _read(self, count: int, block_ms: int | None) -> None:
         """Move up to `count` waiting requests into `pending`, acking and deleting their entries."""
         reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None = self.redis.xreadgroup(  # type: ignore[assignment]
@@ -170,38 +206,60 @@ class ServeLoop:
         try:
             return GenerateTask.model_validate_json(raw)
         except ValidationError as exc:
-            # Answer if the request id can be read, so the caller hears why instead of timing out.
+            # Answer if the request id can be read, so the caller hears why instead of timing out. The
+            # message names fields, never their values (which may not even be valid text).
             request_id = _request_id(raw)
-            log.warning("request %s: invalid task: %s", request_id or "<unknown>", exc)
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}" for e in exc.errors()
+            )
+            log.warning("request %s: invalid task: %s", request_id or "<unknown>", problems)
             if request_id:
-                self._push(request_id, failed("InvalidRequest", f"invalid generation task: {exc}"))
+                self._push(request_id, failed("InvalidRequest", f"invalid generation task: {problems}"))
             return None
 
     def _admissible(self) -> list[GenerateTask]:
-        """Pending requests that may join the running batch now, oldest first.
+        """Pending requests that may join the running batch now, in fair order (`_fair_order`).
 
-        Strictly first come, first served: admission stops at the first request that cannot join (another
-        model, or no room), so a burst on one model never overtakes an older request for another; the
-        running batch drains and the next turn starts that model. A request with more rows than a batch
+        Admission stops at the first request that cannot join (another model, or no room), so a burst on
+        one model never overtakes an earlier request for another, nor small requests a large one; the
+        running batch drains and a later turn starts that model. A request with more rows than a batch
         holds runs alone, once the engine is idle.
         """
-        engine, cap = self.engine, self.settings.serve_max_batch
-        admitted: list[GenerateTask] = []
-        rows, model, now = engine.rows, engine.model, time.time()
-        while self.pending:
-            task = self.pending[0]
+        engine, cap, now = self.engine, self.settings.serve_max_batch, time.time()
+        for task in self.pending:
             if task.deadline <= now:  # waited out its deadline here: the gateway has answered 504
                 log.info("request %s: past its deadline before admission; dropped", task.request_id)
-                self.pending.popleft()
-                continue
+        self.pending = [t for t in self.pending if t.deadline > now]
+        admitted: list[GenerateTask] = []
+        rows, model = engine.rows, engine.model
+        for task in self._fair_order():
             model = model or task.model
             if task.model != model or not engine.can_admit(model):
                 break
             if rows + task.rows > cap and (rows > 0 or admitted):
                 break
-            admitted.append(self.pending.popleft())
+            admitted.append(task)
             rows += task.rows
+        if admitted:
+            taken = {id(t) for t in admitted}
+            self.pending = [t for t in self.pending if id(t) not in taken]
+            for task in admitted:
+                self._served[task.tenant] = next(self._admissions)
+            if len(self._served) > _SERVED_KEPT:  # forget the tenants served longest ago
+                newest = sorted(self._served.items(), key=lambda item: item[1])[-_SERVED_KEPT // 2 :]
+                self._served = dict(newest)
         return admitted
+
+    def _fair_order(self) -> list[GenerateTask]:
+        """Pending requests, round robin across tenants: the first request of every tenant, then the
+        second of every tenant, and so on; tenants served longest ago (or never) first, ties in order of
+        arrival. With tenant A saturating the lane, B's request is the next one admitted."""
+        queues: dict[str, list[GenerateTask]] = {}
+        for task in self.pending:
+            queues.setdefault(task.tenant, []).append(task)
+        tenants = sorted(queues, key=lambda tenant: self._served.get(tenant, -1))  # stable: arrival order
+        depth = max((len(q) for q in queues.values()), default=0)
+        return [queues[t][i] for i in range(depth) for t in tenants if i < len(queues[t])]
 
     def _record(self, seconds: float, rows: int) -> None:
         """Time of one turn in the model (admission prefill and/or a decode step) and the rows still
@@ -246,4 +304,4 @@ def _request_id(raw: bytes) -> str | None:
         value = json.loads(raw).get("request_id")
     except (ValueError, AttributeError):
         return None
-    return value if isinstance(value, str) and value else None
+    return value if isinstance(value, str) and _REQUEST_ID.fullmatch(value) else None

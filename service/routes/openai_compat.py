@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import aclosing, contextmanager
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
 
 from protocol import GenerateDelta, GenerateDone
+from protocol.generate import MAX_NEW_TOKENS
 from service.deltas import unsent
 from service.deps import QueueDep, ServingDep, SettingsDep, TenantDep
-from service.errors import ApiError, error_body, error_responses
+from service.errors import ApiError, error_body, error_responses, validation_message
 from service.limits import GenerationFields, check_generation
 from service.openai_schemas import (
     COMPLETION_MAX_TOKENS,
@@ -37,7 +40,7 @@ from service.openai_schemas import (
     Usage,
 )
 from service.queue_client import QueueClient
-from service.serving_client import GenerationFailed
+from service.serving_client import GenerationFailed, GenerationRefused
 from service.settings import GatewaySettings
 from service.sse import EventStreamResponse, format_event
 
@@ -47,7 +50,7 @@ _STARTED = int(time.time())  # `created` of the base models
 _STREAM: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "with stream: chunks, then [DONE]"}
 }
-Events = AsyncIterator[GenerateDelta | GenerateDone]
+Events = AsyncGenerator[GenerateDelta | GenerateDone]
 
 
 def split_model(model: str, settings: GatewaySettings) -> tuple[str, str | None]:
@@ -88,13 +91,32 @@ async def _check(
     return base, mask_id
 
 
+@contextmanager
+def _refusals(*, building: bool = False) -> Iterator[None]:
+    """A refusal (tenant cap, full lane, input the worker rejected) answered with its status; while
+    `building` the task, a contract bound the request broke is a 422 too."""
+    try:
+        yield
+    except ValidationError as exc:
+        if not building:
+            raise
+        raise ApiError(422, "ValidationError", validation_message(list(exc.errors()))) from None
+    except GenerationRefused as exc:
+        raise ApiError(exc.status, exc.info.type, exc.info.message, exc.headers) from None
+
+
 @router.post(
     "/completions",
     response_model=Completion,
-    responses={**_STREAM, **error_responses(400, 401, 404, 413, 503, 504)},
+    responses={**_STREAM, **error_responses(400, 401, 404, 413, 429, 503, 504)},
 )
 async def completions(
-    body: CompletionRequest, settings: SettingsDep, queue: QueueDep, serving: ServingDep, tenant: TenantDep
+    body: CompletionRequest,
+    request: Request,
+    settings: SettingsDep,
+    queue: QueueDep,
+    serving: ServingDep,
+    tenant: TenantDep,
 ) -> Completion | EventStreamResponse:
     """OpenAI's text completions: each prompt continued n times."""
     prompts, n = body.prompts(), body.n or 1
@@ -110,12 +132,15 @@ async def completions(
         rows=len(prompts) * n,
         fields=fields,
     )
-    task = serving.task(
-        tenant, base, mask_id, body.sampling(max_tokens), prompts=prompts, n=n, stream=bool(body.stream)
-    )
+    cap = settings.max_inflight_rows_per_tenant
+    with _refusals(building=True):
+        task = serving.task(
+            tenant, base, mask_id, body.sampling(max_tokens), prompts=prompts, n=n, stream=bool(body.stream)
+        )
     head: dict[str, Any] = {"id": f"cmpl-{task.request_id}", "created": int(time.time()), "model": body.model}
     if not body.stream:
-        done = await serving.generate(task)
+        with _refusals():
+            done = await serving.generate(task, max_tenant_rows=cap, disconnected=request.is_disconnected)
         choices = [
             CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason) for c in done.choices
         ]
@@ -125,29 +150,33 @@ async def completions(
         exclude = None if body.include_usage else {"usage"}
         return Completion(**head, choices=choices, usage=usage).model_dump_json(exclude=exclude)
 
-    async def chunks(events: Events) -> AsyncIterator[str]:
+    async def chunks(events: Events) -> AsyncGenerator[str]:
         sent: dict[int, str] = {}
-        async for event in events:
-            if isinstance(event, GenerateDelta):
-                sent[event.index] = sent.get(event.index, "") + event.text
-                yield chunk([CompletionChoice(index=event.index, text=event.text, finish_reason=None)])
-                continue
-            for c in event.choices:
-                rest = unsent(c.text, sent.get(c.index, ""))
-                yield chunk([CompletionChoice(index=c.index, text=rest, finish_reason=c.finish_reason)])
-            if body.include_usage:
-                yield chunk([], Usage.of(event.usage))
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, GenerateDelta):
+                    sent[event.index] = sent.get(event.index, "") + event.text
+                    yield chunk([CompletionChoice(index=event.index, text=event.text, finish_reason=None)])
+                    continue
+                for c in event.choices:
+                    rest = unsent(c.text, sent.get(c.index, ""))
+                    yield chunk([CompletionChoice(index=c.index, text=rest, finish_reason=c.finish_reason)])
+                if body.include_usage:
+                    yield chunk([], Usage.of(event.usage))
 
-    return _stream(chunks(await serving.open_stream(task)))
+    with _refusals():
+        events = await serving.open_stream(task, max_tenant_rows=cap)
+    return _stream(chunks(events))
 
 
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses={**_STREAM, **error_responses(400, 401, 404, 413, 503, 504)},
+    responses={**_STREAM, **error_responses(400, 401, 404, 413, 429, 503, 504)},
 )
 async def chat_completions(
     body: ChatCompletionRequest,
+    request: Request,
     settings: SettingsDep,
     queue: QueueDep,
     serving: ServingDep,
@@ -156,22 +185,25 @@ async def chat_completions(
     """OpenAI's chat completions: n replies to a conversation, rendered with the model's chat template."""
     messages, n = body.chat(), body.n or 1
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(settings.max_new_tokens, MAX_NEW_TOKENS)
     fields = GenerationFields(prompt="messages", max_tokens=field)
     texts = [m.content for m in messages]
     base, mask_id = await _check(
         body, settings, queue, tenant, texts=texts, max_new_tokens=max_tokens, rows=n, fields=fields
     )
-    task = serving.task(
-        tenant, base, mask_id, body.sampling(max_tokens), messages=messages, n=n, stream=bool(body.stream)
-    )
+    cap = settings.max_inflight_rows_per_tenant
+    with _refusals(building=True):
+        task = serving.task(
+            tenant, base, mask_id, body.sampling(max_tokens), messages=messages, n=n, stream=bool(body.stream)
+        )
     head: dict[str, Any] = {
         "id": f"chatcmpl-{task.request_id}",
         "created": int(time.time()),
         "model": body.model,
     }
     if not body.stream:
-        done = await serving.generate(task)
+        with _refusals():
+            done = await serving.generate(task, max_tenant_rows=cap, disconnected=request.is_disconnected)
         choices = [
             ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
             for c in done.choices
@@ -185,29 +217,32 @@ async def chat_completions(
     def delta(index: int, **change: Any) -> str:
         return chunk([ChatChunkChoice(index=index, delta=ChatDelta(**change))])
 
-    async def chunks(events: Events) -> AsyncIterator[str]:
+    async def chunks(events: Events) -> AsyncGenerator[str]:
         sent: dict[int, str] = {}  # text streamed per choice; a choice's first chunk names the role
-        async for event in events:
-            if isinstance(event, GenerateDelta):
-                if event.index not in sent:
-                    sent[event.index] = ""
-                    yield delta(event.index, role="assistant", content="")
-                sent[event.index] += event.text
-                yield delta(event.index, content=event.text)
-                continue
-            for c in event.choices:
-                if c.index not in sent:
-                    sent[c.index] = ""
-                    yield delta(c.index, role="assistant", content="")
-                if rest := unsent(c.text, sent[c.index]):
-                    yield delta(c.index, content=rest)
-                yield chunk(
-                    [ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=c.finish_reason)]
-                )
-            if body.include_usage:
-                yield chunk([], Usage.of(event.usage))
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, GenerateDelta):
+                    if event.index not in sent:
+                        sent[event.index] = ""
+                        yield delta(event.index, role="assistant", content="")
+                    sent[event.index] += event.text
+                    yield delta(event.index, content=event.text)
+                    continue
+                for c in event.choices:
+                    if c.index not in sent:
+                        sent[c.index] = ""
+                        yield delta(c.index, role="assistant", content="")
+                    if rest := unsent(c.text, sent[c.index]):
+                        yield delta(c.index, content=rest)
+                    yield chunk(
+                        [ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=c.finish_reason)]
+                    )
+                if body.include_usage:
+                    yield chunk([], Usage.of(event.usage))
 
-    return _stream(chunks(await serving.open_stream(task)))
+    with _refusals():
+        events = await serving.open_stream(task, max_tenant_rows=cap)
+    return _stream(chunks(events))
 
 
 @router.get("/models", response_model=ModelList, responses=error_responses(401, 503))
@@ -222,18 +257,20 @@ async def list_models(settings: SettingsDep, queue: QueueDep, tenant: TenantDep)
     return ModelList(data=data)
 
 
-def _stream(chunks: AsyncIterator[str]) -> EventStreamResponse:
+def _stream(chunks: AsyncGenerator[str]) -> EventStreamResponse:
     return EventStreamResponse(_data_lines(chunks))
 
 
-async def _data_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Each chunk as a bare `data:` event, a failure as a last `{"error": ...}` one, then `[DONE]`."""
-    try:
-        async for data in chunks:
-            yield format_event(data)
-    except GenerationFailed as exc:
-        yield format_event(json.dumps(error_body(exc.info.type, exc.info.message)))
-    yield format_event("[DONE]")
+async def _data_lines(chunks: AsyncGenerator[str]) -> AsyncIterator[str]:
+    """Each chunk as a bare `data:` event, a failure as a last `{"error": ...}` one, then `[DONE]`.
+    Closing it (the client went away) closes `chunks` and so cancels the generation."""
+    async with aclosing(chunks):
+        try:
+            async for data in chunks:
+                yield format_event(data)
+        except GenerationFailed as exc:
+            yield format_event(json.dumps(error_body(exc.info.type, exc.info.message)))
+        yield format_event("[DONE]")
 
 
 def _seconds(meta: dict[str, Any], key: str = "created_at") -> int:
