@@ -7,6 +7,7 @@
     selprune demo                  run the default unlearning job on a gateway (a local one if none)
     selprune submit|status|wait    client side: SELPRUNE_URL, SELPRUNE_API_KEY
     selprune generate PROMPT       generate through the gateway, optionally with a mask (--mask)
+    selprune families              the model families selprune is checked on, with their hook sites
 
 The commands live by family: selprune/local_commands.py (setup, prune, up, worker, demo),
 selprune/job_commands.py (submit, status, wait) and selprune/generate_command.py (generate). They write
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from protocol import PRESETS
-from selprune import generate_command, job_commands, local_commands
+from selprune import families_command, generate_command, job_commands, local_commands
 from selprune.cli_args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError, add_job_args
 from selprune.client import ClientError
 from selprune.console import err, error_text
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(p)
     generate_command.add_arguments(p)
     p.set_defaults(func=generate_command.cmd_generate)
+
+    p = sub.add_parser(
+        "families", help="list the model families selprune is checked on, and their hook sites"
+    )
+    families_command.add_arguments(p)
+    p.set_defaults(func=families_command.cmd_families)
     return parser
 
 

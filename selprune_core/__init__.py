@@ -75,7 +75,7 @@ from selprune_core.pruning import (
     prune_iteratively,
 )
 from selprune_core.scoring import SCORERS, score_neurons, select_top_neurons
-from selprune_core.sites import ARCHITECTURES, ModelSites, model_fingerprint, resolve_sites
+from selprune_core.sites import ModelSites, model_fingerprint, resolve_sites
 from selprune_core.splits import TextSplits, carve_validation
 from selprune_core.toxicity import (
     ToxicityResult,
@@ -91,7 +91,6 @@ __all__ = [
     "iter_packed_batches",
     "MaskFactors",
     "BudgetConfig",
-    "ARCHITECTURES",
     "BUILTIN_CORPORA",
     "EMBEDDED_MODEL",
     "SCORERS",

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from selprune_core.config import SamplingConfig
 
-__all__ = ["DecodeBatch", "Generation", "GenerationRow", "sample_next"]
+__all__ = ["DecodeBatch", "Generation", "GenerationRow", "cache_takes_rows", "sample_next"]
 
 FinishReason = Literal["stop", "length"]
 Piece = tuple[Hashable, str]  # (row key, new text)
@@ -228,11 +228,8 @@ class DecodeBatch:
 
     @property
     def mergeable(self) -> bool:
-        """Whether `extend` can merge into this batch: every cache layer a plain growing tensor pair."""
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        cache = self.cache
-        return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+        """Whether `extend` can merge into this batch (see `cache_takes_rows`)."""
+        return cache_takes_rows(self.cache)
 
     # Decoding ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -367,6 +364,14 @@ class DecodeBatch:
             completion_tokens=len(row.tokens),
             finish_reason=row.reason,
         )
+
+
+def cache_takes_rows(cache: Any) -> bool:
+    """Whether rows can be merged into a batch holding this KV cache: every layer a plain growing
+    tensor pair (sliding-window and static layers cannot be left-padded)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Where the neurons live: one table of hook sites per architecture.
+"""Where the neurons live: the hook sites of a loaded model, found from its structure (`site_search`).
 
 A feed-forward neuron is one coordinate of the input of the MLP down projection (after the
 nonlinearity, and after the gate product in gated MLPs). An attention "pre-out" neuron is one
@@ -19,51 +19,9 @@ import torch
 from torch import nn
 
 from selprune_core.errors import UnsupportedArchitectureError
+from selprune_core.site_search import ArchSpec, find_arch_spec, input_axis, text_config
 
-__all__ = ["ArchSpec", "ModelSites", "ARCHITECTURES", "resolve_sites", "model_fingerprint"]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Module paths of one family, relative to the model and to one decoder layer."""
-
-    layers: str  # dotted path of the layer list
-    ff_out: str  # MLP down projection, relative to a layer; its input holds the FF neurons
-    attn_out: str  # attention output projection, relative to a layer; its input holds pre-out neurons
-    # Config flags that make transformers build biases on every Linear of the MLP / attention block
-    # (needed to export a mean-ablation mask where the projection has no bias); None: the family
-    # has no such option.
-    ff_bias_flag: str | None = None
-    attn_bias_flag: str | None = None
-
-
-_LLAMA_LIKE = ArchSpec(layers="model.layers", ff_out="mlp.down_proj", attn_out="self_attn.o_proj")
-_ATTN_BIAS_ONLY = ArchSpec(
-    layers="model.layers",
-    ff_out="mlp.down_proj",
-    attn_out="self_attn.o_proj",
-    attn_bias_flag="attention_bias",
-)
-
-# Keyed by config.model_type. Gated MLPs (Llama, Mistral, Qwen, Gemma) feed act(gate) * up into
-# down_proj, so the same input hook sees the right product.
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec(
-        layers="model.layers",
-        ff_out="mlp.down_proj",
-        attn_out="self_attn.o_proj",
-        ff_bias_flag="mlp_bias",
-        attn_bias_flag="attention_bias",
-    ),
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _ATTN_BIAS_ONLY,
-    "gemma": _ATTN_BIAS_ONLY,
-    "gemma2": _ATTN_BIAS_ONLY,
-    "gpt2": ArchSpec(layers="transformer.h", ff_out="mlp.c_proj", attn_out="attn.c_proj"),
-    "opt": ArchSpec(layers="model.decoder.layers", ff_out="fc2", attn_out="self_attn.out_proj"),
-    "gpt_neox": ArchSpec(layers="gpt_neox.layers", ff_out="mlp.dense_4h_to_h", attn_out="attention.dense"),
-}
+__all__ = ["ArchSpec", "ModelSites", "resolve_sites", "model_fingerprint"]
 
 
 @dataclass
@@ -76,7 +34,7 @@ class ModelSites:
     d_mlp: int
     n_heads: int
     d_head: int
-    spec: ArchSpec | None = None  # the table entry the sites came from
+    spec: ArchSpec | None = None  # the module paths the sites came from
     config: Any = None  # the model's config (bias flags are set on it when export adds a bias)
     ff_blocks: list[nn.Module] | None = None  # the MLP holding each ff module
     attn_blocks: list[nn.Module] | None = None  # the attention block holding each attn module
@@ -159,10 +117,9 @@ class ModelSites:
 
 
 def _input_axis(module: nn.Module) -> tuple[torch.Tensor, int]:
-    # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-    weight = module.weight
+    weight, axis = input_axis(module)
     assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight tensor"
-    return weight, (1 if isinstance(module, nn.Linear) else 0)
+    return weight, axis
 
 
 def _in_features(module: nn.Module) -> int:
@@ -177,43 +134,68 @@ def _get(root: nn.Module, dotted: str) -> nn.Module:
     return module
 
 
-def resolve_sites(model: nn.Module) -> ModelSites:
-    """Find the FF and attention hook modules of a Hugging Face causal LM.
+def _parent(layer: nn.Module, path: str) -> nn.Module:
+    return _get(layer, path.rpartition(".")[0]) if "." in path else layer
 
-    Raises UnsupportedArchitectureError naming the class and the supported families.
-    """
-    config: Any = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    spec = ARCHITECTURES.get(str(model_type))
-    if spec is None:
+
+def _one_width(modules: list[nn.Module], what: str, prefix: str) -> int:
+    # A mask is one [layer, d] tensor, so every layer must have the same width.
+    widths = sorted({_in_features(m) for m in modules})
+    if len(widths) != 1:
+        raise UnsupportedArchitectureError(f"{prefix}: the {what} width differs across layers ({widths})")
+    return widths[0]
+
+
+def _check_widths(config: Any, d_mlp: int, d_attn: int, prefix: str) -> tuple[int, int]:
+    """(n_heads, d_head), after checking the hooked widths against the config."""
+    n_heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(n_heads, int) or n_heads <= 0 or d_attn % n_heads:
         raise UnsupportedArchitectureError(
-            f"{type(model).__name__} (model_type={model_type!r}) is not supported; "
-            f"supported model types: {', '.join(sorted(ARCHITECTURES))}"
+            f"{prefix}: attention output width {d_attn} is not a multiple of num_attention_heads={n_heads}"
         )
+    head_dim = getattr(config, "head_dim", None)
+    if isinstance(head_dim, int) and n_heads * head_dim != d_attn:
+        raise UnsupportedArchitectureError(
+            f"{prefix}: attention output width {d_attn} != num_attention_heads x head_dim "
+            f"({n_heads} x {head_dim})"
+        )
+    intermediate = getattr(config, "intermediate_size", None)
+    if isinstance(intermediate, int) and intermediate != d_mlp:
+        raise UnsupportedArchitectureError(
+            f"{prefix}: MLP output projection reads {d_mlp} features, but intermediate_size is {intermediate}"
+        )
+    return n_heads, d_attn // n_heads
+
+
+def resolve_sites(model: nn.Module) -> ModelSites:
+    """Find the FF and attention hook modules of a Hugging Face causal LM, from its structure.
+
+    Raises UnsupportedArchitectureError naming what was looked for and not found.
+    """
+    spec = find_arch_spec(model)
+    config = text_config(model)
+    model_type = str(getattr(config, "model_type", None))
+    prefix = f"{type(model).__name__} (model_type={model_type!r})"
     layers = _get(model, spec.layers)
     assert isinstance(layers, nn.ModuleList), f"{spec.layers} is not a ModuleList"
-    ff = [_get(layer, spec.ff_out) for layer in layers]
-    attn = [_get(layer, spec.attn_out) for layer in layers]
-    ff_blocks = [
-        _get(layer, spec.ff_out.rpartition(".")[0]) if "." in spec.ff_out else layer for layer in layers
-    ]
-    attn_blocks = [
-        _get(layer, spec.attn_out.rpartition(".")[0]) if "." in spec.attn_out else layer for layer in layers
-    ]
-    n_heads = int(config.num_attention_heads)
-    d_attn = _in_features(attn[0])
-    assert d_attn % n_heads == 0, f"attention width {d_attn} is not a multiple of {n_heads} heads"
+    try:
+        ff = [_get(layer, spec.ff_out) for layer in layers]
+        attn = [_get(layer, spec.attn_out) for layer in layers]
+    except AttributeError as exc:  # a later layer lacks what layer 0 has
+        raise UnsupportedArchitectureError(f"{prefix}: not every layer of {spec.layers} has {exc}") from exc
+    d_mlp = _one_width(ff, "MLP", prefix)
+    n_heads, d_head = _check_widths(config, d_mlp, _one_width(attn, "attention", prefix), prefix)
     return ModelSites(
-        model_type=str(model_type),
+        model_type=model_type,
         ff_modules=ff,
         attn_modules=attn,
-        d_mlp=_in_features(ff[0]),
+        d_mlp=d_mlp,
         n_heads=n_heads,
-        d_head=d_attn // n_heads,
+        d_head=d_head,
         spec=spec,
         config=config,
-        ff_blocks=ff_blocks,
-        attn_blocks=attn_blocks,
+        ff_blocks=[_parent(layer, spec.ff_out) for layer in layers],
+        attn_blocks=[_parent(layer, spec.attn_out) for layer in layers],
     )
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from selprune_core.families import FAMILIES, Family, build_tiny
 
 CORPUS = [
     "the cat sat on the mat and the dog sat on the log",
@@ -45,72 +46,25 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320) -> Pr
     )
 
 
-# Every family in selprune_core.sites, two layers deep and 32 wide. gemma's heads x head_dim (4 x 16)
-# differs from its hidden size, and llama/mistral/qwen2/gemma use grouped-query attention.
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "mistral": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "qwen2": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "gemma": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-    ),
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
-    "opt": dict(
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=256,
-    ),
-    "gpt_neox": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    ),
-}
-ARCHS = tuple(TINY_CONFIGS)
+# Every family selprune_core.families lists that the installed transformers has: two layers deep, 32
+# wide. gemma's heads x head_dim (4 x 16) differs from its hidden size, and most use grouped-query
+# attention.
+FAMILY_BY_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES if f.available}
+ARCHS = tuple(FAMILY_BY_TYPE)
 
 
 def build_model(
     arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides: Any
 ) -> PreTrainedModel:
-    """A random-init causal LM of a family in TINY_CONFIGS, 2 layers, width 32, in eval mode."""
-    if arch not in TINY_CONFIGS:
+    """A random-init causal LM of a family in FAMILIES, 2 layers, width 32, in eval mode."""
+    if arch not in FAMILY_BY_TYPE:
         raise ValueError(f"unknown test arch {arch!r}")
-    config = AutoConfig.for_model(
-        arch,
+    return build_tiny(
+        FAMILY_BY_TYPE[arch],
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **{**TINY_CONFIGS[arch], **overrides},
+        seed=seed,
+        **overrides,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    return model.eval()

@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM
 
 from selprune_core.activations import ComponentStats, record_activations
 from selprune_core.errors import MaskMismatchError, UnsupportedArchitectureError
+from selprune_core.families import describe_family
 from selprune_core.masking import apply_mask, fold_into_weights
 from selprune_core.masks import NeuronMask
 from selprune_core.sites import model_fingerprint, resolve_sites
-from tests.helpers import ARCHS, CORPUS
+from tests.helpers import ARCHS, CORPUS, FAMILY_BY_TYPE
 
 
 def _random_mask(model, frac=0.3, seed=0):
@@ -35,18 +36,41 @@ def _offset_mask(model, *, ff=True, attn=True, frac=0.3, seed=0):
     )
 
 
-# Which hooked projections can hold a folded offset: (FF down projection, attention output projection).
-# gpt2/opt/gpt_neox have biases; llama gets them from mlp_bias/attention_bias, gemma only from
-# attention_bias; mistral and qwen2 hard-code bias=False on both.
+# Which hooked projections can hold a folded offset: (FF output projection, attention output
+# projection), written out by hand from each family's modeling code. Biases already there: gpt2, opt,
+# gpt_neox, bloom, phi, starcoder2 (and gptj/codegen on fc_out only). Config flags that build them:
+# mlp_bias (llama, granite, smollm3) and attention_bias (also gemma*, qwen3, olmo*). Hard-coded
+# bias=False: mistral, qwen2, phi3, stablelm; falcon's one `bias` flag covers the whole model.
 FOLDS_OFFSETS = {
     "llama": (True, True),
-    "gemma": (False, True),
-    "gpt2": (True, True),
-    "opt": (True, True),
-    "gpt_neox": (True, True),
     "mistral": (False, False),
     "qwen2": (False, False),
+    "qwen3": (False, True),
+    "gemma": (False, True),
+    "gemma2": (False, True),
+    "gemma3_text": (False, True),
+    "phi3": (False, False),
+    "phi": (True, True),
+    "olmo": (False, True),
+    "olmo2": (False, True),
+    "granite": (True, True),
+    "stablelm": (False, False),
+    "smollm3": (True, True),
+    "starcoder2": (True, True),
+    "falcon": (False, False),
+    "gpt2": (True, True),
+    "gptj": (True, False),
+    "codegen": (True, False),
+    "bloom": (True, True),
+    "opt": (True, True),
+    "gpt_neox": (True, True),
 }
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_family_report_says_which_offsets_fold(arch):
+    report = describe_family(FAMILY_BY_TYPE[arch])
+    assert report.exports_offsets == FOLDS_OFFSETS[arch]
 
 
 def _batch(tokenizer, texts):
