@@ -8,7 +8,7 @@ Hierarchy::
     │   ├── DatasetNotFoundError       missing file, unknown builtin name, unreachable hub id
     │   └── EmptyDatasetError          the reference resolved to no usable text
     ├── ModelLoadError                 a model reference cannot be loaded
-    ├── UnsupportedArchitectureError   the model class has no hook-site entry
+    ├── UnsupportedArchitectureError   no hook sites in the model's structure (or a mixture of experts)
     ├── MaskMismatchError              a mask does not fit the model it is applied to
     ├── CancelledError                 the caller's cancellation check asked to stop
     └── ScorerUnavailableError         an optional scorer's package is not installed
@@ -58,7 +58,7 @@ class ModelLoadError(SelPruneError):
 
 
 class UnsupportedArchitectureError(SelPruneError):
-    """The model class is not in the hook-site table."""
+    """The model has no hook sites selprune can find, or is one it refuses (mixture of experts)."""
 
 
 class MaskMismatchError(SelPruneError):

@@ -17,7 +17,8 @@ folder holding only ``pytorch_model.bin`` is refused). A caller serving other pe
 missing or not a model fails with the same message, so errors do not map the filesystem.
 
 Every failure to find or read a reference raises ModelLoadError naming it; a model that loads but
-has no entry in the hook-site table raises UnsupportedArchitectureError at load time.
+has no hook sites selprune can find (selprune_core/site_search.py) raises UnsupportedArchitectureError
+at load time.
 """
 
 from __future__ import annotations
