@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -56,6 +57,38 @@ def error_text(exc: Exception) -> str:
 
 def phase_label(phase: str) -> str:
     return _PHASE_LABELS.get(phase, phase.replace("_", " "))
+
+
+class PhaseClock:
+    """Wall time spent in each phase of a job, summed over its steps, as the console saw it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._phase: str | None = None
+        self._since = 0.0
+        self.seconds: dict[str, float] = {}  # phase -> seconds, in first-seen order
+
+    def enter(self, phase: str | None) -> None:
+        """The job is now in `phase` (None: it ended); the previous phase's time is booked."""
+        if phase == self._phase:
+            return
+        now = self._clock()
+        if self._phase is not None:
+            self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + now - self._since
+        self._phase, self._since = phase, now
+
+    def summary(self) -> str:
+        """One line: each phase's time and the total; empty when no phase was seen."""
+        self.enter(None)
+        if not self.seconds:
+            return ""
+        parts = [f"{phase_label(p)} {_duration(s)}" for p, s in self.seconds.items()]
+        return f"time per phase: {', '.join(parts)} (total {_duration(sum(self.seconds.values()))})"
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m {rest:04.1f}s" if minutes else f"{rest:.1f}s"
 
 
 # --- the before/after table -----------------------------------------------------------------------------
@@ -185,10 +218,12 @@ class ConsoleContext:
         self._bar: tqdm[Any] | None = None
         self._bar_key: tuple[int, str] | None = None
         self._n_steps = 0
+        self.clock = PhaseClock()
 
     # JobContext ------------------------------------------------------------------------------------
     def progress(self, progress: JobProgress) -> None:
         self._n_steps = progress.steps or self._n_steps
+        self.clock.enter(None if progress.phase == "done" else progress.phase)
         key = (progress.step, progress.phase)
         if key != self._bar_key:
             self.close()
@@ -253,10 +288,12 @@ class ConsoleContext:
 def follow_events(
     events: Iterable[tuple[str, Any]], *, file: TextIO | None = None, show_progress: bool | None = None
 ) -> dict[str, Any] | None:
-    """Show a job's event stream: a bar over pruning steps, the phase, one line per step.
+    """Show a job's event stream: a bar over pruning steps, the phase, one line per step, and at the
+    end the time spent in each phase.
 
     Returns the data of the last `state` event (None if the stream ended without one).
     """
+    clock = PhaseClock()
     bar: tqdm[Any] = tqdm(
         total=None, unit="step", disable=None if show_progress is None else not show_progress, file=sys.stderr
     )
@@ -275,8 +312,11 @@ def follow_events(
                 write_line(format_step_line(data, steps), file)
             elif event == "state":
                 last_state = data
-                bar.set_description_str(str(data.get("state", "")))
+                state = str(data.get("state", ""))
+                clock.enter(state if state in ("queued", "running") else None)
+                bar.set_description_str(state)
             else:  # progress (or a polled status)
+                clock.enter(None if data.get("phase") == "done" else str(data.get("phase", "")))
                 phase = phase_label(str(data.get("phase", "")))
                 tokens = data.get("tokens") or 0
                 bar.set_description_str(phase)
@@ -284,4 +324,7 @@ def follow_events(
                 bar.refresh()
     finally:
         bar.close()
+    summary = clock.summary()
+    if summary:
+        write_line(summary, file)
     return last_state

@@ -102,7 +102,7 @@ def cmd_prune(args: argparse.Namespace, settings: CliSettings) -> int:
     finally:
         ctx.close()
     out("", render_table(ctx.steps), "")
-    out(f"mask {result['mask_id']} (stopped: {result['stopped_reason']})")
+    out(f"mask {result['mask_id']} (stopped: {result['stopped_reason']})", ctx.clock.summary())
     if ctx.mask_path is not None:
         out(f"saved to {ctx.mask_path} (metadata: {ctx.mask_path.with_suffix('.json')})")
         try:  # the trade-off plot next to the mask; a convenience, so a failure only warns

@@ -50,6 +50,7 @@ __all__ = [
     "ActivationStats",
     "record_activations",
     "collect_activations",
+    "decoder_body",
 ]
 
 # Names of the running sums; `fields` arguments choose a subset to save time when a scorer needs less.
@@ -284,6 +285,52 @@ def _summed_next_token_loss(model: nn.Module, batch: TokenBatch, device: torch.d
     return loss.detach()
 
 
+class _StopForward(Exception):
+    """Raised once the last hooked site of a forward has been recorded: nothing after it is read."""
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The model without its LM head (`base_model`: LlamaModel, GPT2Model, ...), or the model itself.
+
+    Collection reads only the hooked sites inside the body, so the head's [tokens, vocab] product
+    (49152 x 576 per token on the embedded model, about a fifth of a forward) is never computed.
+    """
+    body = getattr(model, "base_model", None)
+    return body if isinstance(body, nn.Module) else model
+
+
+@contextlib.contextmanager
+def _stop_after_last_site(sites: ModelSites) -> Iterator[None]:
+    """Cut each forward short once both sites of the last layer have been seen (their pre-hooks ran).
+
+    Registered after the recorders, so it fires after the last one records; the rest of the last
+    layer (the FF projection itself, the final norm) is skipped. Parallel-residual families run the
+    two sites in either order, so it waits for both.
+    """
+    last = (sites.ff_modules[-1], sites.attn_modules[-1])
+    seen: set[int] = set()
+
+    def mark(module: nn.Module, _args: tuple[torch.Tensor, ...]) -> None:
+        seen.add(id(module))
+        if len(seen) == len({id(m) for m in last}):
+            seen.clear()
+            raise _StopForward
+
+    with scoped_pre_hooks([(module, mark) for module in last]):
+        yield
+
+
+def _forward_to_last_site(body: nn.Module, batch: TokenBatch, device: torch.device) -> None:
+    try:
+        body(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
+        )
+    except _StopForward:
+        pass
+
+
 @torch.no_grad()
 def collect_activations(
     model: nn.Module,
@@ -314,7 +361,11 @@ def collect_activations(
     ff = ComponentStats.zeros(sites.n_layers, sites.d_mlp, sums, device)
     attn = ComponentStats.zeros(sites.n_layers, sites.d_attn, sums, device)
     n_texts = 0
-    with record_activations(sites, ff, attn, attribute=attribute) as recorders:
+    body = decoder_body(model)
+    # The stop hook is entered after the recorders, so it runs after them on the last sites; with
+    # attribution the whole forward is needed (the loss reads the logits).
+    stop = contextlib.nullcontext() if attribute else _stop_after_last_site(sites)
+    with record_activations(sites, ff, attn, attribute=attribute) as recorders, stop:
         for batch in batches:
             weight = batch.attention_mask.to(device=device, dtype=torch.float64)  # [batch, pos]
             if skip_first > 0:
@@ -329,7 +380,7 @@ def collect_activations(
                 for recorder in recorders:
                     recorder.end_batch()
             else:
-                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+                _forward_to_last_site(body, batch, device)
             ff.n += counted
             attn.n += counted
             n_texts += len(batch.text_index)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["TokenBatch", "iter_token_batches", "iter_packed_batches"]
+__all__ = ["TokenBatch", "iter_token_batches", "iter_packed_batches", "pad_rows"]
 
 
 @dataclass
@@ -71,13 +71,14 @@ def iter_token_batches(
             if len(ids) >= min_tokens:
                 pending.append((start + offset, list(ids)))
         while len(pending) >= batch_size:
-            yield _pad(pending[:batch_size], int(pad_id), device)
+            yield pad_rows(pending[:batch_size], int(pad_id), device)
             pending = pending[batch_size:]
     if pending:
-        yield _pad(pending, int(pad_id), device)
+        yield pad_rows(pending, int(pad_id), device)
 
 
-def _pad(rows: list[tuple[int, list[int]]], pad_id: int, device: torch.device | str) -> TokenBatch:
+def pad_rows(rows: list[tuple[int, list[int]]], pad_id: int, device: torch.device | str) -> TokenBatch:
+    """One right-padded batch of (text index, token ids) rows."""
     width = max(len(ids) for _, ids in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -138,7 +139,7 @@ def iter_packed_batches(
 def _pad_packed(
     rows: list[tuple[int, list[int], list[int]]], pad_id: int, device: torch.device | str
 ) -> TokenBatch:
-    batch = _pad([(index, ids) for index, ids, _ in rows], pad_id, device)
+    batch = pad_rows([(index, ids) for index, ids, _ in rows], pad_id, device)
     text_pos = torch.zeros_like(batch.input_ids, device="cpu")  # [batch, pos]
     for row, (_, _, positions) in enumerate(rows):
         text_pos[row, : len(positions)] = torch.tensor(positions, dtype=torch.long)

@@ -4,6 +4,11 @@ Each text is truncated to `token_limit` tokens and run once; the logits at posit
 against the targets at 1..T-1 (docs/method.md §6.1), so the prediction from BOS counts. Padding never counts:
 rows are right-padded and each row is sliced to its own length before scoring.
 
+Which texts are scored is decided from the tokens alone (`plan_eval`): texts in order until more than
+`sample_tokens` skip predictions are covered. The plan is tokenized once and batched by length
+(longest first, each batch filled up to `batch_size` rows of the longest text's width), so padding
+costs almost nothing and a run that evaluates the same sets every step tokenizes them once.
+
 The "skip" metrics drop targets that are among the most common target tokens. The authors used one
 fixed list of Llama token strings for every model (docs/method.md §9.6); here the list is recomputed per
 tokenizer from the evaluation texts by `common_target_ids`.
@@ -27,12 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from selprune_core.batching import iter_token_batches
+from selprune_core.batching import TokenBatch, pad_rows
 from selprune_core.config import EvalConfig
 from selprune_core.errors import EmptyDatasetError
 
 __all__ = [
+    "EvalPlan",
     "EvalResult",
+    "plan_eval",
+    "evaluate_plan",
+    "plan_sets",
     "common_target_ids",
     "evaluate_texts",
     "evaluate_sets",
@@ -128,46 +137,92 @@ def common_target_ids(
     return tuple(int(token) for token, _ in ranked[:n])
 
 
-@torch.no_grad()
-def evaluate_texts(
-    model: nn.Module,
+@dataclass(frozen=True)
+class EvalPlan:
+    """The texts of one set that an evaluation scores, tokenized, in length-sorted padded batches."""
+
+    batches: tuple[TokenBatch, ...]  # on the CPU; rows longest first; text_index = position in the set
+    n_texts: int  # texts scored (each has at least one prediction)
+
+
+def plan_eval(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     cfg: EvalConfig,
     *,
     common_ids: Sequence[int] = (),
-) -> EvalResult:
-    """Top-1/top-k accuracy, skip variants, loss and perplexity of `model` on `texts`.
+) -> EvalPlan:
+    """Choose and batch the texts `evaluate_plan` scores: in order, until more than `cfg.sample_tokens`
+    skip predictions (targets outside `common_ids`) are covered. Texts under two tokens are skipped.
 
-    Texts are taken in order until more than `cfg.sample_tokens` skip predictions were scored; the
-    last batch is kept whole. Texts with fewer than two tokens have no prediction and are skipped.
+    Raises EmptyDatasetError when no text has a prediction.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    common = torch.tensor(sorted(set(common_ids)), dtype=torch.long, device=device)  # [n_common]
-    rows: list[torch.Tensor] = []  # one [N_STATS] float64 row per text
-    n_skip_total = 0
-    for batch in iter_token_batches(
-        tokenizer, texts, token_limit=cfg.token_limit, batch_size=cfg.batch_size, device=device, min_tokens=2
-    ):
-        # no cache: one full pass per batch, nothing kept beyond this loop iteration
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        # logits: [batch, pos, vocab] in the model dtype; lengths: [batch]
-        lengths = batch.attention_mask.sum(dim=1).tolist()
-        for row, length in enumerate(lengths):
-            stats = _text_stats(logits[row, : length - 1], batch.input_ids[row, 1:length], common, cfg.topk)
-            rows.append(stats)
-            n_skip_total += int(stats[N_SKIP].item())
-        del logits
-        if n_skip_total > cfg.sample_tokens:
-            log.debug("eval: stopping after %d texts, %d skip predictions", len(rows), n_skip_total)
+    common = set(common_ids)
+    rows: list[tuple[int, list[int]]] = []
+    n_skip, chunk = 0, 256
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(
+            list(texts[start : start + chunk]),
+            add_special_tokens=True,
+            truncation=True,
+            max_length=cfg.token_limit,
+        )["input_ids"]
+        for offset, ids in enumerate(encoded):
+            if len(ids) >= 2:
+                rows.append((start + offset, list(ids)))
+                n_skip += sum(1 for target in ids[1:] if target not in common)
+            if n_skip > cfg.sample_tokens:
+                break
+        if n_skip > cfg.sample_tokens:
+            log.debug("eval: %d texts cover %d skip predictions", len(rows), n_skip)
             break
     if not rows:
         raise EmptyDatasetError(
             f"no text to evaluate: all {len(texts)} texts have fewer than 2 tokens, so there is no prediction"
         )
+    by_length = sorted(rows, key=lambda row: (-len(row[1]), row[0]))
+    cap = cfg.batch_size * len(by_length[0][1])  # tokens per batch: batch_size rows of the longest text
+    batches: list[TokenBatch] = []
+    start = 0
+    while start < len(by_length):
+        width = len(by_length[start][1])  # the longest row of this batch: rows are sorted
+        stop = start + max(1, cap // width)
+        batches.append(pad_rows(by_length[start:stop], pad_id=_pad_id(tokenizer), device="cpu"))
+        start = stop
+    return EvalPlan(batches=tuple(batches), n_texts=len(rows))
 
-    per_text = torch.stack(rows).cpu()  # [text, N_STATS] float64
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert pad_id is not None, "tokenizer has neither a pad nor an eos token"
+    return int(pad_id)
+
+
+@torch.no_grad()
+def evaluate_plan(
+    model: nn.Module, plan: EvalPlan, cfg: EvalConfig, *, common_ids: Sequence[int] = ()
+) -> EvalResult:
+    """Top-1/top-k accuracy, skip variants, loss and perplexity of `model` on the texts of `plan`."""
+    model.eval()
+    device = next(model.parameters()).device
+    common = torch.tensor(sorted(set(common_ids)), dtype=torch.long, device=device)  # [n_common]
+    per_text = torch.zeros(plan.n_texts, N_STATS, dtype=torch.float64)  # [text, N_STATS], in text order
+    texts = sorted(index for batch in plan.batches for index in batch.text_index)
+    slot = {index: i for i, index in enumerate(texts)}
+    for batch in plan.batches:
+        ids = batch.input_ids.to(device)  # [batch, pos]
+        # no cache: one full pass per batch, nothing kept beyond this loop iteration
+        logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(device), use_cache=False).logits
+        # logits: [batch, pos, vocab] in the model dtype; rows are sliced to their own length
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        stats = torch.stack(
+            [
+                _text_stats(logits[row, : n - 1], ids[row, 1:n], common, cfg.topk)
+                for row, n in enumerate(lengths)
+            ]
+        )  # [batch, N_STATS]
+        per_text[[slot[index] for index in batch.text_index]] = stats.cpu()
+        del logits
     totals = per_text.sum(dim=0)  # [N_STATS]
     point = {name: float(metric(totals).item()) for name, metric in METRICS.items()}
     ci = bootstrap_ci(
@@ -177,9 +232,23 @@ def evaluate_texts(
         **point,
         n_tokens=int(totals[N_PRED].item()),
         n_skip_tokens=int(totals[N_SKIP].item()),
-        n_texts=per_text.shape[0],
+        n_texts=plan.n_texts,
         ci=ci,
     )
+
+
+def evaluate_texts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    cfg: EvalConfig,
+    *,
+    common_ids: Sequence[int] = (),
+) -> EvalResult:
+    """`evaluate_plan` on `plan_eval(texts)`: texts in order until more than `cfg.sample_tokens` skip
+    predictions are covered (texts under two tokens have no prediction and are skipped)."""
+    plan = plan_eval(tokenizer, texts, cfg, common_ids=common_ids)
+    return evaluate_plan(model, plan, cfg, common_ids=common_ids)
 
 
 def _text_stats(logits: torch.Tensor, targets: torch.Tensor, common: torch.Tensor, k: int) -> torch.Tensor:
@@ -240,6 +309,23 @@ def bootstrap_ci(
     return ci
 
 
+def plan_sets(
+    tokenizer: PreTrainedTokenizerBase,
+    eval_sets: Mapping[str, Sequence[str]],
+    cfg: EvalConfig,
+    *,
+    common_ids: Sequence[int],
+) -> dict[str, EvalPlan]:
+    """One `plan_eval` per named set; an empty set's error names it."""
+    plans: dict[str, EvalPlan] = {}
+    for name, texts in eval_sets.items():
+        try:
+            plans[name] = plan_eval(tokenizer, texts, cfg, common_ids=common_ids)
+        except EmptyDatasetError as exc:
+            raise EmptyDatasetError(f"eval set {name!r}: {exc}") from exc
+    return plans
+
+
 def evaluate_sets(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -247,21 +333,22 @@ def evaluate_sets(
     cfg: EvalConfig,
     *,
     common_ids: Sequence[int] | None = None,
+    plans: Mapping[str, EvalPlan] | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate every named set with one shared common-token list.
 
     When `common_ids` is None the `cfg.skip_common` most common targets of all sets together are
-    computed here; runs compute them once and pass them in so every step skips the same tokens.
+    computed here; runs compute them once and pass them in so every step skips the same tokens, and
+    pass the sets' `plans` (from `plan_sets`, with the same common ids) so they are tokenized once.
     """
     if common_ids is None:
         union = [text for texts in eval_sets.values() for text in texts]
         common_ids = common_target_ids(tokenizer, union, n=cfg.skip_common, token_limit=cfg.token_limit)
+    if plans is None:
+        plans = plan_sets(tokenizer, eval_sets, cfg, common_ids=common_ids)
     results: dict[str, EvalResult] = {}
-    for name, texts in eval_sets.items():
-        try:
-            results[name] = evaluate_texts(model, tokenizer, texts, cfg, common_ids=common_ids)
-        except EmptyDatasetError as exc:
-            raise EmptyDatasetError(f"eval set {name!r}: {exc}") from exc
+    for name in eval_sets:
+        results[name] = evaluate_plan(model, plans[name], cfg, common_ids=common_ids)
         log.info(
             "eval %s: top1 %.4f skip_top1 %.4f loss %.4f over %d tokens",
             name,

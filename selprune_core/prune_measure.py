@@ -18,7 +18,7 @@ from selprune_core.activations import ActivationStats, collect_activations
 from selprune_core.batching import iter_packed_batches, iter_token_batches
 from selprune_core.config import EvalConfig, PruneConfig
 from selprune_core.errors import CancelledError
-from selprune_core.evaluation import EvalResult, common_target_ids, evaluate_sets
+from selprune_core.evaluation import EvalPlan, EvalResult, common_target_ids, evaluate_sets, plan_sets
 from selprune_core.loading import LoadedModel
 from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
@@ -78,6 +78,14 @@ class Measure:
         self.budget_common = self._common_ids(budget_sets) if cfg.budget is not None else ()
         # No bootstrap on the budget sets: the budget reads point estimates, and resampling every trial costs.
         self.budget_eval = EvalConfig(**{**asdict(cfg.eval), "bootstrap_samples": 0})
+        # Every step scores the same texts: choose and tokenize them once.
+        tokenizer = loaded.tokenizer
+        self.eval_plans = plan_sets(tokenizer, eval_sets, cfg.eval, common_ids=self.eval_common)
+        self.budget_plans = (
+            plan_sets(tokenizer, budget_sets, self.budget_eval, common_ids=self.budget_common)
+            if cfg.budget is not None
+            else {}
+        )
         # Output-aware scorings weigh a neuron by the norm of the weights it writes through.
         needs_norms = {cfg.ff_scoring, cfg.attn_scoring} & OUTPUT_AWARE
         self.out_norms = loaded.sites.output_norms() if needs_norms else (None, None)
@@ -174,14 +182,22 @@ class Measure:
     # Evaluation ------------------------------------------------------------------------------
     def evaluate(self, mask: NeuronMask, step: int) -> Evaluated:
         """`mask` on the eval sets, plus the caller's extra metrics."""
-        results = self._evaluate(mask, step, self.eval_sets, self.cfg.eval, self.eval_common, "evaluating")
+        results = self._evaluate(
+            mask, step, self.eval_sets, self.cfg.eval, self.eval_common, self.eval_plans, "evaluating"
+        )
         extra = self.callbacks.extra_metrics
         return results, (extra(mask) if extra is not None else {})
 
     def evaluate_budget(self, mask: NeuronMask, step: int) -> dict[str, EvalResult]:
         """`mask` on the budget sets (point estimates only): what BudgetCheck reads."""
         return self._evaluate(
-            mask, step, self.budget_sets, self.budget_eval, self.budget_common, "checking_budget"
+            mask,
+            step,
+            self.budget_sets,
+            self.budget_eval,
+            self.budget_common,
+            self.budget_plans,
+            "checking_budget",
         )
 
     def _evaluate(
@@ -191,9 +207,12 @@ class Measure:
         sets: Mapping[str, Sequence[str]],
         eval_cfg: EvalConfig,
         common_ids: Sequence[int],
+        plans: Mapping[str, EvalPlan],
         phase: str,
     ) -> dict[str, EvalResult]:
         self.progress(step, phase)
         loaded = self.loaded
         with apply_mask(loaded.model, loaded.sites, mask):
-            return evaluate_sets(loaded.model, loaded.tokenizer, sets, eval_cfg, common_ids=common_ids)
+            return evaluate_sets(
+                loaded.model, loaded.tokenizer, sets, eval_cfg, common_ids=common_ids, plans=plans
+            )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from protocol import JobProgress
-from selprune.console import ConsoleContext, follow_events, format_step_line, render_table
+from selprune.console import ConsoleContext, PhaseClock, follow_events, format_step_line, render_table
 from selprune_core.masks import NeuronMask
 
 
@@ -102,7 +102,23 @@ def test_follow_events_returns_the_final_state():
         ("state", {"state": "succeeded"}),
     ]
     assert follow_events(events, file=lines, show_progress=False) == {"state": "succeeded"}
-    assert lines.getvalue().count("\n") == 2  # one line per step
+    printed = lines.getvalue().splitlines()
+    assert len(printed) == 3  # one line per step, then the time per phase
+    assert printed[-1].startswith("time per phase: evaluating ") and "collecting forget" in printed[-1]
+
+
+def test_phase_clock_sums_each_phase_over_steps():
+    now = iter([0.0, 2.0, 5.0, 6.5, 70.0, 70.0])
+    clock = PhaseClock(clock=lambda: next(now))
+    for phase in ("evaluating", "collecting_forget", "evaluating", "scoring"):
+        clock.enter(phase)
+    clock.enter("scoring")  # no change, no tick
+    assert (
+        clock.summary()
+        == "time per phase: evaluating 3.5s, collecting forget activations 3.0s, scoring neurons 1m 03.5s "
+        "(total 1m 10.0s)"
+    )
+    assert PhaseClock().summary() == ""
 
 
 def test_table_shows_the_reported_drop_not_a_recomputed_one():

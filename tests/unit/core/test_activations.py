@@ -219,3 +219,29 @@ def test_attribution_rows_equal_autograd(tiny_model, tokenizer, arch):
     expected = (center * stats.ff.attr_g - stats.ff.attr_xg).abs().sum(0) / stats.ff.n
     torch.testing.assert_close(stats.ff.attribution(center), expected)
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "opt"])
+def test_collection_stops_after_the_last_site_and_leaves_the_model_whole(tiny_model, tokenizer, arch):
+    """Nothing after the last hooked input runs (the LM head, the last FF projection), and the
+    stop leaves no hook behind: a plain forward afterwards runs to the logits."""
+    model = tiny_model(arch)
+    sites = resolve_sites(model)
+    calls: list[str] = []
+    head = model.get_output_embeddings()
+    handles = [
+        head.register_forward_hook(lambda *_: calls.append("head")),
+        sites.ff_modules[-1].register_forward_hook(lambda *_: calls.append("last_ff")),
+        sites.ff_modules[0].register_forward_hook(lambda *_: calls.append("first_ff")),
+    ]
+    try:
+        stats = _collect(model, sites, tokenizer, CORPUS)
+        assert stats.ff.n > 0 and set(calls) == {"first_ff"}
+        calls.clear()
+        ids = tokenizer(CORPUS[:1], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        assert logits.shape[-1] == model.config.vocab_size and calls == ["first_ff", "last_ff", "head"]
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ from selprune_core.config import EvalConfig
 from selprune_core.errors import EmptyDatasetError
 from selprune_core.evaluation import (
     common_target_ids,
+    evaluate_plan,
     evaluate_sets,
     evaluate_texts,
+    plan_eval,
     relative_drop,
 )
 from tests.helpers import CORPUS, build_model, build_tokenizer
@@ -120,8 +123,33 @@ def test_sample_tokens_budget_stops_early(tokenizer):
         TEXTS,
         EvalConfig(token_limit=16, batch_size=2, sample_tokens=5, bootstrap_samples=0),
     )
-    assert short.n_texts == 2 < full.n_texts  # the first batch already exceeds 5 predictions, kept whole
+    # Texts in order until more than 5 skip predictions: the first text already has 15.
+    assert short.n_texts == 1 < full.n_texts
     assert short.n_skip_tokens > 5
+    # The plan stops at the text that crosses the budget, whatever the batch size.
+    cfg = EvalConfig(token_limit=16, batch_size=2, sample_tokens=20, bootstrap_samples=0)
+    plan = plan_eval(tokenizer, TEXTS, cfg)
+    ids = [tokenizer(t, truncation=True, max_length=16)["input_ids"] for t in TEXTS]
+    covered = [sum(len(i) - 1 for i in ids[: n + 1]) for n in range(len(ids))]
+    assert plan.n_texts == next(n + 1 for n, c in enumerate(covered) if c > 20)
+
+
+def test_length_sorted_batches_give_the_in_order_results(tokenizer):
+    """Batching by length changes neither a metric nor the per-text rows the intervals resample."""
+    model = build_model("llama", tokenizer)
+    texts = [TEXTS[i % len(TEXTS)] * (1 + i % 3) for i in range(9)]  # unequal lengths, out of order
+    cfg = EvalConfig(token_limit=40, batch_size=2, bootstrap_samples=100)
+    plan = plan_eval(tokenizer, texts, cfg)
+    widths = [b.input_ids.shape[1] for b in plan.batches]
+    assert widths == sorted(widths, reverse=True)  # longest first
+    assert sorted(i for b in plan.batches for i in b.text_index) == list(range(9))
+    batched = evaluate_plan(model, plan, cfg)
+    one_by_one = [evaluate_texts(model, tokenizer, [t], replace(cfg, bootstrap_samples=0)) for t in texts]
+    assert batched.n_tokens == sum(r.n_tokens for r in one_by_one)
+    mean_loss = sum(r.loss * r.n_tokens for r in one_by_one) / batched.n_tokens
+    assert batched.loss == pytest.approx(mean_loss, rel=1e-5)
+    top1 = sum(r.top1 * r.n_tokens for r in one_by_one) / batched.n_tokens
+    assert batched.top1 == pytest.approx(top1, rel=1e-6)
 
 
 def test_empty_texts_raise(tokenizer):
