@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from selprune_core.activations import STAT_FIELDS, collect_activations, decoder_body
+from selprune_core.activations import STAT_FIELDS, collect_activations
 from selprune_core.batching import iter_token_batches
 from selprune_core.corpora import load_builtin
 from selprune_core.loading import EMBEDDED_MODEL, load_model
+from selprune_core.partial_forward import decoder_body
 from selprune_core.scoring import required_fields
 
 

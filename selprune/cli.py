@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="cache folder (default: SELPRUNE_CACHE_DIR or ~/.cache/selprune)")
     p.add_argument("--data-root", help="folder of file: datasets (default: SELPRUNE_DATA_ROOT or ./data)")
     p.add_argument("--device", help="auto, cpu, cuda[:N] (default: SELPRUNE_DEVICE or auto)")
-    p.add_argument("--dtype", help="auto, float32, bfloat16, float16 (default: SELPRUNE_DTYPE or auto)")
+    p.add_argument(
+        "--dtype",
+        help="auto, float32, bfloat16, float16 (default: SELPRUNE_DTYPE or auto; auto is bfloat16 on GPUs "
+        "that support it and on CPUs with AVX512-BF16 or AMX, float16 on older GPUs, else float32)",
+    )
     p.set_defaults(func=local_commands.cmd_prune)
 
     p = sub.add_parser("up", help="start Redis (unless SELPRUNE_REDIS_URL), the gateway and workers")

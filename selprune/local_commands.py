@@ -92,6 +92,8 @@ def cmd_prune(args: argparse.Namespace, settings: CliSettings) -> int:
         data_root=Path(args.data_root or settings.data_root).expanduser(),
         device=args.device or settings.device,
         dtype=args.dtype or settings.dtype,
+        device_map=settings.device_map,
+        max_memory=settings.max_memory,
     )
     collect = {"collecting_retain": params.collect_tokens, "collecting_forget": params.collect_tokens}
     ctx = ConsoleContext(Path(args.out), phase_totals=collect)

@@ -37,6 +37,11 @@ class CliSettings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     # Folder that `file:` dataset references resolve inside.
     data_root: Path = Path("data")
-    # Device and dtype of `selprune prune` (the worker reads the same variables).
+    # Device and dtype of `selprune prune` (the worker reads the same variables). dtype auto: bfloat16
+    # on GPUs that support it (else float16) and on CPUs with AVX512-BF16 or AMX, else float32.
     device: str = "auto"
     dtype: str = "auto"
+    # Spread the model over several devices (accelerate's device_map: auto, balanced, balanced_low_0,
+    # sequential) and what each device may hold ("0=20GiB,cpu=60GiB"); unset: the whole model on `device`.
+    device_map: str | None = None
+    max_memory: str | None = None

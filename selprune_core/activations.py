@@ -41,6 +41,8 @@ from torch import nn
 
 from selprune_core.batching import TokenBatch
 from selprune_core.hooks import scoped_pre_hooks
+from selprune_core.partial_forward import decoder_body, forward_to_last_site, stop_after_last_site
+from selprune_core.placement import input_device
 from selprune_core.sites import ModelSites
 
 __all__ = [
@@ -50,7 +52,6 @@ __all__ = [
     "ActivationStats",
     "record_activations",
     "collect_activations",
-    "decoder_body",
 ]
 
 # Names of the running sums; `fields` arguments choose a subset to save time when a scorer needs less.
@@ -192,6 +193,9 @@ class _Recorder:
     def __init__(self, stats: ComponentStats, attribute: bool = False) -> None:
         self.stats = stats
         self.token_weight: torch.Tensor | None = None  # [batch * pos] float64, 1 on counted tokens
+        # The batch's token_weight on each other device a hooked input arrives on (a device_map may
+        # spread the layers over several), keyed by the weight tensor it copies.
+        self._weight_copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.which = [
             f.name for f in fields(stats) if f.name in STAT_FIELDS and getattr(stats, f.name) is not None
         ]
@@ -205,9 +209,8 @@ class _Recorder:
 
     def hook(self, layer: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            weight = self.token_weight
-            assert weight is not None, "recorder called outside collect_activations"
             x = args[0].detach()
+            weight = self._weight_on(x.device)
             # float64 per batch too, not only across batches: a batch of 2048 tokens summed in fp32
             # already rounds away the small activations of most neurons.
             x = x.reshape(-1, x.shape[-1]).double()  # [batch * pos, d]
@@ -224,11 +227,24 @@ class _Recorder:
                     value = weight @ x.abs().sqrt()
                 else:  # pos_count
                     value = weight @ (x > 0).double()
-                getattr(stats, name)[layer] += value
+                total = getattr(stats, name)
+                total[layer] += value.to(total.device)  # one [d] vector per field across devices
             if self.attribute and args[0].requires_grad:
                 args[0].register_hook(self._on_grad(layer, x, weight))  # type: ignore[no-untyped-call]
 
         return record
+
+    def _weight_on(self, device: torch.device) -> torch.Tensor:
+        """This batch's token weights on `device`, copied there once per batch."""
+        weight = self.token_weight
+        assert weight is not None, "recorder called outside collect_activations"
+        if weight.device == device:
+            return weight
+        copy = self._weight_copies.get(device)
+        if copy is None or copy[0] is not weight:
+            copy = (weight, weight.to(device))
+            self._weight_copies[device] = copy
+        return copy[1]
 
     def _on_grad(self, layer: int, x: torch.Tensor, weight: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def on_grad(grad: torch.Tensor) -> None:
@@ -285,52 +301,6 @@ def _summed_next_token_loss(model: nn.Module, batch: TokenBatch, device: torch.d
     return loss.detach()
 
 
-class _StopForward(Exception):
-    """Raised once the last hooked site of a forward has been recorded: nothing after it is read."""
-
-
-def decoder_body(model: nn.Module) -> nn.Module:
-    """The model without its LM head (`base_model`: LlamaModel, GPT2Model, ...), or the model itself.
-
-    Collection reads only the hooked sites inside the body, so the head's [tokens, vocab] product
-    (49152 x 576 per token on the embedded model, about a fifth of a forward) is never computed.
-    """
-    body = getattr(model, "base_model", None)
-    return body if isinstance(body, nn.Module) else model
-
-
-@contextlib.contextmanager
-def _stop_after_last_site(sites: ModelSites) -> Iterator[None]:
-    """Cut each forward short once both sites of the last layer have been seen (their pre-hooks ran).
-
-    Registered after the recorders, so it fires after the last one records; the rest of the last
-    layer (the FF projection itself, the final norm) is skipped. Parallel-residual families run the
-    two sites in either order, so it waits for both.
-    """
-    last = (sites.ff_modules[-1], sites.attn_modules[-1])
-    seen: set[int] = set()
-
-    def mark(module: nn.Module, _args: tuple[torch.Tensor, ...]) -> None:
-        seen.add(id(module))
-        if len(seen) == len({id(m) for m in last}):
-            seen.clear()
-            raise _StopForward
-
-    with scoped_pre_hooks([(module, mark) for module in last]):
-        yield
-
-
-def _forward_to_last_site(body: nn.Module, batch: TokenBatch, device: torch.device) -> None:
-    try:
-        body(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            use_cache=False,
-        )
-    except _StopForward:
-        pass
-
-
 @torch.no_grad()
 def collect_activations(
     model: nn.Module,
@@ -357,14 +327,14 @@ def collect_activations(
         sums = (*sums, "sum")  # cheap, and gives attribution-only statistics their shape
     unknown = set(sums) - set(STAT_FIELDS)
     assert not unknown, f"unknown statistics {sorted(unknown)}"
-    device = next(model.parameters()).device
+    device = input_device(model)  # where token ids go; with a device_map, layers may compute elsewhere
     ff = ComponentStats.zeros(sites.n_layers, sites.d_mlp, sums, device)
     attn = ComponentStats.zeros(sites.n_layers, sites.d_attn, sums, device)
     n_texts = 0
     body = decoder_body(model)
     # The stop hook is entered after the recorders, so it runs after them on the last sites; with
     # attribution the whole forward is needed (the loss reads the logits).
-    stop = contextlib.nullcontext() if attribute else _stop_after_last_site(sites)
+    stop = contextlib.nullcontext() if attribute else stop_after_last_site(sites)
     with record_activations(sites, ff, attn, attribute=attribute) as recorders, stop:
         for batch in batches:
             weight = batch.attention_mask.to(device=device, dtype=torch.float64)  # [batch, pos]
@@ -380,7 +350,7 @@ def collect_activations(
                 for recorder in recorders:
                     recorder.end_batch()
             else:
-                _forward_to_last_site(body, batch, device)
+                forward_to_last_site(body, batch, device)
             ff.n += counted
             attn.n += counted
             n_texts += len(batch.text_index)

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from selprune_core.config import SamplingConfig
+from selprune_core.placement import input_device
 
 __all__ = ["DecodeBatch", "Generation", "GenerationRow", "cache_takes_rows", "sample_next"]
 
@@ -193,7 +194,7 @@ class DecodeBatch:
         assert len(keys) == len(rows), f"{len(keys)} keys for {len(rows)} rows"
         streams = [stream] * len(rows) if isinstance(stream, bool) else list(stream)
         self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # where token ids go (a device_map may split the model)
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
@@ -314,8 +315,10 @@ class DecodeBatch:
         """Keep only the rows at these indices, in order, with their cache rows."""
         self.rows = [self.rows[i] for i in keep]
         if keep and self.cache is not None:
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self.cache.batch_select_indices(index)
+            rows = torch.tensor(keep, dtype=torch.long)
+            index = rows.to(self.device)
+            # A CPU index: cache layers a device_map put on other devices accept it, a device index not.
+            self.cache.batch_select_indices(rows)
             self.attention_mask = self.attention_mask.index_select(0, index)
             self.next_ids = self.next_ids.index_select(0, index)
             self.next_positions = self.next_positions.index_select(0, index)

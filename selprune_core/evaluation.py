@@ -35,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from selprune_core.batching import TokenBatch, pad_rows
 from selprune_core.config import EvalConfig
 from selprune_core.errors import EmptyDatasetError
+from selprune_core.placement import input_device
 
 __all__ = [
     "EvalPlan",
@@ -204,7 +205,7 @@ def evaluate_plan(
 ) -> EvalResult:
     """Top-1/top-k accuracy, skip variants, loss and perplexity of `model` on the texts of `plan`."""
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)  # where token ids go (a device_map may offload the first weights)
     common = torch.tensor(sorted(set(common_ids)), dtype=torch.long, device=device)  # [n_common]
     per_text = torch.zeros(plan.n_texts, N_STATS, dtype=torch.float64)  # [text, N_STATS], in text order
     texts = sorted(index for batch in plan.batches for index in batch.text_index)

@@ -42,7 +42,16 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from selprune_core.devices import (
+    MaxMemory,
+    check_device_map,
+    choose_dtype,
+    parse_dtype,
+    parse_max_memory,
+    resolve_device,
+)
 from selprune_core.errors import ConfigError, ModelLoadError
+from selprune_core.placement import input_device
 from selprune_core.sites import ModelSites, model_fingerprint, resolve_sites
 
 __all__ = [
@@ -77,16 +86,6 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "
 # RuntimeError: that would swallow torch.cuda.OutOfMemoryError, which the worker classifies itself.
 _LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError, SafetensorError)
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -96,42 +95,10 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase  # pad_token_id is always set
     ref: str  # the reference exactly as given to load_model
     fingerprint: str  # sites.model_fingerprint: same for one checkpoint in any dtype
-    device: torch.device
+    device: torch.device  # where token ids go (with a device_map: the input embedding's device)
     dtype: torch.dtype
     sites: ModelSites
-
-
-# --- device and dtype ---------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """Map "auto" to cuda when available, else cpu; validate explicit names ("cpu", "cuda:1")."""
-    key = name.strip().lower()
-    if key == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(key)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
-def parse_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """Map a dtype name to a torch dtype. "auto" is float32 on CPU, bfloat16 on CUDA if supported, else fp16."""
-    key = name.strip().lower().removeprefix("torch.")
-    if key == "auto":
-        dev = torch.device(device)
-        if dev.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if key not in _DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; use one of: auto, {', '.join(_DTYPES)}")
-    return _DTYPES[key]
+    device_map: dict[str, Any] | None = None  # module -> device, when loaded with a device_map
 
 
 # --- the embedded model -------------------------------------------------------------------------
@@ -245,34 +212,51 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     models_root: Path | None = None,
+    device_map: str | None = None,
+    max_memory: str | MaxMemory | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a reference (see the module docstring), frozen in eval mode.
 
     `models_root`: when given, a local reference (absolute, or relative to the root) must resolve
     inside it, symlinks followed, and a reference shaped like a hub id is local when it names an entry
     of the root. None lets a trusted caller (the local command line) load any path.
+
+    `device_map` (accelerate's strategy: auto, balanced, balanced_low_0, sequential) spreads the model
+    over the GPUs, then CPU memory, then disk, each bounded by `max_memory` ("0=20GiB,cpu=60GiB" or
+    accelerate's dict); `device` is then unused, except that "auto" dtypes follow it. Safetensors
+    checkpoints only: a .gguf file is dequantized in memory, so it loads onto one device.
     """
     torch_device = resolve_device(device)
-    torch_dtype = parse_dtype(dtype, torch_device)
+    torch_dtype, why = choose_dtype(dtype, torch_device)
+    log.info("dtype %s -> %s (%s)", dtype, str(torch_dtype).removeprefix("torch."), why)
+    weights: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map:
+        weights["device_map"] = check_device_map(device_map)
+        weights["max_memory"] = parse_max_memory(max_memory)
+    elif max_memory:
+        raise ConfigError("max_memory bounds a device_map: set device_map too (e.g. auto)")
     start = time.perf_counter()
 
     root = None if models_root is None else Path(models_root)
-    model, tokenizer = _load_ref(ref, cache_dir=Path(cache_dir), dtype=torch_dtype, models_root=root)
+    model, tokenizer = _load_ref(ref, cache_dir=Path(cache_dir), weights=weights, models_root=root)
     module: torch.nn.Module = model  # typed as nn.Module: transformers' wrapped .to() confuses mypy
-    module.to(device=torch_device, dtype=torch_dtype)
+    if not device_map:  # a device_map placed (and cast) every module already
+        module.to(device=torch_device, dtype=torch_dtype)
     module.eval()
     module.requires_grad_(False)
     _ensure_pad_token(ref, model, tokenizer)
 
     sites = resolve_sites(model)  # UnsupportedArchitectureError now, not in the middle of a job
+    placed = getattr(model, "hf_device_map", None) if device_map else None
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         ref=ref,
         fingerprint=model_fingerprint(model),
-        device=torch_device,
+        device=input_device(model) if device_map else torch_device,
         dtype=torch_dtype,
         sites=sites,
+        device_map=dict(placed) if placed else None,
     )
     log.info(
         "loaded %s (%s, %d layers, d_mlp %d) on %s as %s in %.1f s, fingerprint %s",
@@ -280,12 +264,21 @@ def load_model(
         type(model).__name__,
         sites.n_layers,
         sites.d_mlp,
-        torch_device,
+        _placement(loaded.device_map) if loaded.device_map else torch_device,
         torch_dtype,
         time.perf_counter() - start,
         loaded.fingerprint,
     )
     return loaded
+
+
+def _placement(device_map: dict[str, Any]) -> str:
+    """ "device_map cuda:0 x 12, cuda:1 x 14, disk x 4": modules placed per device."""
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[name] = counts.get(name, 0) + 1
+    return "device_map " + ", ".join(f"{name} x {n}" for name, n in counts.items())
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -294,32 +287,41 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def _load_ref(
-    ref: str, *, cache_dir: Path, dtype: torch.dtype, models_root: Path | None
+    ref: str, *, cache_dir: Path, weights: dict[str, Any], models_root: Path | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not ref.strip():
         raise ModelLoadError("empty model reference")
     if ref.strip().lower() == EMBEDDED_MODEL:
-        return _load_pretrained(ensure_embedded_model(cache_dir), ref, dtype, local=True)
+        return _load_pretrained(ensure_embedded_model(cache_dir), ref, weights, local=True)
     if models_root is not None:
-        return _load_confined(ref, models_root, dtype)
+        return _load_confined(ref, models_root, weights)
 
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
+        _check_gguf_placement(ref, weights)
         return _load_gguf(path)  # float32; load_model casts it afterwards
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model folder {ref!r} has no config.json")
-        return _load_pretrained(path, ref, dtype, local=True)
+        return _load_pretrained(path, ref, weights, local=True)
     if path.exists():
         raise ModelLoadError(f"model reference {ref!r} is a file but not a .gguf file")
     if _looks_like_path(ref):
         raise ModelLoadError(f"model reference {ref!r}: no such file or folder")
     # A hub id: transformers resolves it through the HF cache, and fails fast when offline.
-    return _load_pretrained(ref, ref, dtype, local=False)
+    return _load_pretrained(ref, ref, weights, local=False)
+
+
+def _check_gguf_placement(ref: str, weights: dict[str, Any]) -> None:
+    if "device_map" in weights:
+        raise ConfigError(
+            f"model {ref!r} is a .gguf file, dequantized in memory, so it loads onto one device: unset "
+            "device_map, or convert it once to a safetensors folder (save_pretrained) and load that"
+        )
 
 
 def _load_confined(
-    ref: str, root: Path, dtype: torch.dtype
+    ref: str, root: Path, weights: dict[str, Any]
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model folder or .gguf file inside `root`, or a hub id; one message for everything else."""
     unavailable = ModelLoadError(
@@ -339,10 +341,11 @@ def _load_confined(
         # would read instead of the hub.
         if not _HUB_ID.fullmatch(ref) or ".." in ref or Path(ref).exists():
             raise unavailable
-        return _load_pretrained(ref, ref, dtype, local=False)
+        return _load_pretrained(ref, ref, weights, local=False)
     if not full.is_relative_to(base):
         raise unavailable
     if full.is_file() and full.suffix.lower() == ".gguf":
+        _check_gguf_placement(ref, weights)
         try:
             return _load_gguf(full)
         except ModelLoadError as exc:  # its message holds the resolved path: keep that in the log
@@ -351,7 +354,7 @@ def _load_confined(
     if not (full.is_dir() and (full / "config.json").is_file()):
         raise unavailable
     try:
-        return _load_pretrained(full, ref, dtype, local=True)
+        return _load_pretrained(full, ref, weights, local=True)
     except ModelLoadError as exc:
         log.warning("%s", exc)
         raise ModelLoadError(
@@ -361,12 +364,12 @@ def _load_confined(
 
 
 def _load_pretrained(
-    source: Path | str, ref: str, dtype: torch.dtype, *, local: bool
+    source: Path | str, ref: str, weights: dict[str, Any], *, local: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     where = "local folder" if local else "hub id (not a local path)"
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=local, **_SAFE_WEIGHTS
+            source, local_files_only=local, **weights, **_SAFE_WEIGHTS
         )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, **_SAFE)
     except _LOAD_ERRORS as exc:

@@ -6,19 +6,24 @@ is 0 on kept neurons). Zero ablation is exactly zeroing those weight columns; an
 constant W[:, pruned] @ offset[pruned] to the projection's output, which is a bias. `fold_into_weights`
 does both for export. `apply_mask` also takes one mask per batch row, which is how many masks share
 one model.
+
+On a model spread over devices by a device_map, each hook uses its layer's factors on the device its
+input arrives on (moved once per factors object and device, then reused), and folding works on each
+projection's own device; folding refuses weights that the map offloaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from selprune_core.hooks import PreHook, scoped_pre_hooks
 from selprune_core.masks import NeuronMask
+from selprune_core.placement import check_weights_resident, input_device
 from selprune_core.sites import ModelSites
 
 __all__ = ["MaskFactors", "apply_mask", "apply_row_masks", "fold_into_weights"]
@@ -36,6 +41,29 @@ class MaskFactors:
     attn_keep: torch.Tensor
     ff_offset: torch.Tensor | None = None
     attn_offset: torch.Tensor | None = None
+    # (component, layer, device) -> that layer's (keep, offset) on that device; filled by `layer`.
+    _placed: dict[tuple[str, int, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def layer(
+        self, component: str, layer: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer's keep and offset factors ("ff" or "attn") on `device`: [d], or [batch, 1, d] per row.
+
+        Moved to a device once per factors object (the serving lane reuses one over many decode steps).
+        """
+        key = (component, layer, device)
+        placed = self._placed.get(key)
+        if placed is None:
+            keep_rows, offset_rows = (
+                (self.ff_keep, self.ff_offset) if component == "ff" else (self.attn_keep, self.attn_offset)
+            )
+            keep, offset = _layer_factor(keep_rows, layer), _layer_factor(offset_rows, layer)
+            assert keep is not None
+            placed = (keep.to(device), None if offset is None else offset.to(device))
+            self._placed[key] = placed
+        return placed
 
     @classmethod
     def of(cls, masks: Sequence[NeuronMask], device: torch.device, dtype: torch.dtype) -> MaskFactors:
@@ -69,13 +97,10 @@ def apply_row_masks(sites: ModelSites, factors: MaskFactors) -> Iterator[None]:
     and are removed on exit, even on error.
     """
 
-    def make_hook(keep_rows: torch.Tensor, offset_rows: torch.Tensor | None, layer: int) -> PreHook:
-        keep = _layer_factor(keep_rows, layer)
-        offset = _layer_factor(offset_rows, layer)
-        assert keep is not None
-
+    def make_hook(component: str, layer: int) -> PreHook:
         def mask_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             x = args[0]  # [batch, pos, d]; OPT flattens its MLP input to [batch * pos, d]
+            keep, offset = factors.layer(component, layer, x.device)
             flat = keep.dim() == 3 and x.dim() == 2
             view = x.view(keep.shape[0], -1, x.shape[-1]) if flat else x
             out = view * keep if offset is None else torch.addcmul(offset, view, keep)
@@ -84,11 +109,8 @@ def apply_row_masks(sites: ModelSites, factors: MaskFactors) -> Iterator[None]:
         return mask_input
 
     hooks = [
-        (module, make_hook(keep_rows, offset_rows, layer))
-        for keep_rows, offset_rows, modules in (
-            (factors.ff_keep, factors.ff_offset, sites.ff_modules),
-            (factors.attn_keep, factors.attn_offset, sites.attn_modules),
-        )
+        (module, make_hook(component, layer))
+        for component, modules in (("ff", sites.ff_modules), ("attn", sites.attn_modules))
         for layer, module in enumerate(modules)
     ]
     with scoped_pre_hooks(hooks):
@@ -113,7 +135,7 @@ def apply_mask(
         m.check_fits(sites, fingerprint)
     param = next(model.parameters())
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    with apply_row_masks(sites, MaskFactors.of(masks, param.device, dtype)):
+    with apply_row_masks(sites, MaskFactors.of(masks, input_device(model), dtype)):
         yield
 
 
@@ -127,9 +149,11 @@ def fold_into_weights(
     become the constant W[:, pruned] @ offset[pruned] added to the projection's bias; where the
     projection has no bias, `sites.output_bias(module, create=True)` gives it one (and sets the config
     flag that makes transformers build it on reload). Raises UnsupportedArchitectureError, before
-    changing anything, when the family cannot hold such a bias.
+    changing anything, when the family cannot hold such a bias, and ConfigError when a device_map
+    offloaded weights (they are not in memory to change).
     """
     mask.check_fits(sites, fingerprint)
+    check_weights_resident(model, "folding a mask into the weights")
     ff_offset, attn_offset = mask.offsets_or_zeros()
     # Check every projection first: failing halfway would leave a half-pruned model behind.
     for modules, offsets in ((sites.ff_modules, ff_offset), (sites.attn_modules, attn_offset)):

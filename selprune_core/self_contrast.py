@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 from selprune_core.config import SamplingConfig
 from selprune_core.errors import ConfigError, DatasetError, EmptyDatasetError
 from selprune_core.generation import generate
+from selprune_core.placement import input_device
 from selprune_core.splits import TextSplits, split_texts
 from selprune_core.toxicity import ToxicityScorer
 
@@ -178,7 +179,11 @@ def generate_contrast(
         raise EmptyDatasetError("generate_contrast got no non-empty prompt")
     param = next(model.parameters())
     key = cache_key(
-        fingerprint, prompts, cfg, dtype=str(param.dtype).removeprefix("torch."), device=param.device.type
+        fingerprint,
+        prompts,
+        cfg,
+        dtype=str(param.dtype).removeprefix("torch."),
+        device=input_device(model).type,
     )
     data_path, meta_path = cache_paths(cache_dir, key)
     samples = load_cached(data_path, meta_path, key)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from selprune_core.errors import UnsupportedArchitectureError
+from selprune_core.placement import tensor_value
 from selprune_core.site_search import ArchSpec, find_arch_spec, input_axis, text_config
 
 __all__ = ["ArchSpec", "ModelSites", "resolve_sites", "model_fingerprint"]
@@ -59,16 +60,16 @@ class ModelSites:
     def output_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """||W_out[:, n]|| for every FF and attention neuron: float64 [layer, d_mlp], [layer, d_attn].
 
-        The norm of the weight column through which each neuron writes to the residual stream.
+        The norm of the weight column through which each neuron writes to the residual stream. Weights a
+        device_map offloaded are read from their offloaded copy.
         """
 
-        def norms(columns: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        def norms(modules: list[nn.Module]) -> torch.Tensor:
             # The neuron axis is `axis`; the norm runs over the other (output) axis.
+            columns = [(tensor_value(m, "weight"), _input_axis(m)[1]) for m in modules]
             return torch.stack([w.double().norm(dim=1 - axis).cpu() for w, axis in columns])
 
-        ff = norms([self.ff_weight_columns(layer) for layer in range(self.n_layers)])
-        attn = norms([self.attn_weight_columns(layer) for layer in range(self.n_layers)])
-        return ff, attn
+        return norms(self.ff_modules), norms(self.attn_modules)
 
     def output_bias(self, module: nn.Module, *, create: bool = False) -> torch.Tensor:
         """The bias of a hooked projection; with `create`, add one where there is none.
@@ -206,6 +207,7 @@ def model_fingerprint(model: nn.Module) -> str:
     Hashes the config's shape fields, every parameter's name and shape, and the signs of a sample of
     weight values. Signs survive any cast between fp32, fp16 and bf16 (rounded sums do not), so one
     checkpoint loaded in any dtype gets one fingerprint, while a fine-tune flips some small weights.
+    Weights a device_map offloaded are read from their offloaded copy, so placement changes nothing.
     """
     sites = resolve_sites(model)
     digest = hashlib.sha256()
@@ -221,8 +223,10 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, param in params:
         digest.update(f"{name}:{tuple(param.shape)};".encode())
     # Sample a handful of tensors spread over the model, not all of them: this runs at load time.
-    for _, param in params[:: max(1, len(params) // 8)]:
-        sample = param.detach().flatten()[:4096].cpu()
+    for name, param in params[:: max(1, len(params) // 8)]:
+        owner, _, attr = name.rpartition(".")
+        value = param if param.device.type != "meta" else tensor_value(model.get_submodule(owner), attr)
+        sample = value.detach().flatten()[:4096].cpu()
         digest.update((sample > 0).numpy().tobytes())
         digest.update((sample < 0).numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -25,6 +25,7 @@ from selprune_core.errors import CancelledError, ConfigError
 from selprune_core.evaluation import common_target_ids, evaluate_sets
 from selprune_core.masking import apply_mask, fold_into_weights
 from selprune_core.masks import NeuronMask
+from selprune_core.placement import check_weights_resident
 from selprune_core.pruning import Progress, StepReport, prune_iteratively
 from selprune_core.sites import resolve_sites
 from selprune_core.splits import carve_validation
@@ -269,6 +270,7 @@ def run_export(
     ctx.progress(JobProgress(phase="loading"))
     loaded = runtime.model(ref)
     mask.check_fits(loaded.sites, loaded.fingerprint)
+    check_weights_resident(loaded.model, "exporting a mask")  # before copying: offloaded weights cannot fold
     _stop_check(ctx, "export")
     ctx.progress(JobProgress(phase="exporting"))
     target = export_root / job.mask_id

@@ -8,6 +8,10 @@ pays nothing for them. A batch's per-row keep factors are one index_select over 
 batch on eight masks costs what a batch on one does. Masks are content-addressed, so a slot keyed by
 mask id never goes stale; the least recently used one is evicted when the table is full. Storage
 grows by doubling, so a worker serving a handful of masks does not pay for `capacity` of them.
+
+The table lives on the model's input device (`LoadedModel.device`). On a model a device_map spreads
+over several devices, each layer's hook moves that layer's rows of the factors to the layer's own
+device once per batch composition (`MaskFactors.layer`), not once per decode step.
 """
 
 from __future__ import annotations

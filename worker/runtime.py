@@ -50,6 +50,8 @@ class ModelRuntime:
         models_root: Path | None = None,
         trusted_models: Collection[str] = (),
         hub_datasets: str = HUB_ANY,
+        device_map: str | None = None,
+        max_memory: str | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.data_root = Path(data_root)
@@ -58,6 +60,8 @@ class ModelRuntime:
         self.hub_datasets = parse_hub_datasets(hub_datasets)  # "off", "any" or an allowlist
         self.device = device
         self.dtype = dtype
+        self.device_map = device_map or None  # accelerate's strategy ("auto"); None: all on `device`
+        self.max_memory = max_memory or None  # "0=20GiB,cpu=60GiB": what the map may put on each device
         self.max_models = max(1, max_models)
         self.max_texts = max_texts
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -84,11 +88,18 @@ class ModelRuntime:
                     self._models.move_to_end(ref)
                     return self._models[ref]
                 self._evict(keep=self.max_models - 1)  # make room first: device memory is the limit
-            log.info("loading model %s (device=%s, dtype=%s)", ref, self.device, self.dtype)
+            where = f"device_map={self.device_map}" if self.device_map else f"device={self.device}"
+            log.info("loading model %s (%s, dtype=%s)", ref, where, self.dtype)
             try:
                 root = None if ref in self.trusted_models else self.models_root
                 loaded = load_model(
-                    ref, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, models_root=root
+                    ref,
+                    cache_dir=self.cache_dir,
+                    device=self.device,
+                    dtype=self.dtype,
+                    models_root=root,
+                    device_map=self.device_map,
+                    max_memory=self.max_memory,
                 )
             finally:
                 with self._lock:

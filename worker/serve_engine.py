@@ -123,8 +123,8 @@ class ServeEngine:
     def table(self, ref: str, loaded: LoadedModel) -> MaskTable:
         table = self._tables.get(ref)
         if table is None or table.fingerprint != loaded.fingerprint:
-            device = next(loaded.model.parameters()).device
-            table = MaskTable(loaded.sites, loaded.fingerprint, device, self.mask_slots)
+            # The input device: each layer's hook moves its rows' factors to its own device once.
+            table = MaskTable(loaded.sites, loaded.fingerprint, loaded.device, self.mask_slots)
             self._tables[ref] = table
         return table
 

@@ -14,14 +14,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from protocol.hub_policy import HUB_OFF, parse_hub_datasets
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 Role = Literal["jobs", "serve"]
-_DTYPES = {"auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"}  # as in core loading
+_DTYPES = {"auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"}  # as in core devices
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # core devices.DEVICE_MAP_STRATEGIES
+# One max_memory entry, as core devices.parse_max_memory reads it: 0=20GiB, cuda:1=500MB, cpu=64000000000.
+_MAX_MEMORY_ENTRY = re.compile(r"^((cuda:)?\d+|cpu|mps)\s*=\s*\d+(\.\d+)?\s*(b|[kmgt]i?b)?$", re.IGNORECASE)
 
 
 def _default_cache_dir() -> Path:
@@ -59,9 +62,15 @@ class WorkerSettings(BaseSettings):
     export_root: Path = Path("exports")
     # Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.
     device: str = "auto"
-    # Weight dtype: auto (float32 on the CPU, bfloat16 on GPUs that support it, else float16),
-    # float32/fp32, float16/fp16/half or bfloat16/bf16.
+    # Weight dtype: auto (bfloat16 on GPUs that support it, else float16; bfloat16 on CPUs with
+    # AVX512-BF16 or AMX, else float32), float32/fp32, float16/fp16/half or bfloat16/bf16.
     dtype: str = "auto"
+    # Spread each model over several devices (accelerate's device_map): auto, balanced, balanced_low_0
+    # or sequential fill the GPUs, then CPU memory, then disk. Unset: the whole model on `device`.
+    device_map: str | None = None
+    # With device_map: memory each device may hold, e.g. "0=20GiB,1=20GiB,cpu=60GiB" (GPU index, cpu or
+    # mps = bytes or a size). Unset: what is free.
+    max_memory: str | None = None
     # How many loaded models the worker keeps (LRU); each costs device memory.
     model_cache_size: int = Field(default=2, ge=1)
     # Seconds a job lease lives without renewal; a heartbeat thread renews it every lease_seconds/3.
@@ -128,6 +137,31 @@ class WorkerSettings(BaseSettings):
         if value not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(sorted(_DTYPES))}, not {value!r}")
         return value
+
+    @field_validator("device_map")
+    @classmethod
+    def _check_device_map(cls, value: str | None) -> str | None:
+        value = (value or "").strip().lower() or None
+        if value is not None and value not in _DEVICE_MAPS:
+            raise ValueError(f"device_map must be one of {', '.join(_DEVICE_MAPS)}, not {value!r}")
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _check_max_memory(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        for part in (value or "").split(","):
+            if part.strip() and not _MAX_MEMORY_ENTRY.match(part.strip()):
+                raise ValueError(
+                    f"max_memory entry {part.strip()!r}: use DEVICE=SIZE, e.g. 0=20GiB,cpu=60GiB"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _max_memory_needs_a_map(self) -> WorkerSettings:
+        if self.max_memory and not self.device_map:
+            raise ValueError("max_memory bounds a device_map: set SELPRUNE_DEVICE_MAP too (e.g. auto)")
+        return self
 
     @field_validator("redis_url")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from selprune_core import loading
+from selprune_core import devices, loading
 from selprune_core.errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from selprune_core.loading import (
     EMBEDDED_MODEL,
@@ -79,7 +80,7 @@ def test_parse_dtype_aliases_and_auto():
     assert parse_dtype("fp32") is parse_dtype("float32") is torch.float32
     assert parse_dtype("FP16") is parse_dtype("float16") is torch.float16
     assert parse_dtype("bf16") is parse_dtype("torch.bfloat16") is torch.bfloat16
-    assert parse_dtype("auto", "cpu") is torch.float32
+    assert parse_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)  # test_devices.py: which, when
 
 
 @pytest.mark.parametrize("bad", ["float8", "int8", ""])
@@ -106,13 +107,24 @@ def test_resolve_device():
 def test_load_local_folder(tiny, tmp_path, arch):
     loaded = load_model(str(tiny[arch]), cache_dir=tmp_path, device="cpu")
     assert loaded.ref == str(tiny[arch])
-    assert loaded.device == torch.device("cpu") and loaded.dtype is torch.float32
+    assert loaded.device == torch.device("cpu") and loaded.dtype is parse_dtype("auto", "cpu")
+    assert all(p.dtype is loaded.dtype for p in loaded.model.parameters())
     assert not loaded.model.training
     assert not any(p.requires_grad for p in loaded.model.parameters())
     assert loaded.sites.model_type == arch and loaded.sites.n_layers == 2
     assert loaded.tokenizer.pad_token_id is not None
     assert loaded.model.generation_config.pad_token_id == loaded.tokenizer.pad_token_id
     assert len(loaded.fingerprint) == 16
+
+
+@pytest.mark.parametrize("native, want", [("AVX512-BF16", torch.bfloat16), (None, torch.float32)])
+def test_auto_dtype_follows_the_cpu_and_the_log_says_why(tiny, tmp_path, monkeypatch, caplog, native, want):
+    monkeypatch.setattr(devices, "cpu_bf16_support", lambda: native)
+    with caplog.at_level(logging.INFO, logger="selprune_core.loading"):
+        loaded = load_model(str(tiny["llama"]), cache_dir=tmp_path, device="cpu", dtype="auto")
+    assert loaded.dtype is want and all(p.dtype is want for p in loaded.model.parameters())
+    why = "CPU has AVX512-BF16" if native else "CPU without AVX512-BF16 or AMX"
+    assert f"dtype auto -> {str(want).removeprefix('torch.')} ({why})" in caplog.text
 
 
 def test_pad_token_falls_back_to_eos(tiny, tmp_path):

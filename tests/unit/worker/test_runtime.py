@@ -56,3 +56,20 @@ def test_least_recently_used_model_is_evicted(checkpoints, tmp_path):
     runtime.model(a)  # a is now the most recent
     runtime.model(c)
     assert runtime.loaded_models() == [a, c]
+
+
+def test_device_map_and_max_memory_reach_the_loader(checkpoints, tmp_path):
+    """SELPRUNE_DEVICE_MAP / SELPRUNE_MAX_MEMORY: here no room in memory, so every weight goes to disk."""
+    runtime = ModelRuntime(
+        cache_dir=tmp_path,
+        data_root=tmp_path,
+        dtype="float32",
+        max_models=2,
+        device_map="auto",
+        max_memory="cpu=1",
+    )
+    loaded = runtime.model(str(checkpoints[0]))
+    assert loaded.device_map == {"": "disk"}
+    assert loaded.device.type == "cpu"
+    plain = ModelRuntime(cache_dir=tmp_path, data_root=tmp_path, device="cpu", dtype="float32")
+    assert plain.model(str(checkpoints[0])).device_map is None

@@ -13,7 +13,8 @@ from worker.settings import WorkerSettings, get_settings
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ("REDIS_URL", "DEVICE", "DTYPE", "LEASE_SECONDS", "WORKER_ID", "MAX_ATTEMPTS", "DATA_ROOT"):
+    names = ("REDIS_URL", "DEVICE", "DTYPE", "LEASE_SECONDS", "WORKER_ID", "MAX_ATTEMPTS", "DATA_ROOT")
+    for name in (*names, "DEVICE_MAP", "MAX_MEMORY"):
         monkeypatch.delenv(f"SELPRUNE_{name}", raising=False)
     get_settings.cache_clear()
     yield
@@ -82,3 +83,33 @@ def test_main_fails_fast_when_redis_is_unreachable(monkeypatch):
 def test_main_reports_missing_settings():
     with pytest.raises(SystemExit, match="invalid settings"):
         worker_main.main([])
+
+
+def test_worker_settings_device_map(monkeypatch):
+    monkeypatch.setenv("SELPRUNE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert WorkerSettings().device_map is None
+    monkeypatch.setenv("SELPRUNE_DEVICE_MAP", "")
+    assert WorkerSettings().device_map is None
+    monkeypatch.setenv("SELPRUNE_DEVICE_MAP", "Balanced")
+    monkeypatch.setenv("SELPRUNE_MAX_MEMORY", "0=20GiB,cpu=60GiB")
+    settings = WorkerSettings()
+    assert (settings.device_map, settings.max_memory) == ("balanced", "0=20GiB,cpu=60GiB")
+    monkeypatch.setenv("SELPRUNE_MAX_MEMORY", "0=lots")
+    with pytest.raises(ValidationError, match="max_memory entry"):
+        WorkerSettings()
+    monkeypatch.setenv("SELPRUNE_MAX_MEMORY", "cpu=1GB")
+    monkeypatch.setenv("SELPRUNE_DEVICE_MAP", "")
+    with pytest.raises(ValidationError, match="set SELPRUNE_DEVICE_MAP"):
+        WorkerSettings()
+    monkeypatch.setenv("SELPRUNE_DEVICE_MAP", "everywhere")
+    with pytest.raises(ValidationError, match="device_map must be one of"):
+        WorkerSettings()
+
+
+def test_cli_settings_read_the_same_variables(monkeypatch):
+    from selprune.settings import CliSettings
+
+    monkeypatch.setenv("SELPRUNE_DEVICE_MAP", "auto")
+    monkeypatch.setenv("SELPRUNE_MAX_MEMORY", "cpu=8GiB")
+    settings = CliSettings()
+    assert (settings.device_map, settings.max_memory) == ("auto", "cpu=8GiB")
