@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["TokenBatch", "iter_token_batches", "iter_packed_batches", "pad_rows"]
+__all__ = [
+    "TokenBatch",
+    "encode_texts",
+    "iter_token_batches",
+    "iter_packed_batches",
+    "pad_rows",
+    "pad_token_id",
+]
 
 
 @dataclass
@@ -44,6 +51,32 @@ class TokenBatch:
         return int(self.attention_mask.sum().item())
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its EOS."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert pad_id is not None, "tokenizer has neither a pad nor an eos token"
+    return int(pad_id)
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, token_limit: int, chunk: int = 256
+) -> Iterator[tuple[int, list[int]]]:
+    """(index, token ids) of every text in order, special tokens kept, truncated to `token_limit`.
+
+    Tokenized lazily `chunk` texts at a time, so a consumer that stops early tokenizes little more
+    than it reads.
+    """
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(
+            list(texts[start : start + chunk]),
+            add_special_tokens=True,
+            truncation=True,
+            max_length=token_limit,
+        )["input_ids"]
+        for offset, ids in enumerate(encoded):
+            yield start + offset, list(ids)
+
+
 def iter_token_batches(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -59,22 +92,16 @@ def iter_token_batches(
     prediction). The tokenizer's own special tokens are kept, so BOS is position 0 where the model
     family adds one, as in the authors' runs.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    assert pad_id is not None, "tokenizer has neither a pad nor an eos token"
+    pad_id = pad_token_id(tokenizer)
     pending: list[tuple[int, list[int]]] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start : start + batch_size])
-        encoded = tokenizer(chunk, add_special_tokens=True, truncation=True, max_length=token_limit)[
-            "input_ids"
-        ]
-        for offset, ids in enumerate(encoded):
-            if len(ids) >= min_tokens:
-                pending.append((start + offset, list(ids)))
-        while len(pending) >= batch_size:
-            yield pad_rows(pending[:batch_size], int(pad_id), device)
-            pending = pending[batch_size:]
+    for index, ids in encode_texts(tokenizer, texts, token_limit=token_limit, chunk=batch_size):
+        if len(ids) >= min_tokens:
+            pending.append((index, ids))
+        if len(pending) == batch_size:
+            yield pad_rows(pending, pad_id, device)
+            pending = []
     if pending:
-        yield pad_rows(pending, int(pad_id), device)
+        yield pad_rows(pending, pad_id, device)
 
 
 def pad_rows(rows: list[tuple[int, list[int]]], pad_id: int, device: torch.device | str) -> TokenBatch:
@@ -108,32 +135,26 @@ def iter_packed_batches(
     windows; a text may span two windows. Only the last window can be shorter (right-padded).
     """
     eos = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    assert pad_id is not None, "tokenizer has neither a pad nor an eos token"
+    pad_id = pad_token_id(tokenizer)
     ids: list[int] = []
     pos: list[int] = []
     first_text: list[int] = []  # the text each stream token belongs to
     rows: list[tuple[int, list[int], list[int]]] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start : start + batch_size])
-        encoded = tokenizer(chunk, add_special_tokens=True, truncation=True, max_length=token_limit)[
-            "input_ids"
-        ]
-        for offset, text_ids in enumerate(encoded):
-            piece = list(text_ids) + ([int(eos)] if eos is not None else [])
-            ids += piece
-            pos += range(len(piece))
-            first_text += [start + offset] * len(piece)
+    for index, text_ids in encode_texts(tokenizer, texts, token_limit=token_limit, chunk=batch_size):
+        piece = text_ids + ([int(eos)] if eos is not None else [])
+        ids += piece
+        pos += range(len(piece))
+        first_text += [index] * len(piece)
         while len(ids) >= window:
             rows.append((first_text[0], ids[:window], pos[:window]))
             ids, pos, first_text = ids[window:], pos[window:], first_text[window:]
             if len(rows) == batch_size:
-                yield _pad_packed(rows, int(pad_id), device)
+                yield _pad_packed(rows, pad_id, device)
                 rows = []
     if ids:
         rows.append((first_text[0], ids, pos))
     if rows:
-        yield _pad_packed(rows, int(pad_id), device)
+        yield _pad_packed(rows, pad_id, device)
 
 
 def _pad_packed(

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from selprune_core.batching import TokenBatch, pad_rows
+from selprune_core.batching import TokenBatch, encode_texts, pad_rows, pad_token_id
 from selprune_core.config import EvalConfig
 from selprune_core.errors import EmptyDatasetError
 from selprune_core.placement import input_device
@@ -124,16 +124,8 @@ def common_target_ids(
     if n <= 0:
         return ()
     counts: Counter[int] = Counter()
-    chunk = 256
-    for start in range(0, len(texts), chunk):
-        encoded = tokenizer(
-            list(texts[start : start + chunk]),
-            add_special_tokens=True,
-            truncation=True,
-            max_length=token_limit,
-        )["input_ids"]
-        for ids in encoded:
-            counts.update(ids[1:])  # targets only: position 0 is never predicted
+    for _, ids in encode_texts(tokenizer, texts, token_limit=token_limit):
+        counts.update(ids[1:])  # targets only: position 0 is never predicted
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return tuple(int(token) for token, _ in ranked[:n])
 
@@ -160,20 +152,12 @@ def plan_eval(
     """
     common = set(common_ids)
     rows: list[tuple[int, list[int]]] = []
-    n_skip, chunk = 0, 256
-    for start in range(0, len(texts), chunk):
-        encoded = tokenizer(
-            list(texts[start : start + chunk]),
-            add_special_tokens=True,
-            truncation=True,
-            max_length=cfg.token_limit,
-        )["input_ids"]
-        for offset, ids in enumerate(encoded):
-            if len(ids) >= 2:
-                rows.append((start + offset, list(ids)))
-                n_skip += sum(1 for target in ids[1:] if target not in common)
-            if n_skip > cfg.sample_tokens:
-                break
+    n_skip = 0
+    for index, ids in encode_texts(tokenizer, texts, token_limit=cfg.token_limit):
+        if len(ids) < 2:
+            continue
+        rows.append((index, ids))
+        n_skip += sum(1 for target in ids[1:] if target not in common)
         if n_skip > cfg.sample_tokens:
             log.debug("eval: %d texts cover %d skip predictions", len(rows), n_skip)
             break
@@ -183,20 +167,15 @@ def plan_eval(
         )
     by_length = sorted(rows, key=lambda row: (-len(row[1]), row[0]))
     cap = cfg.batch_size * len(by_length[0][1])  # tokens per batch: batch_size rows of the longest text
+    pad_id = pad_token_id(tokenizer)
     batches: list[TokenBatch] = []
     start = 0
     while start < len(by_length):
         width = len(by_length[start][1])  # the longest row of this batch: rows are sorted
         stop = start + max(1, cap // width)
-        batches.append(pad_rows(by_length[start:stop], pad_id=_pad_id(tokenizer), device="cpu"))
+        batches.append(pad_rows(by_length[start:stop], pad_id, device="cpu"))
         start = stop
     return EvalPlan(batches=tuple(batches), n_texts=len(rows))
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    assert pad_id is not None, "tokenizer has neither a pad nor an eos token"
-    return int(pad_id)
 
 
 @torch.no_grad()

@@ -17,8 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from selprune_core.decoding import cache_takes_rows
-from selprune_core.errors import UnsupportedArchitectureError
-from selprune_core.sites import ModelSites, resolve_sites
+from selprune_core.sites import resolve_sites
 
 __all__ = ["Family", "FAMILIES", "REFUSED_FAMILIES", "FamilyReport", "build_tiny", "describe_family"]
 
@@ -133,14 +132,6 @@ class FamilyReport:
     rows_join_mid_flight: bool  # serving admits rows into a running batch (else whole batches)
 
 
-def _can_fold(sites: ModelSites, module: torch.nn.Module) -> bool:
-    try:
-        sites.check_output_bias(module)
-    except UnsupportedArchitectureError:
-        return False
-    return True
-
-
 @torch.no_grad()
 def describe_family(family: Family) -> FamilyReport:
     """Build the family's tiny model and report what `resolve_sites` and a first decode step find."""
@@ -153,6 +144,9 @@ def describe_family(family: Family) -> FamilyReport:
         model_class=type(model).__name__,
         ff_site=f"{sites.spec.layers}.{{i}}.{sites.spec.ff_out}",
         attn_site=f"{sites.spec.layers}.{{i}}.{sites.spec.attn_out}",
-        exports_offsets=(_can_fold(sites, sites.ff_modules[0]), _can_fold(sites, sites.attn_modules[0])),
+        exports_offsets=(
+            sites.can_hold_bias(sites.ff_modules[0]),
+            sites.can_hold_bias(sites.attn_modules[0]),
+        ),
         rows_join_mid_flight=cache_takes_rows(out["cache"] if "cache" in out else out.past_key_values),
     )

@@ -102,6 +102,14 @@ class ModelSites:
         if not isinstance(getattr(module, "bias", None), torch.Tensor):
             self._bias_option(module)
 
+    def can_hold_bias(self, module: nn.Module) -> bool:
+        """Whether a mean-ablation offset on this projection can be folded into a bias on export."""
+        try:
+            self.check_output_bias(module)
+        except UnsupportedArchitectureError:
+            return False
+        return True
+
     def _bias_option(self, module: nn.Module) -> tuple[str, list[nn.Module]]:
         # The config flag that builds a bias on this projection, and the blocks it adds biases to.
         is_ff = any(module is m for m in self.ff_modules)

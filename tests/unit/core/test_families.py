@@ -18,21 +18,13 @@ from selprune_core.sites import ModelSites, model_fingerprint, resolve_sites
 from tests.helpers import ARCHS, CORPUS
 
 
-def _can_fold(sites: ModelSites, module: nn.Module) -> bool:
-    try:
-        sites.check_output_bias(module)
-    except UnsupportedArchitectureError:
-        return False
-    return True
-
-
 def _mask(model, sites: ModelSites, seed: int = 0) -> NeuronMask:
     """A random mask, with mean-ablation offsets on each site kind that can hold a folded bias."""
     g = torch.Generator().manual_seed(seed)
     ff = torch.rand(sites.n_layers, sites.d_mlp, generator=g) > 0.3
     attn = torch.rand(sites.n_layers, sites.d_attn, generator=g) > 0.3
-    ff_offset = torch.randn(ff.shape, generator=g) if _can_fold(sites, sites.ff_modules[0]) else None
-    attn_offset = torch.randn(attn.shape, generator=g) if _can_fold(sites, sites.attn_modules[0]) else None
+    ff_offset = torch.randn(ff.shape, generator=g) if sites.can_hold_bias(sites.ff_modules[0]) else None
+    attn_offset = torch.randn(attn.shape, generator=g) if sites.can_hold_bias(sites.attn_modules[0]) else None
     return NeuronMask(model_fingerprint(model), ff, attn, sites.n_heads, ff_offset, attn_offset)
 
 
