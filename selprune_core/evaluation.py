@@ -35,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from selprune_core.batching import TokenBatch, encode_texts, pad_rows, pad_token_id
 from selprune_core.config import EvalConfig
 from selprune_core.errors import EmptyDatasetError
+from selprune_core.lm_head import HEAD_CHUNK, SplitHead, split_head
 from selprune_core.placement import input_device
 
 __all__ = [
@@ -189,20 +190,23 @@ def evaluate_plan(
     per_text = torch.zeros(plan.n_texts, N_STATS, dtype=torch.float64)  # [text, N_STATS], in text order
     texts = sorted(index for batch in plan.batches for index in batch.text_index)
     slot = {index: i for i, index in enumerate(texts)}
+    split = split_head(model)
     for batch in plan.batches:
-        ids = batch.input_ids.to(device)  # [batch, pos]
-        # no cache: one full pass per batch, nothing kept beyond this loop iteration
-        logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(device), use_cache=False).logits
-        # logits: [batch, pos, vocab] in the model dtype; rows are sliced to their own length
+        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # [batch, pos]
         lengths = batch.attention_mask.sum(dim=1).tolist()
-        stats = torch.stack(
-            [
-                _text_stats(logits[row, : n - 1], ids[row, 1:n], common, cfg.topk)
-                for row, n in enumerate(lengths)
-            ]
-        )  # [batch, N_STATS]
+        # no cache: one pass per batch, nothing kept beyond this loop iteration
+        if split is None:  # logits [batch, pos, vocab] in the model dtype; rows sliced to their own length
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            stats = torch.stack(
+                [
+                    _prediction_stats(logits[row, : n - 1], ids[row, 1:n], common, cfg.topk).sum(dim=0)
+                    for row, n in enumerate(lengths)
+                ]
+            )  # [batch, N_STATS]
+            del logits
+        else:
+            stats = _split_head_stats(split, ids, mask, common, cfg.topk)  # [batch, N_STATS]
         per_text[[slot[index] for index in batch.text_index]] = stats.cpu()
-        del logits
     totals = per_text.sum(dim=0)  # [N_STATS]
     point = {name: float(metric(totals).item()) for name, metric in METRICS.items()}
     ci = bootstrap_ci(
@@ -231,29 +235,53 @@ def evaluate_texts(
     return evaluate_plan(model, plan, cfg, common_ids=common_ids)
 
 
-def _text_stats(logits: torch.Tensor, targets: torch.Tensor, common: torch.Tensor, k: int) -> torch.Tensor:
-    """Sums over one text's predictions: logits [pred, vocab] at positions 0..T-2, targets [pred] at 1..T-1."""
+def _split_head_stats(
+    split: SplitHead, ids: torch.Tensor, mask: torch.Tensor, common: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Sums per row [batch, N_STATS] from the body's hidden states, the head applied only at the
+    positions that predict (position t of a right-padded row predicts iff t+1 is a token), all rows'
+    predictions together, HEAD_CHUNK at a time."""
+    hidden = split.hidden(ids, mask)  # [batch, pos, hidden]
+    valid = mask[:, 1:].bool().to(hidden.device)  # [batch, pos-1]
+    positions = hidden[:, :-1][valid]  # [pred, hidden]
+    targets = ids[:, 1:].to(hidden.device)[valid]  # [pred]
+    row_of = torch.arange(ids.shape[0], device=hidden.device)[:, None].expand_as(valid)[valid]  # [pred]
+    sums = torch.zeros(ids.shape[0], N_STATS, dtype=torch.float64, device=hidden.device)  # [batch, N_STATS]
+    for start in range(0, targets.numel(), HEAD_CHUNK):
+        logits = split.logits(positions[start : start + HEAD_CHUNK])  # [chunk, vocab], on the head's device
+        chunk = slice(start, start + HEAD_CHUNK)
+        per_prediction = _prediction_stats(
+            logits, targets[chunk].to(logits.device), common.to(logits.device), k
+        )
+        sums.index_add_(0, row_of[chunk], per_prediction.to(sums.device))
+    return sums
+
+
+def _prediction_stats(
+    logits: torch.Tensor, targets: torch.Tensor, common: torch.Tensor, k: int
+) -> torch.Tensor:
+    """One row of stats per prediction [pred, N_STATS], from logits [pred, vocab] and targets [pred]."""
     logits = logits.float()  # fp16/bf16 logits are scored in fp32
-    ce = F.cross_entropy(logits, targets, reduction="none")  # [pred]
+    ce = F.cross_entropy(logits, targets, reduction="none").double()  # [pred]
     # hit[p, j]: the j-th highest logit at position p is the target; j = 0 is the top-1 prediction
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [pred, k]
     hit = top == targets[:, None]  # [pred, k]
     top1 = hit[:, 0]  # [pred]
     topk = hit.any(dim=-1)  # [pred]
     skip = ~torch.isin(targets, common)  # [pred] True where the target is not a common token
-    ce64 = ce.double()
     return torch.stack(
         [
-            torch.tensor(float(targets.numel()), dtype=torch.float64, device=logits.device),
-            top1.sum().double(),
-            topk.sum().double(),
-            skip.sum().double(),
-            (top1 & skip).sum().double(),
-            (topk & skip).sum().double(),
-            ce64.sum(),
-            ce64.exp().sum(),  # the authors' "perplexity" averages exp(CE) per token
-        ]
-    )  # [N_STATS]
+            torch.ones_like(ce),
+            top1.double(),
+            topk.double(),
+            skip.double(),
+            (top1 & skip).double(),
+            (topk & skip).double(),
+            ce,
+            ce.exp(),  # the authors' "perplexity" averages exp(CE) per token
+        ],
+        dim=1,
+    )  # [pred, N_STATS]
 
 
 def bootstrap_ci(

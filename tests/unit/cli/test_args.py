@@ -78,3 +78,24 @@ def test_generate_needs_a_prompt(capsys):
         main(["generate", "--mask", "abc"])
     assert exc.value.code == 2
     assert "prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_demo_body_is_a_valid_request(full):
+    """The demo job validates as the gateway validates it; --full keeps the service's default budgets."""
+    from protocol import PruneParams
+    from selprune.local_commands import demo_body
+    from service.schemas import UnlearnRequest
+
+    request = UnlearnRequest.model_validate(demo_body(full=full))
+    params, defaults = request.params, PruneParams()
+    assert params.budget is not None and params.budget.max_retain_ppl_increase == 0.1 and params.steps == 10
+    sizes = (params.collect_tokens, params.eval_tokens, params.token_limit)
+    full_sizes = (defaults.collect_tokens, defaults.eval_tokens, defaults.token_limit)
+    assert (sizes == full_sizes) is full
+    assert all(small <= big for small, big in zip(sizes, full_sizes, strict=True))
+
+
+def test_demo_full_flag():
+    assert build_parser().parse_args(["demo", "--full"]).full
+    assert not build_parser().parse_args(["demo"]).full
