@@ -246,6 +246,7 @@ class DecodeBatch:
             mask[i, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)  # [batch, prompt]
+        self.model.eval()  # once per batch: steps are many and a mode switch walks every module
         self._prompts = []
         self.attention_mask = mask
         return self._forward(input_ids, positions, next_positions=positions[:, -1:] + 1)
@@ -262,7 +263,6 @@ class DecodeBatch:
     def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, next_positions: torch.Tensor
     ) -> list[Piece]:
-        self.model.eval()
         out = self.model(
             input_ids=input_ids,
             attention_mask=self.attention_mask,
@@ -273,11 +273,14 @@ class DecodeBatch:
         )
         self.cache = out[self._cache_arg] if self._cache_arg in out else out.past_key_values
         settings = [r.sampling for r in self.rows]
-        temperature = torch.tensor([s.temperature for s in settings], device=self.device)  # [batch]
-        top_k = torch.tensor([s.top_k for s in settings], device=self.device)  # [batch]
-        top_p = torch.tensor([s.top_p for s in settings], device=self.device)  # [batch]
-        generators = [r.generator for r in self.rows]
-        self.next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generators)  # [batch]
+        if all(s.temperature == 0 for s in settings):  # all greedy: no per-row tensors, no device sync
+            self.next_ids = out.logits[:, -1].argmax(dim=-1)  # [batch]
+        else:
+            temperature = torch.tensor([s.temperature for s in settings], device=self.device)  # [batch]
+            top_k = torch.tensor([s.top_k for s in settings], device=self.device)  # [batch]
+            top_p = torch.tensor([s.top_p for s in settings], device=self.device)  # [batch]
+            generators = [r.generator for r in self.rows]
+            self.next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generators)  # [batch]
         self.next_positions = next_positions
         return self._advance(self.next_ids.tolist())
 
