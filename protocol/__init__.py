@@ -32,6 +32,7 @@ from protocol.constants import (
 from protocol.datasets import BuiltinData, DatasetSpec, FileData, HubData, InlineData
 from protocol.generate import (
     ChatMessage,
+    ChoiceLogprobs,
     GenerateChoice,
     GenerateDelta,
     GenerateDone,
@@ -59,6 +60,7 @@ __all__ = [
     "EvaluateJob",
     "ExportJob",
     "FileData",
+    "ChoiceLogprobs",
     "GenerateChoice",
     "GenerateDelta",
     "GenerateDone",

@@ -23,6 +23,7 @@ SEED_LIMIT = 2**63  # row seeds (seed + row) stay within what torch.Generator.ma
 MAX_ROWS = 1024  # rows of one request (prompts x n); also caps n and the number of prompts
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 256  # characters of one stop string (a streamed row holds back that many)
+MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's cap for `logprobs` on completions
 
 
 class ChatMessage(Strict):
@@ -46,6 +47,15 @@ class SamplingParams(Strict):
         default_factory=list, max_length=MAX_STOP
     )
     ignore_eos: bool = Field(default=False, description="keep generating past EOS (for benchmarks)")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="each token's log-probability and this many alternatives",
+    )
+    echo: bool = Field(
+        default=False, description="the prompt comes back before the completion (with logprobs)"
+    )
 
 
 class GenerateTask(Strict):
@@ -59,6 +69,8 @@ class GenerateTask(Strict):
     mask_id: str | None = None
     # Raw text, tokenized with the tokenizer's special tokens.
     prompts: list[str] | None = Field(default=None, max_length=MAX_ROWS)
+    # Or prompts as token ids, used as given (the worker checks them against the vocabulary).
+    prompt_ids: list[list[Annotated[int, Field(ge=0)]]] | None = Field(default=None, max_length=MAX_ROWS)
     messages: list[ChatMessage] | None = None  # rendered with the model's chat template
     n: int = Field(default=1, ge=1, le=MAX_ROWS)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
@@ -68,10 +80,12 @@ class GenerateTask(Strict):
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateTask:
-        if (self.prompts is None) == (self.messages is None):
-            raise ValueError("exactly one of prompts and messages must be given")
+        if sum(x is not None for x in (self.prompts, self.prompt_ids, self.messages)) != 1:
+            raise ValueError("exactly one of prompts, prompt_ids and messages must be given")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts must not be empty")
+        if self.prompt_ids is not None and not all(self.prompt_ids):
+            raise ValueError("prompt_ids must hold at least one prompt, each of at least one token")
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
         if self.rows > MAX_ROWS:
@@ -80,7 +94,8 @@ class GenerateTask(Strict):
 
     @property
     def rows(self) -> int:
-        return (len(self.prompts) if self.prompts is not None else 1) * self.n
+        prompts = self.prompts if self.prompts is not None else self.prompt_ids
+        return (len(prompts) if prompts is not None else 1) * self.n
 
 
 class GenerateDelta(Strict):
@@ -89,12 +104,22 @@ class GenerateDelta(Strict):
     text: str
 
 
+class ChoiceLogprobs(Strict):
+    """Per token of a choice (the prompt's first, with echo): OpenAI's `logprobs` object of completions."""
+
+    tokens: list[str]  # each token decoded alone
+    token_logprobs: list[float | None]  # None for the prompt's first token
+    top_logprobs: list[dict[str, float] | None]  # the most likely tokens at each position
+    text_offset: list[int]  # where each token starts in the choice's text
+
+
 class GenerateChoice(Strict):
     index: int
-    text: str  # cut before the first stop string
+    text: str  # cut before the first stop string; with echo, the prompt first
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+    logprobs: ChoiceLogprobs | None = None
 
 
 class GenerateUsage(Strict):

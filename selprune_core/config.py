@@ -253,9 +253,12 @@ class SamplingConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends at the first of these strings (excluded from the text)
     ignore_eos: bool = False  # keep going past EOS (benchmarks: every row makes max_new_tokens tokens)
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    echo: bool = False  # with logprobs: the prompt's tokens get them too
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}")
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")

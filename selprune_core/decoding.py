@@ -25,8 +25,10 @@ from transformers import PreTrainedTokenizerBase
 
 from selprune_core.config import SamplingConfig
 from selprune_core.placement import input_device
+from selprune_core.sampling import sample_next
+from selprune_core.token_logprobs import TokenLogprob, chosen_logprobs, prompt_logprobs
 
-__all__ = ["DecodeBatch", "Generation", "GenerationRow", "cache_takes_rows", "sample_next"]
+__all__ = ["DecodeBatch", "Generation", "GenerationRow", "cache_takes_rows"]
 
 FinishReason = Literal["stop", "length"]
 Piece = tuple[Hashable, str]  # (row key, new text)
@@ -41,69 +43,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason  # "stop": EOS or a stop string; "length": max_new_tokens reached
-
-
-def _per_row(
-    value: float | torch.Tensor, rows: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Broadcast a scalar or [batch] setting to a [batch] tensor."""
-    if isinstance(value, torch.Tensor):
-        assert value.numel() in (1, rows), f"per-row setting has {value.numel()} values for {rows} rows"
-        return value.to(device=device, dtype=dtype).reshape(-1).expand(rows)
-    return torch.full((rows,), value, device=device, dtype=dtype)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float | torch.Tensor,
-    top_k: int | torch.Tensor,
-    top_p: float | torch.Tensor,
-    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-) -> torch.Tensor:
-    """Pick one token per row from last-position logits [batch, vocab]; returns ids [batch].
-
-    Each setting is a scalar or a [batch] tensor. Rows with temperature 0 are greedy. The others are
-    sampled from softmax(logits / temperature), restricted first to the `top_k` largest logits (0 = off,
-    ties at the k-th value kept) and then to the smallest set of most likely tokens holding `top_p`
-    of the mass (1 = off), the same filters and order as Hugging Face's warpers. `generator` is one
-    generator for the batch or one per row (None entries use torch's global generator).
-    """
-    logits = logits.float()  # [batch, vocab]
-    rows, vocab = logits.shape
-    temp = _per_row(temperature, rows, logits.device, torch.float32)  # [batch]
-    k = _per_row(top_k, rows, logits.device, torch.long)  # [batch]
-    p = _per_row(top_p, rows, logits.device, torch.float32)  # [batch]
-    greedy = logits.argmax(dim=-1)  # [batch]
-    sampled_rows = temp > 0  # [batch]
-    if not bool(sampled_rows.any()):
-        return greedy
-
-    # Greedy rows are divided by 1 so they stay finite; their sample is discarded below.
-    scaled = logits / torch.where(sampled_rows, temp, torch.ones_like(temp))[:, None]  # [batch, vocab]
-    # Work in descending order: position j of a row holds its (j+1)-th most likely token.
-    sorted_vals, sorted_idx = scaled.sort(dim=-1, descending=True, stable=True)  # [batch, vocab] each
-
-    # top-k: drop every logit strictly below the k-th largest one.
-    k_eff = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)  # [batch]
-    kth = sorted_vals.gather(1, (k_eff - 1)[:, None])  # [batch, 1]
-    remove = sorted_vals < kth  # [batch, vocab]
-
-    # top-p on what top-k left: drop a token once the more likely tokens already hold top_p of the mass.
-    # The most likely token has zero mass above it and is always kept, since top_p > 0.
-    probs = sorted_vals.masked_fill(remove, float("-inf")).softmax(dim=-1)  # [batch, vocab]
-    mass_above = probs.cumsum(dim=-1) - probs  # [batch, vocab]
-    remove |= (mass_above >= p[:, None]) & (p < 1)[:, None]
-
-    probs = sorted_vals.masked_fill(remove, float("-inf")).softmax(dim=-1)  # [batch, vocab]
-    if generator is None or isinstance(generator, torch.Generator):
-        choice = torch.multinomial(probs, 1, generator=generator)  # [batch, 1] index in sorted order
-    else:
-        # One draw per row from the row's own generator: a row's samples ignore its batch companions.
-        assert len(generator) == rows, f"{len(generator)} generators for {rows} rows"
-        choice = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generator)])
-        choice = choice[:, None]  # [batch, 1]
-    sampled = sorted_idx.gather(1, choice).squeeze(1)  # [batch] token ids
-    return torch.where(sampled_rows, sampled, greedy)
+    # With sampling.logprobs: the prompt's tokens (with echo), then each generated token's.
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -171,6 +112,7 @@ class _Row:
     generator: torch.Generator | None
     stream: _TextStream | None  # None: nobody reads this row's text until it finishes
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # when sampling.logprobs is set
     done: bool = False
     reason: FinishReason = "length"
 
@@ -207,6 +149,7 @@ class DecodeBatch:
                 if r.sampling.seed is None
                 else torch.Generator(device=self.device).manual_seed(r.sampling.seed),
                 stream=_TextStream(r.sampling.stop) if wanted else None,
+                logprobs=None if r.sampling.logprobs is None else [],
             )
             for key, r, wanted in zip(keys, rows, streams, strict=True)
         ]
@@ -247,9 +190,15 @@ class DecodeBatch:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)  # [batch, prompt]
         self.model.eval()  # once per batch: steps are many and a mode switch walks every module
-        self._prompts = []
+        prompts, self._prompts = self._prompts, []
         self.attention_mask = mask
-        return self._forward(input_ids, positions, next_positions=positions[:, -1:] + 1)
+        echo = [r.logprobs is not None and r.sampling.echo for r in self.rows]
+        return self._forward(
+            input_ids,
+            positions,
+            next_positions=positions[:, -1:] + 1,
+            echo=(prompts, echo) if any(echo) else None,
+        )
 
     @torch.no_grad()
     def step(self) -> list[Piece]:
@@ -261,7 +210,11 @@ class DecodeBatch:
         return self._forward(self.next_ids[:, None], self.next_positions, self.next_positions + 1)
 
     def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, next_positions: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        next_positions: torch.Tensor,
+        echo: tuple[list[list[int]], list[bool]] | None = None,  # prefill: prompts, rows wanting theirs
     ) -> list[Piece]:
         out = self.model(
             input_ids=input_ids,
@@ -269,8 +222,14 @@ class DecodeBatch:
             position_ids=positions,
             use_cache=True,
             **{self._cache_arg: self.cache},
-            **self._extra,  # only the last position's logits are needed
+            # only the last position's logits are needed, unless a prompt's log-probabilities are
+            **({} if echo is not None else self._extra),
         )
+        if echo is not None:  # logits [batch, width, vocab]; a left-padded prompt ends at the last column
+            for index, (row, prompt, wanted) in enumerate(zip(self.rows, *echo, strict=True)):
+                if wanted and row.logprobs is not None:
+                    logits = out.logits[index, -len(prompt) :]  # [prompt, vocab]
+                    row.logprobs.extend(prompt_logprobs(logits, prompt, row.sampling.logprobs or 0))
         self.cache = out[self._cache_arg] if self._cache_arg in out else out.past_key_values
         settings = [r.sampling for r in self.rows]
         if all(s.temperature == 0 for s in settings):  # all greedy: no per-row tensors, no device sync
@@ -282,15 +241,18 @@ class DecodeBatch:
             generators = [r.generator for r in self.rows]
             self.next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generators)  # [batch]
         self.next_positions = next_positions
-        return self._advance(self.next_ids.tolist())
+        ks = [None if r.logprobs is None else r.sampling.logprobs for r in self.rows]
+        return self._advance(self.next_ids.tolist(), chosen_logprobs(out.logits[:, -1], self.next_ids, ks))
 
-    def _advance(self, tokens: list[int]) -> list[Piece]:
+    def _advance(self, tokens: list[int], logprobs: list[TokenLogprob | None]) -> list[Piece]:
         pieces: list[Piece] = []
-        for row, token in zip(self.rows, tokens, strict=True):
+        for row, token, logprob in zip(self.rows, tokens, logprobs, strict=True):
             if token in self.eos_ids and not row.sampling.ignore_eos:
                 row.done, row.reason = True, "stop"
             else:
                 row.tokens.append(token)
+                if row.logprobs is not None and logprob is not None:
+                    row.logprobs.append(logprob)
                 row.done = len(row.tokens) >= row.sampling.max_new_tokens
             if not row.sampling.stop and row.stream is None:
                 continue
@@ -369,6 +331,7 @@ class DecodeBatch:
             prompt_tokens=row.prompt_len,
             completion_tokens=len(row.tokens),
             finish_reason=row.reason,
+            logprobs=row.logprobs,
         )
 
 

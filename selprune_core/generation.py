@@ -17,7 +17,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from selprune_core.config import SamplingConfig
-from selprune_core.decoding import DecodeBatch, Generation, GenerationRow, sample_next
+from selprune_core.decoding import DecodeBatch, Generation, GenerationRow
+from selprune_core.sampling import sample_next
 
 __all__ = [
     "Generation",

@@ -13,9 +13,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from protocol import ChatMessage, GenerateUsage, SamplingParams
+from protocol import ChatMessage, ChoiceLogprobs, GenerateUsage, SamplingParams
 from protocol.base import reject_surrogates
-from protocol.generate import MAX_NEW_TOKENS, MAX_ROWS, MAX_STOP_CHARS, MAX_TOP_K, SEED_LIMIT
+from protocol.generate import MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_ROWS, MAX_STOP_CHARS, MAX_TOP_K, SEED_LIMIT
 from service.schemas import stop_list
 
 FinishReason = Literal["stop", "length"]
@@ -24,6 +24,8 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 # valid task; the gateway's settings cap max_tokens and rows lower.
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
 StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+PromptField = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 # Requests ----------------------------------------------------------------------------------------
@@ -97,28 +99,61 @@ class OpenAIRequest(BaseModel):
 
 class CompletionRequest(OpenAIRequest):
     ACCEPTED = OpenAIRequest.ACCEPTED | {
-        "logprobs": (None,),
-        "echo": (None, False),
         "best_of": (None, 1),
         "suffix": (None, ""),
     }
 
-    prompt: str | list[str] = Field(description="one prompt, or several (each gets n completions)")
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="one prompt, or several (each gets n completions); text, or token ids"
+    )
     max_tokens: MaxTokens | None = COMPLETION_MAX_TOKENS
-    logprobs: int | None = None
-    echo: bool | None = None
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="each token's log-probability and this many alternatives",
+    )
+    echo: bool | None = Field(default=None, description="return the prompt before the completion")
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
+    def _some_prompt(cls, value: PromptField) -> PromptField:
         if isinstance(value, list) and not value:
             raise ValueError("an empty list holds no prompt; send a string or a list of at least one")
+        if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
+            raise ValueError("a prompt of token ids needs at least one token")
         return value
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    @model_validator(mode="after")
+    def _logprobs_not_streamed(self) -> CompletionRequest:
+        if self.stream and (self.logprobs is not None or self.echo):
+            raise ValueError("logprobs and echo are not supported with stream; send stream: false")
+        return self
+
+    def prompts(self) -> list[str] | None:
+        """The prompts as text, or None when they are token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, str) for p in self.prompt):
+            return [str(p) for p in self.prompt]
+        return None
+
+    def prompt_ids(self) -> list[list[int]] | None:
+        """The prompts as token ids (one list of ints is one prompt), or None when they are text."""
+        if isinstance(self.prompt, str) or not all(isinstance(p, (int, list)) for p in self.prompt):
+            return None
+        if all(isinstance(p, int) for p in self.prompt):
+            return [[int(p) for p in self.prompt if isinstance(p, int)]]
+        return [list(p) for p in self.prompt if isinstance(p, list)]
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        return (
+            super()
+            .sampling(max_new_tokens)
+            .model_copy(update={"logprobs": self.logprobs, "echo": bool(self.echo)})
+        )
 
 
 class TextPart(BaseModel):
@@ -184,7 +219,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None
 
 

@@ -3,7 +3,11 @@ never sees the wire's."""
 
 from __future__ import annotations
 
-from protocol import PruneParams, SamplingParams
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from protocol import ChoiceLogprobs, GenerateChoice, GenerateTask, PruneParams, SamplingParams
 from protocol.datasets import BuiltinData, FileData, HubData, InlineData
 from selprune_core.config import (
     BudgetConfig,
@@ -14,6 +18,8 @@ from selprune_core.config import (
     StopConfig,
 )
 from selprune_core.data import DatasetRef, dataset_ref_from_dict
+from selprune_core.decoding import Generation
+from selprune_core.token_logprobs import TokenLogprob
 
 
 def to_dataset_ref(spec: InlineData | FileData | HubData | BuiltinData) -> DatasetRef:
@@ -66,4 +72,58 @@ def sampling_config(params: SamplingParams, row: int = 0) -> SamplingConfig:
         seed=None if params.seed is None else params.seed + row,
         stop=tuple(params.stop),
         ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
+        echo=params.echo,
     )
+
+
+def choice_logprobs(tokenizer: PreTrainedTokenizerBase, entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    """OpenAI's `logprobs` object for a choice's tokens. Each token (and alternative) is decoded alone,
+    and text offsets count those pieces from the start of the choice's text."""
+    tokens = [_text(tokenizer, [e.token_id]) for e in entries]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return ChoiceLogprobs(
+        tokens=tokens,
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[None if e.logprob is None else _alternatives(tokenizer, e.top) for e in entries],
+        text_offset=offsets,
+    )
+
+
+def _alternatives(tokenizer: PreTrainedTokenizerBase, top: Sequence[tuple[int, float]]) -> dict[str, float]:
+    """Decoded alternative -> log-probability, most likely first; where two ids decode to the same text
+    (partial UTF-8 bytes), the more likely one is kept."""
+    out: dict[str, float] = {}
+    for token, value in top:
+        out.setdefault(_text(tokenizer, [token]), value)
+    return out
+
+
+def generate_choice(
+    task: GenerateTask, index: int, g: Generation, tokenizer: PreTrainedTokenizerBase
+) -> GenerateChoice:
+    """Choice `index` of `task`: with echo its prompt first (as sent, or decoded from its ids), and with
+    logprobs OpenAI's per-token object (the prompt's tokens too, with echo)."""
+    prompt = ""
+    if task.sampling.echo:
+        prompt_index = index // task.n
+        if task.prompts is not None:
+            prompt = task.prompts[prompt_index]
+        elif task.prompt_ids is not None:
+            prompt = _text(tokenizer, task.prompt_ids[prompt_index])
+    logprobs = None if g.logprobs is None else choice_logprobs(tokenizer, g.logprobs)
+    return GenerateChoice(
+        index=index,
+        text=prompt + g.text,
+        finish_reason=g.finish_reason,
+        prompt_tokens=g.prompt_tokens,
+        completion_tokens=g.completion_tokens,
+        logprobs=logprobs,
+    )
+
+
+def _text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return str(tokenizer.decode(ids))

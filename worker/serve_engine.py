@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from protocol import (
     ErrorInfo,
-    GenerateChoice,
     GenerateDelta,
     GenerateDone,
     GenerateEvent,
@@ -41,7 +41,7 @@ from selprune_core.generation import apply_chat_template, encode_prompts
 from selprune_core.loading import LoadedModel
 from selprune_core.masking import MaskFactors, apply_row_masks
 from selprune_core.masks import NeuronMask
-from worker.convert import sampling_config
+from worker.convert import generate_choice, sampling_config
 from worker.errors import (
     MaskNotFoundError,
     Outcome,
@@ -270,7 +270,7 @@ class ServeEngine:
             req.done[index] = generation
             if len(req.done) == req.task.rows:
                 del active.requests[request_id]
-                events.append((req.task, self._done(req)))
+                events.append((req.task, self._done(req, active.loaded.tokenizer)))
         if events:
             reply(events)
         if not len(active.batch):
@@ -306,6 +306,8 @@ class ServeEngine:
             if task.messages is not None:
                 text = apply_chat_template(tokenizer, [m.model_dump() for m in task.messages])
                 prompt_ids = encode_prompts(tokenizer, [text], add_special_tokens=False)
+            elif task.prompt_ids is not None:
+                prompt_ids = [list(ids) for ids in task.prompt_ids]
             else:
                 prompt_ids = encode_prompts(tokenizer, task.prompts or [])
         except Exception as exc:
@@ -314,6 +316,12 @@ class ServeEngine:
             raise ServeError(
                 "InvalidMessages" if task.messages is not None else "InvalidPrompt", message
             ) from None
+        embedding = cast(torch.Tensor, loaded.model.get_input_embeddings().weight)  # [vocab, hidden]
+        vocab = int(embedding.shape[0])
+        if (top := max(max(ids) for ids in prompt_ids)) >= vocab:
+            raise ServeError(
+                "InvalidPrompt", f"prompt token id {top} is outside the vocabulary (0..{vocab - 1})"
+            )
         longest = max(len(ids) for ids in prompt_ids)
         if longest > self.max_prompt_tokens:
             raise ServeError(
@@ -353,18 +361,9 @@ class ServeEngine:
         return slot
 
     @staticmethod
-    def _done(req: _Request) -> GenerateDone:
+    def _done(req: _Request, tokenizer: PreTrainedTokenizerBase) -> GenerateDone:
         mine = [req.done[i] for i in range(req.task.rows)]
-        choices = [
-            GenerateChoice(
-                index=i,
-                text=g.text,
-                finish_reason=g.finish_reason,
-                prompt_tokens=g.prompt_tokens,
-                completion_tokens=g.completion_tokens,
-            )
-            for i, g in enumerate(mine)
-        ]
+        choices = [generate_choice(req.task, i, g, tokenizer) for i, g in enumerate(mine)]
         # Usage counts each distinct prompt once, as OpenAI does for n > 1.
         prompt_tokens = sum(len(ids) for ids in req.prompt_ids)
         completion_tokens = sum(g.completion_tokens for g in mine)

@@ -118,31 +118,43 @@ async def completions(
     serving: ServingDep,
     tenant: TenantDep,
 ) -> Completion | EventStreamResponse:
-    """OpenAI's text completions: each prompt continued n times."""
-    prompts, n = body.prompts(), body.n or 1
+    """OpenAI's text completions: each prompt (text or token ids) continued n times; with `logprobs`,
+    each token's log-probability and top alternatives, and with `echo` the prompt's tokens too."""
+    prompts, prompt_ids, n = body.prompts(), body.prompt_ids(), body.n or 1
     max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
     fields = GenerationFields(prompt="prompt", max_tokens="max_tokens")
+    # The schema admits text prompts or token-id prompts, never a mix. A token is at least one character
+    # of text, so the character cap bounds token-id prompts too.
+    n_prompts = len(prompts) if prompts is not None else len(prompt_ids or [])
     base, mask_id = await _check(
         body,
         settings,
         queue,
         tenant,
-        texts=prompts,
+        texts=prompts if prompts is not None else ["x" * len(ids) for ids in prompt_ids or []],
         max_new_tokens=max_tokens,
-        rows=len(prompts) * n,
+        rows=n_prompts * n,
         fields=fields,
     )
     cap = settings.max_inflight_rows_per_tenant
     with _refusals(building=True):
         task = serving.task(
-            tenant, base, mask_id, body.sampling(max_tokens), prompts=prompts, n=n, stream=bool(body.stream)
+            tenant,
+            base,
+            mask_id,
+            body.sampling(max_tokens),
+            prompts=prompts,
+            prompt_ids=prompt_ids,
+            n=n,
+            stream=bool(body.stream),
         )
     head: dict[str, Any] = {"id": f"cmpl-{task.request_id}", "created": int(time.time()), "model": body.model}
     if not body.stream:
         with _refusals():
             done = await serving.generate(task, max_tenant_rows=cap, disconnected=request.is_disconnected)
         choices = [
-            CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason) for c in done.choices
+            CompletionChoice(index=c.index, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason)
+            for c in done.choices
         ]
         return Completion(**head, choices=choices, usage=Usage.of(done.usage))
 

@@ -57,15 +57,20 @@ def oai(gateway: TestClient, key: str = KEY_A) -> openai.OpenAI:
     return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=gateway, max_retries=0)
 
 
-def store_mask(
-    client: redis.Redis, server: ServeLoop, model_dir: Path, tenant: str, frac: float = 0.9
-) -> str:
-    """A random mask pruning about `frac` of every layer's neurons, stored for `tenant`."""
+def random_mask(server: ServeLoop, model_dir: Path, frac: float = 0.9) -> NeuronMask:
+    """A random mask pruning about `frac` of every layer's neurons."""
     loaded = server.runtime.model(str(model_dir))
     sites, g = loaded.sites, torch.Generator().manual_seed(0)
     ff = torch.rand(sites.n_layers, sites.d_mlp, generator=g) > frac
     attn = torch.rand(sites.n_layers, sites.d_attn, generator=g) > frac
-    mask = NeuronMask(loaded.fingerprint, ff, attn, sites.n_heads)
+    return NeuronMask(loaded.fingerprint, ff, attn, sites.n_heads)
+
+
+def store_mask(
+    client: redis.Redis, server: ServeLoop, model_dir: Path, tenant: str, frac: float = 0.9
+) -> str:
+    """A random mask pruning about `frac` of every layer's neurons, stored for `tenant`."""
+    mask = random_mask(server, model_dir, frac)
     return records.store_mask(client, mask.to_bytes(), {"model": str(model_dir), "name": "pruned"}, tenant)
 
 
@@ -175,3 +180,41 @@ def test_demo_shows_the_same_prompt_before_and_through_the_mask(gateway, client,
         lines = before_after(sp, mask_id, prompt="def main():", tokens=6).splitlines()
     base, masked = (line.split(":", 1)[1].strip() for line in lines[1:])
     assert lines[0].startswith("prompt: 'def main():'") and base != masked
+
+
+def test_logprobs_and_echo_through_a_mask_equal_the_hooked_model(gateway, client, server, model_dir):
+    """lm-eval's log-likelihood request (token ids, echo, logprobs 1, max_tokens 1) through a mask
+    answers the log-softmax of the hooked model's logits at every prompt token."""
+    from selprune_core.masking import apply_mask
+
+    mask = random_mask(server, model_dir, frac=0.3)
+    mask_id = store_mask(client, server, model_dir, TENANT_A, frac=0.3)
+    loaded = server.runtime.model(str(model_dir))
+    ids = loaded.tokenizer("the cat sat on the mat")["input_ids"]
+    body = {"prompt": [ids, ids[:4]], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    resp = oai(gateway).completions.create(model=f"{model_dir}@{mask_id}", **body)
+    first = resp.choices[0]
+    assert first.text.startswith(loaded.tokenizer.decode(ids)) and len(resp.choices) == 2
+    lp = first.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) + 1  # the prompt, then one new token
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad(), apply_mask(loaded.model, loaded.sites, mask):
+        logits = loaded.model(input_ids=torch.tensor([ids])).logits[0]  # [pos, vocab]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    for pos in range(1, len(ids)):
+        assert lp.token_logprobs[pos] == pytest.approx(expected[pos - 1, ids[pos]].item(), abs=1e-4)
+        (best,) = lp.top_logprobs[pos].values()
+        assert best == pytest.approx(expected[pos - 1].max().item(), abs=1e-4)
+    # the one generated token is the greedy choice after the whole prompt
+    assert lp.token_logprobs[-1] == pytest.approx(expected[-1].max().item(), abs=1e-4)
+    assert resp.choices[1].logprobs.token_logprobs[1:4] == pytest.approx(lp.token_logprobs[1:4], abs=1e-4)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+    plain = oai(gateway).completions.create(model=str(model_dir), **body)
+    assert plain.choices[0].logprobs.token_logprobs[1:] != pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+
+
+def test_prompt_token_ids_outside_the_vocabulary_are_a_clear_422(gateway, model_dir):
+    api = oai(gateway)
+    with pytest.raises(openai.UnprocessableEntityError, match="outside the vocabulary"):
+        api.completions.create(model=str(model_dir), prompt=[1, 2, 10**6], max_tokens=2)
