@@ -43,7 +43,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason  # "stop": EOS or a stop string; "length": max_new_tokens reached
-    # With sampling.logprobs: the prompt's tokens (with echo), then each generated token's.
+    # With sampling.logprobs: the prompt's tokens (with echo), then each generated token's (an ending EOS
+    # included).
     logprobs: list[TokenLogprob] | None = None
 
 
@@ -247,12 +248,13 @@ class DecodeBatch:
     def _advance(self, tokens: list[int], logprobs: list[TokenLogprob | None]) -> list[Piece]:
         pieces: list[Piece] = []
         for row, token, logprob in zip(self.rows, tokens, logprobs, strict=True):
+            # An ending EOS is reported with the log-probabilities (as vLLM does), never in the text.
+            if row.logprobs is not None and logprob is not None:
+                row.logprobs.append(logprob)
             if token in self.eos_ids and not row.sampling.ignore_eos:
                 row.done, row.reason = True, "stop"
             else:
                 row.tokens.append(token)
-                if row.logprobs is not None and logprob is not None:
-                    row.logprobs.append(logprob)
                 row.done = len(row.tokens) >= row.sampling.max_new_tokens
             if not row.sampling.stop and row.stream is None:
                 continue

@@ -1,8 +1,10 @@
-"""Real servers for the integration tests: a serving loop in a thread, and a Valkey with an
-append-only file that a test may kill and restart. Plus the one polling helper they all use."""
+"""Real servers for the integration tests: a serving loop in a thread, the gateway under uvicorn on a
+local socket, and a Valkey with an append-only file that a test may kill and restart. Plus the one
+polling helper they all use."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -11,7 +13,10 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import redis
+import uvicorn
 
+from service.main import create_app
+from service.settings import GatewaySettings
 from worker.runtime import ModelRuntime
 from worker.serving import ServeLoop, ensure_serve_group
 from worker.settings import WorkerSettings
@@ -54,6 +59,26 @@ def serving_thread(settings: WorkerSettings, redis_url: str, runtime: ModelRunti
     assert not thread.is_alive(), "the serving loop did not stop"
     if errors:
         raise errors[0]
+
+
+@contextmanager
+def uvicorn_gateway(settings: GatewaySettings) -> Iterator[str]:
+    """The real gateway under uvicorn on a free local port, for clients that need a socket; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="gateway", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not uv.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the gateway did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        uv.should_exit = True
+        thread.join(20)
+        sock.close()
 
 
 def valkey_with_aof(port: int, data_dir: str, **flags: Any) -> subprocess.Popen[bytes]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import threading
 import time
 import uuid
@@ -22,14 +21,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from pydantic import TypeAdapter
 
 from protocol import ChatMessage, GenerateEvent, GenerateTask, SamplingParams, keys
-from service.main import create_app
 from service.settings import GatewaySettings
 from tests.helpers import build_model
-from tests.integration.servers import serving_thread
+from tests.integration.servers import serving_thread, uvicorn_gateway
 from tests.unit.service.helpers import KEY_A, KEY_B, TENANT_A, auth
 from worker.runtime import ModelRuntime
 from worker.serving import ServeLoop, ensure_serve_group
@@ -249,19 +246,8 @@ def gateway_url(redis_url, model_dir, tmp_path, server) -> Iterator[str]:
         max_inflight_rows_per_tenant=8,
         allowed_hosts=["127.0.0.1"],  # the Host header a client of this socket sends
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the gateway did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(20)
-    sock.close()
+    with uvicorn_gateway(settings) as url:
+        yield url
 
 
 def _post(url: str, path: str, body: dict[str, Any], key: str, timeout: float = 120) -> httpx.Response:
