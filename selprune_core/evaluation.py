@@ -43,6 +43,7 @@ __all__ = [
     "EvalResult",
     "plan_eval",
     "evaluate_plan",
+    "text_sums",
     "plan_sets",
     "common_target_ids",
     "evaluate_texts",
@@ -184,6 +185,27 @@ def evaluate_plan(
     model: nn.Module, plan: EvalPlan, cfg: EvalConfig, *, common_ids: Sequence[int] = ()
 ) -> EvalResult:
     """Top-1/top-k accuracy, skip variants, loss and perplexity of `model` on the texts of `plan`."""
+    per_text = text_sums(model, plan, cfg, common_ids=common_ids)  # [text, N_STATS]
+    totals = per_text.sum(dim=0)  # [N_STATS]
+    point = {name: float(metric(totals).item()) for name, metric in METRICS.items()}
+    ci = bootstrap_ci(
+        per_text, {name: METRICS[name] for name in CI_METRICS}, n_samples=cfg.bootstrap_samples, seed=cfg.seed
+    )
+    return EvalResult(
+        **point,
+        n_tokens=int(totals[N_PRED].item()),
+        n_skip_tokens=int(totals[N_SKIP].item()),
+        n_texts=plan.n_texts,
+        ci=ci,
+    )
+
+
+@torch.no_grad()
+def text_sums(
+    model: nn.Module, plan: EvalPlan, cfg: EvalConfig, *, common_ids: Sequence[int] = ()
+) -> torch.Tensor:
+    """One row of sums per scored text [text, N_STATS] (float64, in the texts' order in their set):
+    what every metric and interval is computed from, and per-text losses (CE_SUM / N_PRED)."""
     model.eval()
     device = input_device(model)  # where token ids go (a device_map may offload the first weights)
     common = torch.tensor(sorted(set(common_ids)), dtype=torch.long, device=device)  # [n_common]
@@ -207,18 +229,7 @@ def evaluate_plan(
         else:
             stats = _split_head_stats(split, ids, mask, common, cfg.topk)  # [batch, N_STATS]
         per_text[[slot[index] for index in batch.text_index]] = stats.cpu()
-    totals = per_text.sum(dim=0)  # [N_STATS]
-    point = {name: float(metric(totals).item()) for name, metric in METRICS.items()}
-    ci = bootstrap_ci(
-        per_text, {name: METRICS[name] for name in CI_METRICS}, n_samples=cfg.bootstrap_samples, seed=cfg.seed
-    )
-    return EvalResult(
-        **point,
-        n_tokens=int(totals[N_PRED].item()),
-        n_skip_tokens=int(totals[N_SKIP].item()),
-        n_texts=plan.n_texts,
-        ci=ci,
-    )
+    return per_text
 
 
 def evaluate_texts(
