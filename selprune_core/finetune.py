@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -74,10 +74,12 @@ def finetune(
     retain_texts: Sequence[str] = (),
     sites: ModelSites | None = None,
     mask: NeuronMask | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> FinetuneReport:
     """Train every weight of `model` in place for `cfg.steps` steps on the forget texts (and the retain
     texts for `difference`), through `mask` when given; leaves the model in eval mode, its
-    requires_grad flags as they were."""
+    requires_grad flags as they were. `on_step(step)` runs after each optimizer step (1-based) with the
+    model in eval mode and no gradient, so it may evaluate checkpoints."""
     if cfg.objective == "difference" and not retain_texts:
         raise ConfigError("the gradient-difference objective needs retain texts")
     if mask is not None and sites is None:
@@ -95,7 +97,7 @@ def finetune(
     tokens, start = 0, time.perf_counter()
     model.train()
     try:
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             optimizer.zero_grad(set_to_none=True)
             masked = (
                 apply_mask(model, sites, mask) if mask is not None and sites is not None else nullcontext()
@@ -115,6 +117,11 @@ def finetune(
                 objective.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if on_step is not None:
+                model.eval()
+                with torch.no_grad():
+                    on_step(step + 1)
+                model.train()
     finally:
         optimizer.zero_grad(set_to_none=True)
         for param, was_frozen in zip(params, frozen, strict=True):

@@ -90,3 +90,9 @@ def test_a_frozen_model_trains_and_stays_frozen(tiny_model, tokenizer):
     finetune(model, tokenizer, CODE, CFG)
     assert _loss(model, tokenizer, CODE) < before
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_on_step_sees_each_checkpoint_in_eval_mode(tiny_model, tokenizer):
+    model, seen = tiny_model("llama"), []
+    finetune(model, tokenizer, CODE, CFG, on_step=lambda step: seen.append((step, model.training)))
+    assert seen == [(step, False) for step in range(1, CFG.steps + 1)]
