@@ -25,25 +25,18 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from bench.relearn import demo_mask, evaluate, summary  # noqa: E402
-from selprune_core.config import EvalConfig  # noqa: E402
-from selprune_core.corpora import load_builtin  # noqa: E402
+from bench.relearn import add_setting_args, evaluate, load_setting, membership, summary  # noqa: E402
 from selprune_core.evaluation import relative_drop  # noqa: E402
 from selprune_core.finetune import FinetuneConfig, finetune, subtract_task_vector  # noqa: E402
-from selprune_core.loading import EMBEDDED_MODEL, LoadedModel, load_model  # noqa: E402
-from selprune_core.masking import apply_mask  # noqa: E402
+from selprune_core.loading import LoadedModel  # noqa: E402
 from selprune_core.masks import NeuronMask  # noqa: E402
-from selprune_core.membership import membership_inference  # noqa: E402
 from selprune_core.sites import resolve_sites  # noqa: E402
 
 
@@ -64,37 +57,18 @@ def pick(checkpoints: list[dict[str, Any]], retain_cost: float) -> dict[str, Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mask", help="the selective mask (.safetensors); default: run the demo job")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--token-limit", type=int, default=128)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
-    parser.add_argument("--eval-tokens", type=int, default=1_000)
     parser.add_argument("--relearn-n", type=int, default=16)
     parser.add_argument("--relearn-steps", type=int, default=10)
-    parser.add_argument("--mia-texts", type=int, default=60)
-    parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument(
-        "--cache-dir", default=os.environ.get("SELPRUNE_CACHE_DIR", str(Path.home() / ".cache/selprune"))
-    )
+    add_setting_args(parser)
     args = parser.parse_args()
-    cache = Path(args.cache_dir)
-
     started = time.perf_counter()
-    mask_path = (
-        Path(args.mask) if args.mask else demo_mask(cache, Path(tempfile.mkdtemp(prefix="baselines-mask-")))
-    )
-    mask_seconds = None if args.mask else time.perf_counter() - started
-    mask = NeuronMask.load(mask_path)
-    base = load_model(EMBEDDED_MODEL, cache_dir=cache, device="cpu", dtype="float32")
-    code, prose = load_builtin("python_code", cache), load_builtin("english_prose", cache)
-    sets = {"forget": list(code.heldout), "retain": list(prose.heldout)}
-    eval_cfg = EvalConfig(token_limit=256, sample_tokens=args.eval_tokens, bootstrap_samples=1_000)
-    mia_cfg = EvalConfig(token_limit=256, sample_tokens=10**9, bootstrap_samples=1_000)
-    members = list(code.train[: args.mia_texts])
-    train_forget, train_retain = list(code.train), list(prose.train)
+    setting = load_setting(args)
+    mask, base, sets, eval_cfg = setting.mask, setting.base, setting.sets, setting.eval_cfg
+    train_forget, train_retain = list(setting.code.train), list(setting.prose.train)
 
     def tune_cfg(objective: str, steps: int) -> FinetuneConfig:
         return FinetuneConfig(
@@ -107,11 +81,7 @@ def main() -> None:
 
     def attacks(loaded: LoadedModel, use_mask: NeuronMask | None) -> dict[str, Any]:
         """Relearning (forget top-1 after fine-tuning on a few forget texts) and membership AUC."""
-        if use_mask is None:
-            mia = membership_inference(loaded.model, loaded.tokenizer, members, sets["forget"], mia_cfg)
-        else:
-            with apply_mask(loaded.model, loaded.sites, use_mask):
-                mia = membership_inference(loaded.model, loaded.tokenizer, members, sets["forget"], mia_cfg)
+        mia = membership(setting, loaded, use_mask)
         model = copy.deepcopy(loaded.model)
         sites = resolve_sites(model)
         relearn_texts = train_forget[: args.relearn_n]
@@ -126,7 +96,7 @@ def main() -> None:
         relearned = summary(
             evaluate(dataclasses.replace(loaded, model=model, sites=sites), sets, eval_cfg, use_mask)
         )
-        return {"membership": asdict(mia), "relearned_forget_top1": relearned["forget"]["top1"]}
+        return {"membership": mia, "relearned_forget_top1": relearned["forget"]["top1"]}
 
     base_eval = summary(evaluate(base, sets, eval_cfg, None))
     mask_eval = summary(evaluate(base, sets, eval_cfg, mask))
@@ -137,7 +107,7 @@ def main() -> None:
             "eval": mask_eval,
             **drops(base_eval, mask_eval),
             **attacks(base, mask),
-            "seconds": mask_seconds,
+            "seconds": setting.mask_seconds,
         },
     }
     print(

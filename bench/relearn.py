@@ -33,13 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from selprune.local_commands import DEMO_PARAMS
 from selprune_core.config import EvalConfig
-from selprune_core.corpora import load_builtin
+from selprune_core.corpora import TextSplits, load_builtin
 from selprune_core.evaluation import EvalResult, evaluate_sets
 from selprune_core.finetune import FinetuneConfig, finetune
 from selprune_core.loading import EMBEDDED_MODEL, LoadedModel, load_model
@@ -67,6 +67,71 @@ def demo_mask(cache: Path, out: Path) -> Path:
     return path
 
 
+def add_setting_args(parser: argparse.ArgumentParser) -> None:
+    """The flags bench/relearn.py and bench/baselines.py share: the mask, the evaluation and the cache."""
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--token-limit", type=int, default=128)
+    parser.add_argument("--eval-tokens", type=int, default=1_000)
+    parser.add_argument("--mia-texts", type=int, default=60, help="forget-train texts taken as members")
+    parser.add_argument(
+        "--mask", help="a mask file (.safetensors from selprune prune); default: run the demo job"
+    )
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--cache-dir", default=os.environ.get("SELPRUNE_CACHE_DIR", str(Path.home() / ".cache/selprune"))
+    )
+
+
+@dataclass
+class Setting:
+    """What both benches work on: the mask, the embedded model (fp32) and the demo job's data."""
+
+    mask_path: Path
+    mask: NeuronMask
+    mask_seconds: float | None  # the demo job's wall time, when this run made the mask
+    base: LoadedModel
+    code: TextSplits  # forget: python_code
+    prose: TextSplits  # retain: english_prose
+    sets: dict[str, list[str]]  # held-out forget and retain texts
+    eval_cfg: EvalConfig  # held-out evaluation, with intervals
+    mia_cfg: EvalConfig  # every text of a membership set
+    members: list[str]  # the forget-train texts the job samples its statistics from
+
+
+def load_setting(args: argparse.Namespace) -> Setting:
+    cache = Path(args.cache_dir)
+    started = time.perf_counter()
+    made = args.mask is None
+    mask_path = (
+        demo_mask(cache, Path(tempfile.mkdtemp(prefix="selprune-bench-mask-"))) if made else Path(args.mask)
+    )
+    mask_seconds = time.perf_counter() - started if made else None
+    mask = NeuronMask.load(mask_path)
+    print(f"mask {mask.mask_id}: {mask_path}", flush=True)
+    code, prose = load_builtin("python_code", cache), load_builtin("english_prose", cache)
+    return Setting(
+        mask_path=mask_path,
+        mask=mask,
+        mask_seconds=mask_seconds,
+        base=load_model(EMBEDDED_MODEL, cache_dir=cache, device="cpu", dtype="float32"),
+        code=code,
+        prose=prose,
+        sets={"forget": list(code.heldout), "retain": list(prose.heldout)},
+        eval_cfg=EvalConfig(token_limit=256, sample_tokens=args.eval_tokens, bootstrap_samples=1_000),
+        mia_cfg=EvalConfig(token_limit=256, sample_tokens=10**9, bootstrap_samples=1_000),
+        members=list(code.train[: args.mia_texts]),
+    )
+
+
+def membership(setting: Setting, loaded: LoadedModel, mask: NeuronMask | None) -> dict[str, Any]:
+    """The loss attack on the setting's members against the held-out forget texts, through `mask`."""
+    members, nonmembers, cfg = setting.members, setting.sets["forget"], setting.mia_cfg
+    if mask is None:
+        return asdict(membership_inference(loaded.model, loaded.tokenizer, members, nonmembers, cfg))
+    with apply_mask(loaded.model, loaded.sites, mask):
+        return asdict(membership_inference(loaded.model, loaded.tokenizer, members, nonmembers, cfg))
+
+
 def evaluate(
     loaded: LoadedModel, sets: dict[str, list[str]], cfg: EvalConfig, mask: NeuronMask | None
 ) -> dict[str, EvalResult]:
@@ -86,33 +151,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[4, 16, 64], help="forget texts the attacker has")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--token-limit", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--eval-tokens", type=int, default=1_000)
-    parser.add_argument("--mia-texts", type=int, default=60, help="forget-train texts taken as members")
-    parser.add_argument(
-        "--mask", help="a mask file (.safetensors from selprune prune); default: run the demo job"
-    )
-    parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument(
-        "--cache-dir", default=os.environ.get("SELPRUNE_CACHE_DIR", str(Path.home() / ".cache/selprune"))
-    )
+    add_setting_args(parser)
     args = parser.parse_args()
-    cache = Path(args.cache_dir)
-
     started = time.perf_counter()
-    mask_path = (
-        Path(args.mask) if args.mask else demo_mask(cache, Path(tempfile.mkdtemp(prefix="relearn-mask-")))
+    setting = load_setting(args)
+    mask, base, code, sets, eval_cfg = (
+        setting.mask,
+        setting.base,
+        setting.code,
+        setting.sets,
+        setting.eval_cfg,
     )
-    mask = NeuronMask.load(mask_path)
-    print(f"mask {mask.mask_id}: {mask_path}", flush=True)
-    prune_seconds = time.perf_counter() - started
-
-    base = load_model(EMBEDDED_MODEL, cache_dir=cache, device="cpu", dtype="float32")
-    code, prose = load_builtin("python_code", cache), load_builtin("english_prose", cache)
-    sets = {"forget": list(code.heldout), "retain": list(prose.heldout)}
-    eval_cfg = EvalConfig(token_limit=256, sample_tokens=args.eval_tokens, bootstrap_samples=1_000)
     tune = FinetuneConfig(
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, token_limit=args.token_limit
     )
@@ -122,17 +172,9 @@ def main() -> None:
         "mask": summary(evaluate(base, sets, eval_cfg, mask)),
     }
     # Membership: the forget-train texts the job read its statistics from (members) against held-out code.
-    mia_cfg = EvalConfig(token_limit=256, sample_tokens=10**9, bootstrap_samples=1_000)
-    members = list(code.train[: args.mia_texts])
-    membership = {
-        "base": asdict(membership_inference(base.model, base.tokenizer, members, sets["forget"], mia_cfg))
-    }
-    with apply_mask(base.model, base.sites, mask):
-        membership["mask"] = asdict(
-            membership_inference(base.model, base.tokenizer, members, sets["forget"], mia_cfg)
-        )
-    print(f"membership AUC: base {membership['base']['auc']:.3f} {membership['base']['ci']}, "
-          f"mask {membership['mask']['auc']:.3f} {membership['mask']['ci']}", flush=True)  # fmt: skip
+    mia = {"base": membership(setting, base, None), "mask": membership(setting, base, mask)}
+    print(f"membership AUC: base {mia['base']['auc']:.3f} {mia['base']['ci']}, "
+          f"mask {mia['mask']['auc']:.3f} {mia['mask']['ci']}", flush=True)  # fmt: skip
     runs: list[dict[str, Any]] = []
     for n in args.n:
         texts = list(code.train[:n])
@@ -165,14 +207,14 @@ def main() -> None:
         if r["start"] == "mask"
     }
     figures = {
-        "mask": str(mask_path) if args.mask else "demo job",
+        "mask": str(setting.mask_path) if args.mask else "demo job",
         "mask_id": mask.mask_id,
         "settings": {**vars(args), "eval_token_limit": eval_cfg.token_limit},
         "before": before,
-        "membership": membership,
+        "membership": mia,
         "runs": runs,
         "recovered": recovered,
-        "prune_seconds": prune_seconds,
+        "prune_seconds": setting.mask_seconds,
         "seconds": time.perf_counter() - started,
     }
     if args.json:

@@ -103,7 +103,7 @@ class CompletionRequest(OpenAIRequest):
         "suffix": (None, ""),
     }
 
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+    prompt: PromptField = Field(
         description="one prompt, or several (each gets n completions); text, or token ids"
     )
     max_tokens: MaxTokens | None = COMPLETION_MAX_TOKENS

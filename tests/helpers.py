@@ -12,6 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from selprune_core.families import FAMILIES, Family, build_tiny
+from selprune_core.masks import NeuronMask
+from selprune_core.sites import model_fingerprint, resolve_sites
 
 CORPUS = [
     "the cat sat on the mat and the dog sat on the log",
@@ -25,6 +27,17 @@ CORPUS = [
 ]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def random_mask(model: Any, seed: int = 0, frac: float = 0.3) -> NeuronMask:
+    """A zero-ablation mask pruning about `frac` of each layer's FF and attention neurons, seeded."""
+    import torch
+
+    sites = resolve_sites(model)
+    g = torch.Generator().manual_seed(seed)
+    ff = torch.rand(sites.n_layers, sites.d_mlp, generator=g) > frac
+    attn = torch.rand(sites.n_layers, sites.d_attn, generator=g) > frac
+    return NeuronMask(model_fingerprint(model), ff, attn, sites.n_heads)
 
 
 def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320) -> PreTrainedTokenizerFast:

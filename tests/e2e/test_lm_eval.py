@@ -15,14 +15,13 @@ from typing import Any
 
 import pytest
 import redis
-import torch
 
 from selprune_core.loading import EMBEDDED_MODEL
 from selprune_core.masking import fold_into_weights
-from selprune_core.masks import NeuronMask
-from selprune_core.sites import model_fingerprint, resolve_sites
+from selprune_core.sites import resolve_sites
 from service.settings import GatewaySettings
 from tests.e2e.conftest import cache_dir, require_setup
+from tests.helpers import random_mask
 from tests.integration import records
 from tests.integration.servers import serving_thread, uvicorn_gateway
 from tests.unit.service.helpers import KEY_A, TENANT_A
@@ -58,13 +57,7 @@ def test_local_completions_through_a_mask_equal_in_process_hf(redis_url, tmp_pat
     monkeypatch.setenv("OPENAI_API_KEY", KEY_A)
     runtime = ModelRuntime(cache_dir=cache_dir(), data_root=tmp_path, device="cpu", dtype="float32")
     loaded = runtime.model(EMBEDDED_MODEL)
-    sites, g = loaded.sites, torch.Generator().manual_seed(0)
-    mask = NeuronMask(
-        model_fingerprint(loaded.model),
-        torch.rand(sites.n_layers, sites.d_mlp, generator=g) > 0.2,
-        torch.rand(sites.n_layers, sites.d_attn, generator=g) > 0.2,
-        sites.n_heads,
-    )
+    mask = random_mask(loaded.model, seed=0, frac=0.2)
     client = redis.Redis.from_url(redis_url)
     mask_id = records.store_mask(
         client, mask.to_bytes(), {"model": EMBEDDED_MODEL, "name": "random"}, TENANT_A

@@ -13,15 +13,7 @@ from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from selprune_core.sites import model_fingerprint, resolve_sites
 from selprune_core.token_logprobs import TokenLogprob
-from tests.helpers import CORPUS
-
-
-def _mask(model, seed: int) -> NeuronMask:
-    sites = resolve_sites(model)
-    g = torch.Generator().manual_seed(seed)
-    ff = torch.rand(sites.n_layers, sites.d_mlp, generator=g) > 0.3
-    attn = torch.rand(sites.n_layers, sites.d_attn, generator=g) > 0.3
-    return NeuronMask(model_fingerprint(model), ff, attn, sites.n_heads)
+from tests.helpers import CORPUS, random_mask
 
 
 def _rows(tokenizer, prompts, **sampling):
@@ -44,7 +36,7 @@ def _run(model, sites, masks, rows, tokenizer):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_logprobs_are_the_log_softmax_of_the_hooked_logits(tiny_model, tokenizer, arch):
     model = tiny_model(arch)
-    sites, mask = resolve_sites(model), _mask(model, 1)
+    sites, mask = resolve_sites(model), random_mask(model, 1)
     (gen,) = _run(model, sites, [mask], _rows(tokenizer, CORPUS[:1], logprobs=3, echo=True), tokenizer)
     prompt = tokenizer(CORPUS[0])["input_ids"]
     ids = torch.tensor([prompt + gen.token_ids])  # [1, prompt + generated]
@@ -66,7 +58,7 @@ def test_logprobs_are_the_log_softmax_of_the_hooked_logits(tiny_model, tokenizer
 def test_mixed_mask_rows_get_their_solo_logprobs(tiny_model, tokenizer):
     model = tiny_model("llama")
     sites = resolve_sites(model)
-    masks = [_mask(model, 1), _mask(model, 2), NeuronMask.full(sites, model_fingerprint(model))]
+    masks = [random_mask(model, 1), random_mask(model, 2), NeuronMask.full(sites, model_fingerprint(model))]
     prompts = [CORPUS[0], CORPUS[1] + " and more words here", CORPUS[2]]
     rows = _rows(tokenizer, prompts, logprobs=2, echo=True)
     mixed = _run(model, sites, masks, rows, tokenizer)

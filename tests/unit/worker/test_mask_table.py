@@ -7,6 +7,7 @@ from selprune_core.errors import MaskMismatchError
 from selprune_core.masking import apply_mask, apply_row_masks
 from selprune_core.masks import NeuronMask
 from selprune_core.sites import model_fingerprint, resolve_sites
+from tests.helpers import random_mask
 from worker.mask_table import MaskTable
 
 
@@ -16,11 +17,7 @@ def model(tiny_model):
 
 
 def _mask(model, seed: int) -> NeuronMask:
-    sites = resolve_sites(model)
-    g = torch.Generator().manual_seed(seed)
-    ff = torch.rand(sites.n_layers, sites.d_mlp, generator=g) > 0.3
-    attn = torch.rand(sites.n_layers, sites.d_attn, generator=g) > 0.3
-    return NeuronMask(model_fingerprint(model), ff, attn, sites.n_heads)
+    return random_mask(model, seed)
 
 
 def _offset_mask(model, seed: int) -> NeuronMask:
