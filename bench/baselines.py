@@ -3,20 +3,25 @@
 Bench-only methods (they change every weight, so a baseline is a whole model, not a mask the service
 can serve next to others): gradient ascent on the forget texts, gradient difference (ascent on forget,
 descent on retain) and task arithmetic (fine-tune on forget, subtract alpha times the delta). Each runs
-on the embedded model (fp32) with the same data as the demo job (forget python_code, keep
-english_prose) and is evaluated on held-out texts at checkpoints: every --eval-every steps for the
+on the embedded model (fp32) with the same data as the task's selective mask (bench/setting.py:
+`--task code` forgets python_code and keeps english_prose, `--task toxicity` forgets the model's toxic
+continuations and keeps its clean ones) and is evaluated on held-out texts at checkpoints: every --eval-every steps for the
 gradient methods, every alpha in --alphas for task arithmetic. The checkpoint compared is the one with
 the largest forget top-1 drop whose retain top-1 drop is at most the selective mask's (matched retain
 cost); when none is that cheap, the cheapest is shown and marked unmatched.
 
 Each compared model then gets the relearning attack (fine-tuned on --relearn-n forget-train texts for
 --relearn-steps steps) and the loss attack's membership AUC (bench/relearn.py describes both), and
-the wall time each method took (the mask: `selprune prune` with the demo settings, when this bench ran it).
+the toxic-continuation rate on held-out toxic prompts (task toxicity), and the wall time each method
+took (the mask: its `selprune prune` run, when this bench made it).
 
 Budget (2-core CPU, defaults): gradient methods 20 steps x 4 texts x 128 tokens with 4 checkpoints
-each, task arithmetic 20 steps and 4 alphas, evaluations of 1,000 predictions per set; about 15 minutes.
+each, task arithmetic 20 steps and 4 alphas, evaluations of 1,000 predictions per set; about 15 minutes
+for --task code once the mask exists (the demo job adds 2-3 minutes). --task toxicity adds 100
+32-token continuations per compared model; its first run generates the contrast corpora (about 10
+minutes, cached).
 
-Usage: python bench/baselines.py [--mask PATH] [--steps 20] [--lr 2e-5] [--json PATH]
+Usage: python bench/baselines.py [--task code|toxicity] [--mask PATH] [--steps 20] [--lr 2e-5] [--json PATH]
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from bench.relearn import add_setting_args, evaluate, load_setting, membership, summary  # noqa: E402
+from bench.setting import add_setting_args, evaluate, load_setting, membership, summary, toxicity  # noqa: E402
 from selprune_core.evaluation import relative_drop  # noqa: E402
 from selprune_core.finetune import FinetuneConfig, finetune, subtract_task_vector  # noqa: E402
 from selprune_core.loading import LoadedModel  # noqa: E402
@@ -68,7 +73,7 @@ def main() -> None:
     started = time.perf_counter()
     setting = load_setting(args)
     mask, base, sets, eval_cfg = setting.mask, setting.base, setting.sets, setting.eval_cfg
-    train_forget, train_retain = list(setting.code.train), list(setting.prose.train)
+    train_forget, train_retain = list(setting.forget.train), list(setting.retain.train)
 
     def tune_cfg(objective: str, steps: int) -> FinetuneConfig:
         return FinetuneConfig(
@@ -80,7 +85,8 @@ def main() -> None:
         )
 
     def attacks(loaded: LoadedModel, use_mask: NeuronMask | None) -> dict[str, Any]:
-        """Relearning (forget top-1 after fine-tuning on a few forget texts) and membership AUC."""
+        """Relearning (forget top-1 after fine-tuning on a few forget texts), membership AUC, and the
+        toxic-continuation rate (task toxicity)."""
         mia = membership(setting, loaded, use_mask)
         model = copy.deepcopy(loaded.model)
         sites = resolve_sites(model)
@@ -96,7 +102,12 @@ def main() -> None:
         relearned = summary(
             evaluate(dataclasses.replace(loaded, model=model, sites=sites), sets, eval_cfg, use_mask)
         )
-        return {"membership": mia, "relearned_forget_top1": relearned["forget"]["top1"]}
+        return {
+            "membership": mia,
+            "toxicity": toxicity(setting, loaded, use_mask),
+            "relearned_forget_top1": relearned["forget"]["top1"],
+            "relearned_forget_top1_ci": relearned["forget"]["top1_ci"],
+        }
 
     base_eval = summary(evaluate(base, sets, eval_cfg, None))
     mask_eval = summary(evaluate(base, sets, eval_cfg, mask))
@@ -164,17 +175,19 @@ def main() -> None:
     subtract_task_vector(model, base.model, tuned, chosen["alpha"])
     rows["task_arithmetic"] = {**chosen, **attacks(loaded, None), "checkpoints": checkpoints}
 
-    figures = {"mask_id": mask.mask_id, "retain_cost": retain_cost, "settings": vars(args), "rows": rows,
+    figures = {"task": setting.task, "mask_id": mask.mask_id, "retain_cost": retain_cost, "settings": vars(args), "rows": rows,
                "seconds": time.perf_counter() - started}  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
     print(
         f"{'method':<20} {'forget drop':>11} {'retain drop':>11} {'matched':>7} {'relearned fgt top1':>18} {'MIA AUC':>8}"
+        f" {'toxic rate':>10}"
     )
     for name, row in rows.items():
         print(
             f"{name:<20} {row['forget_drop']:>11.3f} {row['retain_drop']:>11.3f} {str(row.get('matched', '-')):>7} "
-            f"{row['relearned_forget_top1']:>18.3f} {row['membership']['auc']:>8.3f}"
+            f"{row['relearned_forget_top1']:>18.3f} {row['membership']['auc']:>8.3f} "
+            f"{row['toxicity']['toxic_rate'] if row['toxicity'] else float('nan'):>10.3f}"
         )
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 SCHEMA_VERSION = 1
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
-MetricName = Literal["next_token", "toxicity"]
+MetricName = Literal["next_token", "toxicity", "membership", "relearn"]
 # Copies of the core's names (the gateway cannot import it); tests/test_contract_sync.py keeps them equal.
 ScoringName = Literal[
     "freq",

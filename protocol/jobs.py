@@ -22,6 +22,10 @@ EVAL_BATCH_SIZE = 8  # texts per forward pass of an evaluation job (and prompts 
 MAX_TOXICITY_PROMPTS = 1024  # prompts per dataset an evaluation job samples continuations of
 MAX_TOXICITY_TOKENS_PER_PROMPT = 1024  # samples_per_prompt x max_new_tokens
 MAX_TOXICITY_TOKENS = 262_144  # tokens generated per dataset and variant: prompts x samples x max_new_tokens
+MAX_MEMBERSHIP_TEXTS = 1024  # whole texts per side of the membership attack, per dataset and variant
+MAX_RELEARN_TEXTS = 1024  # train texts the relearning attack cycles through
+MAX_RELEARN_STEPS = 200  # optimizer steps of EVAL_BATCH_SIZE // 2 texts, per dataset and variant
+MAX_RELEARN_TOKENS = 262_144  # tokens trained on per dataset and variant: steps x texts x token_limit
 
 
 class PruneJob(Strict):
@@ -73,6 +77,14 @@ class EvaluateJob(Strict):
         description="prompts per dataset scored for toxicity (the first)",
     )
     toxicity_scorer: Literal["profanity", "detoxify"] = "profanity"
+    membership_texts: int = Field(
+        default=64, ge=1, le=MAX_MEMBERSHIP_TEXTS, description="texts per side of the membership attack"
+    )
+    relearn_texts: int = Field(
+        default=16, ge=1, le=MAX_RELEARN_TEXTS, description="train texts the relearning attack fine-tunes on"
+    )
+    relearn_steps: int = Field(default=10, ge=1, le=MAX_RELEARN_STEPS, description="optimizer steps")
+    relearn_learning_rate: float = Field(default=5e-5, gt=0, le=1e-2)
     seed: int = Field(default=0, ge=0, lt=JOB_SEED_LIMIT)
 
     @model_validator(mode="after")
@@ -85,6 +97,13 @@ class EvaluateJob(Strict):
                 f"{self.toxicity_max_new_tokens} = {per_prompt} tokens per prompt; the limit is "
                 f"{MAX_TOXICITY_TOKENS_PER_PROMPT}"
             )
+        if "relearn" in self.metrics:
+            trained = self.relearn_steps * (EVAL_BATCH_SIZE // 2) * self.token_limit
+            if trained > MAX_RELEARN_TOKENS:
+                raise ValueError(
+                    f"relearn_steps x {EVAL_BATCH_SIZE // 2} texts x token_limit = {trained} tokens trained per "
+                    f"dataset; the limit is {MAX_RELEARN_TOKENS} (lower relearn_steps or token_limit)"
+                )
         total = self.toxicity_max_prompts * per_prompt
         if total > MAX_TOXICITY_TOKENS:
             raise ValueError(

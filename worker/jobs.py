@@ -18,21 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from protocol import EvaluateJob, ExportJob, JobProgress, PruneJob
-from protocol.jobs import EVAL_BATCH_SIZE
-from selprune_core.config import EvalConfig, SamplingConfig, ToxicityConfig
 from selprune_core.data import describe
-from selprune_core.errors import CancelledError, ConfigError
-from selprune_core.evaluation import common_target_ids, evaluate_sets
-from selprune_core.masking import apply_mask, fold_into_weights
+from selprune_core.errors import ConfigError
+from selprune_core.masking import fold_into_weights
 from selprune_core.masks import NeuronMask
 from selprune_core.placement import check_weights_resident
 from selprune_core.pruning import Progress, StepReport, prune_iteratively
 from selprune_core.sites import resolve_sites
 from selprune_core.splits import carve_validation
-from selprune_core.toxicity import get_scorer, toxicity_metric
 from worker.context import JobContext, LeaseGuard, PlotSink
 from worker.convert import prune_config, to_dataset_ref
 from worker.errors import CheckpointMissingError
+from worker.evaluate_job import run_evaluate, stop_check
 from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -184,75 +181,6 @@ def _trajectory_row(report: StepReport) -> dict[str, Any]:
     }
 
 
-def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
-    ctx.progress(JobProgress(phase="loading"))
-    loaded = runtime.model(job.model)
-    mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id)) if job.mask_id else None
-    if mask is not None:
-        mask.check_fits(loaded.sites, loaded.fingerprint)
-    if mask is None and not job.include_base:
-        raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
-    ctx.progress(JobProgress(phase="resolving_data"))
-    sets = {
-        describe(to_dataset_ref(s)): runtime.dataset(s, model_ref=job.model).heldout for s in job.datasets
-    }
-    eval_cfg = EvalConfig(
-        token_limit=job.token_limit, sample_tokens=job.eval_tokens, batch_size=EVAL_BATCH_SIZE, seed=job.seed
-    )
-    # The common-token list of all sets together, as evaluate_sets draws it, computed once so that the
-    # sets can be evaluated one at a time with a stop check between them.
-    union = [text for texts in sets.values() for text in texts]
-    common = common_target_ids(loaded.tokenizer, union, n=eval_cfg.skip_common, token_limit=job.token_limit)
-    tox_cfg = ToxicityConfig(
-        scorer=job.toxicity_scorer,
-        samples_per_prompt=job.toxicity_samples_per_prompt,
-        sampling=SamplingConfig(max_new_tokens=job.toxicity_max_new_tokens, seed=job.seed),
-    )
-    scorer = get_scorer(job.toxicity_scorer) if "toxicity" in job.metrics else None
-    variants: dict[str, NeuronMask | None] = {}
-    if job.include_base:
-        variants["base"] = None
-    if mask is not None:
-        variants["masked"] = mask
-    out: dict[str, Any] = {"model": job.model, "mask_id": job.mask_id, "results": {}}
-    for variant, variant_mask in variants.items():
-        _stop_check(ctx, "evaluation")
-        ctx.progress(JobProgress(phase=f"evaluating_{variant}"))
-        active = (
-            variant_mask if variant_mask is not None else NeuronMask.full(loaded.sites, loaded.fingerprint)
-        )
-        with apply_mask(loaded.model, loaded.sites, active):
-            results: dict[str, Any] = {}
-            if "next_token" in job.metrics:
-                for name, texts in sets.items():
-                    _stop_check(ctx, "evaluation")
-                    one = evaluate_sets(
-                        loaded.model, loaded.tokenizer, {name: texts}, eval_cfg, common_ids=common
-                    )
-                    results[name] = {"next_token": one[name].as_dict()}
-            if scorer is not None:
-                for name, prompts in sets.items():
-                    _stop_check(ctx, "evaluation")
-                    tox = toxicity_metric(
-                        loaded.model,
-                        loaded.tokenizer,
-                        prompts[: job.toxicity_max_prompts],
-                        tox_cfg,
-                        scorer,
-                        seed=job.seed,
-                        batch_size=EVAL_BATCH_SIZE,
-                    )
-                    results.setdefault(name, {})["toxicity"] = tox.as_dict()
-        out["results"][variant] = results
-    return out
-
-
-def _stop_check(ctx: JobContext, what: str) -> None:
-    """CancelledError once the job must stop (cancel requested, or its time is up: the runner tells)."""
-    if ctx.should_cancel():
-        raise CancelledError(f"{what} stopped")
-
-
 def run_export(
     job: ExportJob, runtime: ModelRuntime, ctx: JobContext, *, export_root: Path
 ) -> dict[str, Any]:
@@ -271,7 +199,7 @@ def run_export(
     loaded = runtime.model(ref)
     mask.check_fits(loaded.sites, loaded.fingerprint)
     check_weights_resident(loaded.model, "exporting a mask")  # before copying: offloaded weights cannot fold
-    _stop_check(ctx, "export")
+    stop_check(ctx, "export")
     ctx.progress(JobProgress(phase="exporting"))
     target = export_root / job.mask_id
     export_root.mkdir(parents=True, exist_ok=True)
@@ -284,7 +212,7 @@ def run_export(
         model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
         del model
-        _stop_check(ctx, "export")
+        stop_check(ctx, "export")
         if isinstance(ctx, LeaseGuard):
             ctx.while_owner(lambda: _move_into_place(staging, target))
         else:

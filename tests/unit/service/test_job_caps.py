@@ -116,6 +116,9 @@ def test_jobs_at_the_caps_are_accepted(client):
     toxicity = {"toxicity_samples_per_prompt": 2, "toxicity_max_new_tokens": 512, "toxicity_max_prompts": 256}
     body = evaluate(datasets=[PROSE] * 16, token_limit=4096, metrics=["toxicity"], seed=2**32 - 1, **toxicity)
     assert send(client, "/v1/evaluate", body).status_code == 202
+    attacks = {"relearn_steps": 128, "relearn_texts": 1024, "membership_texts": 1024}
+    body = evaluate(metrics=["membership", "relearn"], token_limit=512, **attacks)
+    assert send(client, "/v1/evaluate", body).status_code == 202
 
 
 EVALUATE_REJECTIONS = [
@@ -133,6 +136,15 @@ EVALUATE_REJECTIONS = [
         ["toxicity_max_prompts", "262144"],
     ),
     ("toxicity-prompts", evaluate(toxicity_max_prompts=1025), ["toxicity_max_prompts"]),
+    (
+        "relearn-tokens",
+        evaluate(metrics=["relearn"], relearn_steps=200, token_limit=512),
+        ["relearn_steps", "token_limit", "262144"],
+    ),
+    ("relearn-steps", evaluate(relearn_steps=201), ["relearn_steps"]),
+    ("relearn-lr", evaluate(relearn_learning_rate=0), ["relearn_learning_rate"]),
+    ("membership-texts", evaluate(membership_texts=1025), ["membership_texts"]),
+    ("unknown-metric", evaluate(metrics=["forgetting"]), ["metrics", "relearn"]),
     ("huge-seed", evaluate(seed=10**100), ["seed"]),
     ("surrogate-mask-id", evaluate(mask_id=SURROGATE), ["mask_id", "U+D800"]),
     (
