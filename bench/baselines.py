@@ -175,7 +175,7 @@ def main() -> None:
     subtract_task_vector(model, base.model, tuned, chosen["alpha"])
     rows["task_arithmetic"] = {**chosen, **attacks(loaded, None), "checkpoints": checkpoints}
 
-    figures = {"task": setting.task, "mask_id": mask.mask_id, "retain_cost": retain_cost, "settings": vars(args), "rows": rows,
+    figures = {"task": setting.task, "command": " ".join(["python", *sys.argv]), "mask_id": mask.mask_id, "retain_cost": retain_cost, "settings": vars(args), "rows": rows,
                "seconds": time.perf_counter() - started}  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))

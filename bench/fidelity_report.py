@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.attacks_report import attacks_section
 from bench.detox_report import detox_rows, detox_verdicts, section_detox
 from bench.fidelity_tables import table
 from bench.paper_report import NOTES, ORDER, TITLES, findings, section_pairs, toxicity_section
@@ -154,6 +155,7 @@ def write_report(out: Path) -> Path:
         "",
     ]
     lines += keep_sections(out, results)
+    lines += attacks_section(out)
     if not exps:
         lines += ["No results yet: run `python bench/fidelity.py all`.", ""]
     else:

@@ -95,6 +95,7 @@ def main() -> None:
     }
     figures = {
         "task": setting.task,
+        "command": " ".join(["python", *sys.argv]),
         "mask": str(setting.mask_path) if args.mask else "made by this run",
         "mask_id": mask.mask_id,
         "settings": {**vars(args), "eval_token_limit": eval_cfg.token_limit},

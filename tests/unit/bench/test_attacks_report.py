@@ -1,0 +1,72 @@
+"""The 'Is it really gone?' section reads its verdicts off the bench JSON: a baseline that beats the
+mask is reported as beating it, an unmatched one as unmatched, a membership interval off 0.5 is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.attacks_report import attacks_section, verdicts
+
+
+def _row(
+    forget: float, retain: float, *, auc: float = 0.5, ci: tuple[float, float] = (0.4, 0.6), **extra: Any
+):
+    base_forget, base_retain = 0.5, 0.4
+    return {
+        "eval": {
+            "forget": {"top1": forget, "top1_ci": [forget - 0.01, forget + 0.01]},
+            "retain": {"top1": retain, "top1_ci": [retain - 0.01, retain + 0.01]},
+        },
+        "forget_drop": (base_forget - forget) / base_forget,
+        "retain_drop": (base_retain - retain) / base_retain,
+        "membership": {"auc": auc, "ci": list(ci)},
+        "toxicity": None,
+        "relearned_forget_top1": extra.pop("relearned", forget),
+        "seconds": 60.0,
+        **extra,
+    }
+
+
+def _exp(**rows: dict[str, Any]) -> dict[str, Any]:
+    settings = {"relearn_n": 16, "relearn_steps": 10, "steps": 20, "batch_size": 4, "token_limit": 128,
+                "lr": 2e-5, "eval_every": 5, "alphas": [0.5, 1.0], "eval_tokens": 1000, "mia_texts": 60,
+                "tox_prompts": 100}  # fmt: skip
+    return {
+        "task": "code",
+        "retain_cost": 0.05,
+        "settings": settings,
+        "seconds": 600.0,
+        "rows": {"unpruned": _row(0.5, 0.4), "selective_pruning": _row(0.3, 0.38, relearned=0.4), **rows},
+    }
+
+
+def test_a_baseline_that_forgets_more_at_matched_cost_is_reported_as_beating_the_mask() -> None:
+    exp = _exp(gradient_ascent=_row(0.2, 0.39, matched=True, steps=10))
+    lines = "\n".join(verdicts(exp))
+    assert "does not beat the best matched baseline, gradient ascent (60.0%)" in lines
+    assert "brings back 50.0% of the forget accuracy" in lines
+
+
+def test_an_unmatched_baseline_is_named_and_not_compared() -> None:
+    exp = _exp(
+        gradient_ascent=_row(0.1, 0.2, matched=False, steps=5),
+        task_arithmetic=_row(0.45, 0.39, matched=True, alpha=0.5),
+    )
+    lines = "\n".join(verdicts(exp))
+    assert "Not matched" in lines and "gradient ascent" in lines.split("Not matched")[1].splitlines()[0]
+    assert "beats the best matched baseline, task arithmetic (10.0%)" in lines
+
+
+def test_membership_intervals_off_one_half_are_named(tmp_path: Path) -> None:
+    exp = _exp(gradient_difference=_row(0.3, 0.38, auc=0.3, ci=(0.2, 0.4), matched=True, steps=20))
+    lines = "\n".join(verdicts(exp))
+    assert "gradient difference's AUC 0.300 [0.200, 0.400] lies below 0.5" in lines
+    assert "selective pruning (mask)'s AUC" not in lines  # its interval holds 0.5
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "baselines_code.json").write_text(json.dumps(exp))
+    section = "\n".join(attacks_section(tmp_path))
+    assert (tmp_path / "results" / "baselines.png").stat().st_size > 0
+    assert "| gradient difference | 20 steps | 30.0% [29.0%, 31.0%] (40.0%)" in section
