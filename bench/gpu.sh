@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a CUDA machine, within 8 minutes: the GPU tests, the collection,
-# evaluation and serving benchmarks, and one default unlearning job on the embedded model. Each step
+# The GPU checks in one go, for a CUDA machine, within 9.5 minutes: the GPU tests, the collection,
+# evaluation and serving benchmarks, one default unlearning job on the embedded model, and the
+# unlearning baselines against its mask. Each step
 # runs under `timeout` (its own cap, and never past the overall budget); a failing step is recorded
 # and the next one still runs, so one failure does not lose the other figures. Prints every step's
 # output as it comes, a table of steps with their wall times, then every name=value figure found;
@@ -14,7 +15,7 @@
 #   --dry-run                 print the plan (steps, commands, caps) and exit
 #   SELPRUNE_BENCH_DEVICE     cuda (default), cuda:N, or cpu: a smoke test of this script's plumbing
 #                             with tiny budgets (the GPU tests are then skipped by tests/conftest.py)
-#   SELPRUNE_BENCH_BUDGET_S   overall budget in seconds (default 480 on cuda, 1500 on cpu)
+#   SELPRUNE_BENCH_BUDGET_S   overall budget in seconds (default 570 on cuda, 1920 on cpu)
 #   SELPRUNE_BENCH_DTYPE      --dtype for every step (default: each script's own default)
 #   SELPRUNE_BENCH_LOGS       folder for the step logs and the job's mask (default: a new temp folder)
 #   SELPRUNE_BENCH_STACK      0: skip the serving-overhead step through a local stack (default 1)
@@ -33,7 +34,7 @@ done
 DEVICE=${SELPRUNE_BENCH_DEVICE:-cuda}
 SMOKE=0
 [[ "$DEVICE" == cpu ]] && SMOKE=1
-BUDGET=${SELPRUNE_BENCH_BUDGET_S:-$([[ $SMOKE == 1 ]] && echo 1500 || echo 480)}
+BUDGET=${SELPRUNE_BENCH_BUDGET_S:-$([[ $SMOKE == 1 ]] && echo 1920 || echo 570)}
 VENV=${SELPRUNE_VENV:-.venv}
 PY="$VENV/bin/python"
 LOGS=${SELPRUNE_BENCH_LOGS:-}
@@ -45,8 +46,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZ
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} # as worker/settings.py apply_process_defaults
 export PYTHONUNBUFFERED=1                           # step output shows as it comes, not at exit
 
-# Steps: name, cap in seconds, command (one string, run by bash -c). On cuda the caps of the first six
-# steps sum to 465 s; serve_stack, the least needed, runs in what is left of the budget: each step's
+# Steps: name, cap in seconds, command (one string, run by bash -c). On cuda the caps of the first seven
+# steps sum to 555 s; serve_stack, the least needed, runs in what is left of the budget: each step's
 # cap is cut to what is left less 15 s (the most a timed-out step takes to stop), and a step with
 # under 15 s left is skipped, so the whole run ends within the budget. The smoke caps fit a busy
 # 2-core CPU.
@@ -68,6 +69,8 @@ print("gpu", torch.cuda.get_device_name(0))')
   step collect 45 "$(q "$PY" bench/collect.py --device "$DEVICE" "${DTYPE_ARGS[@]}")"
   step evaluate 75 "$(q "$PY" bench/evaluate.py --device "$DEVICE" "${DTYPE_ARGS[@]}")"
   step prune 125 "$(q "$VENV/bin/selprune" prune --device "$DEVICE" --out "@LOGS@/masks" "${DTYPE_ARGS[@]}")"
+  # The baselines against the prune step's mask (fp32 always: the gradient methods train).
+  step baselines 90 "$(q "$PY" bench/baselines.py --device "$DEVICE" --json "@LOGS@/baselines_code.json") --mask \"\$(ls @LOGS@/masks/*.safetensors | head -n 1)\""
   step serve_stack 90 "$(q "$PY" bench/serve.py --device "$DEVICE" --only stack "${DTYPE_ARGS[@]}")"
 else # the same commands with tiny budgets: this proves the plumbing, not the figures
   step preflight 60 "$(q "$PY" -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())')"
@@ -76,6 +79,7 @@ else # the same commands with tiny budgets: this proves the plumbing, not the fi
   step collect 180 "$(q "$PY" bench/collect.py --device cpu --batches 1 --rounds 1 --token-limit 64 "${DTYPE_ARGS[@]}")"
   step evaluate 240 "$(q "$PY" bench/evaluate.py --device cpu --rounds 1 --eval-tokens 200 --token-limit 128 "${DTYPE_ARGS[@]}")"
   step prune 360 "$(q "$VENV/bin/selprune" prune --device cpu --out "@LOGS@/masks" --steps 1 --collect-tokens 1000 --eval-tokens 200 --token-limit 128 "${DTYPE_ARGS[@]}")"
+  step baselines 420 "$(q "$PY" bench/baselines.py --device cpu --steps 2 --eval-every 1 --alphas 0.5 --eval-tokens 100 --relearn-steps 1 --relearn-n 2 --mia-texts 8 --batch-size 2 --token-limit 32) --mask \"\$(ls @LOGS@/masks/*.safetensors | head -n 1)\""
   step serve_stack 240 "$(q "$PY" bench/serve.py --device cpu --only stack --requests 3 "${DTYPE_ARGS[@]}")"
 fi
 if [[ "${SELPRUNE_BENCH_STACK:-1}" == 0 ]]; then

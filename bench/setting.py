@@ -1,6 +1,6 @@
 """What bench/relearn.py and bench/baselines.py share: a task's mask, model, data and attacks.
 
-Two tasks, both on the embedded model in fp32 on the CPU:
+Two tasks, both on the embedded model in fp32 (on the CPU unless --device says otherwise):
 
 * ``code``: forget python_code, keep english_prose; the mask is the demo job's (`selprune demo`'s
   settings, run through `selprune prune`).
@@ -65,10 +65,11 @@ def prune_flags(task: Task) -> list[str]:
     ]  # fmt: skip
 
 
-def make_mask(task: Task, cache: Path, out: Path) -> Path:
+def make_mask(task: Task, cache: Path, out: Path, device: str = "cpu") -> Path:
     """The task's selective-pruning mask, made by `selprune prune` (fp32, like the bench's model)."""
     selprune = str(Path(sys.executable).parent / "selprune")
     command = [selprune, "prune", "--out", str(out), "--cache-dir", str(cache), "--dtype", "float32"]
+    command += ["--device", device]
     subprocess.run(command + prune_flags(task), check=True, cwd=ROOT)
     (path,) = sorted(out.glob("*.safetensors"))
     return path
@@ -84,6 +85,7 @@ def add_setting_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tox-prompts", type=int, default=100, help="held-out toxic prompts (task toxicity)")
     parser.add_argument("--mask", help="the task's mask (.safetensors from selprune prune); default: make it")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the model and the prune job)")
     parser.add_argument(
         "--cache-dir", default=os.environ.get("SELPRUNE_CACHE_DIR", str(Path.home() / ".cache/selprune"))
     )
@@ -112,14 +114,14 @@ def load_setting(args: argparse.Namespace) -> Setting:
     started = time.perf_counter()
     made = args.mask is None
     mask_path = (
-        make_mask(args.task, cache, Path(tempfile.mkdtemp(prefix="selprune-bench-mask-")))
+        make_mask(args.task, cache, Path(tempfile.mkdtemp(prefix="selprune-bench-mask-")), args.device)
         if made
         else Path(args.mask)
     )
     mask_seconds = time.perf_counter() - started if made else None
     mask = NeuronMask.load(mask_path)
     print(f"mask {mask.mask_id}: {mask_path}", flush=True)
-    base = load_model(EMBEDDED_MODEL, cache_dir=cache, device="cpu", dtype="float32")
+    base = load_model(EMBEDDED_MODEL, cache_dir=cache, device=args.device, dtype="float32")
     if args.task == "toxicity":  # cached by the prune job that made the mask
         forget, retain = builtin_contrast(base.model, base.tokenizer, base.fingerprint, cache)
         tox_prompts = list(load_builtin("toxic", cache).heldout[: args.tox_prompts])
