@@ -190,7 +190,11 @@ def main() -> None:
             f"{row['toxicity']['toxic_rate'] if row['toxicity'] else float('nan'):>10.3f}"
         )
     # One name=value line (bench/gpu.sh collects these): forget drop at matched cost, per method.
-    print(" ".join(f"{name}_forget_drop={row['forget_drop']:.3f}" for name, row in rows.items() if name != "unpruned"))
+    print(
+        " ".join(
+            f"{name}_forget_drop={row['forget_drop']:.3f}" for name, row in rows.items() if name != "unpruned"
+        )
+    )
 
 
 if __name__ == "__main__":
