@@ -118,6 +118,8 @@ def test_evaluate_job_compares_base_and_mask(gateway, redis_url, model_dir, tmp_
         "datasets": [{"kind": "inline", "texts": CODE}],
         "eval_tokens": 100,
         "token_limit": 32,
+        "metrics": ["next_token", "membership", "relearn"],
+        "relearn_steps": 2,
     }
     accepted = gateway.post("/v1/evaluate", json=body)
     assert accepted.status_code == 202, accepted.text
@@ -128,6 +130,11 @@ def test_evaluate_job_compares_base_and_mask(gateway, redis_url, model_dir, tmp_
     base = results["base"]["inline:4 texts"]["next_token"]
     masked = results["masked"]["inline:4 texts"]["next_token"]
     assert base["n_tokens"] == masked["n_tokens"] and base["loss"] != masked["loss"]
+    for variant in ("base", "masked"):  # the attack metrics cross the queue as plain JSON
+        one = results[variant]["inline:4 texts"]
+        assert 0.0 <= one["membership"]["auc"] <= 1.0 and len(one["membership"]["ci"]) == 2
+        assert one["relearn"]["after"]["n_tokens"] == one["next_token"]["n_tokens"]
+        assert one["relearn"]["steps"] == 2 and one["relearn"]["train_tokens"] > 0
 
 
 KILLABLE_WORKER = textwrap.dedent(
