@@ -95,7 +95,7 @@ def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> di
             for name, split in splits.items():
                 stop_check(ctx, "evaluation")
                 ctx.progress(JobProgress(phase=f"relearning_{variant}"))
-                results[name]["relearn"] = _relearn(job, loaded, active, split, eval_cfg, common)
+                results[name]["relearn"] = _relearn(job, ctx, loaded, active, split, eval_cfg, common)
         out["results"][variant] = results
     return out
 
@@ -138,6 +138,7 @@ def _membership(job: EvaluateJob, loaded: LoadedModel, split: TextSplits, cfg: E
 
 def _relearn(
     job: EvaluateJob,
+    ctx: JobContext,
     loaded: LoadedModel,
     mask: NeuronMask,
     split: TextSplits,
@@ -159,7 +160,15 @@ def _relearn(
     model = _fp32_copy(loaded)
     try:
         sites = resolve_sites(model)
-        report = finetune(model, loaded.tokenizer, texts, tune, sites=sites, mask=mask)
+        report = finetune(
+            model,
+            loaded.tokenizer,
+            texts,
+            tune,
+            sites=sites,
+            mask=mask,
+            on_step=lambda _: stop_check(ctx, "relearning"),  # a cancel or the time limit lands mid-training
+        )
         with apply_mask(model, sites, mask):
             after = evaluate_sets(
                 model, loaded.tokenizer, {split.name: list(split.heldout)}, cfg, common_ids=common

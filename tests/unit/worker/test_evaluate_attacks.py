@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from protocol import EvaluateJob
+from protocol import EvaluateJob, JobProgress
 from selprune.console import ConsoleContext
 from selprune_core.config import EvalConfig
+from selprune_core.errors import CancelledError
 from selprune_core.finetune import FinetuneConfig, finetune
 from selprune_core.masking import apply_mask
 from selprune_core.membership import text_losses
@@ -112,3 +113,37 @@ def test_membership_through_a_mask_scores_the_masked_model(
     with apply_mask(loaded.model, loaded.sites, mask):
         losses = text_losses(loaded.model, loaded.tokenizer, splits.train, whole)
     assert masked["member_loss"] == pytest.approx(float(losses.mean()), rel=1e-5)
+
+
+class CancelWhileRelearning(ConsoleContext):
+    """Asks to stop once the relearning phase began: the next check is inside the training loop."""
+
+    def __init__(self, out_dir: Path) -> None:
+        super().__init__(out_dir)
+        self.relearning = False
+        self.checks_while_relearning = 0
+
+    def progress(self, progress: JobProgress) -> None:
+        super().progress(progress)
+        self.relearning = progress.phase.startswith("relearning")
+
+    def should_cancel(self) -> bool:
+        if self.relearning:
+            self.checks_while_relearning += 1
+            return (
+                self.checks_while_relearning > 1
+            )  # the check before training passes; the first step's stops
+        return False
+
+
+def test_a_cancel_stops_relearning_between_optimizer_steps(
+    model_dir: Path, runtime: ModelRuntime, tmp_path: Path
+) -> None:
+    loaded = runtime.model(str(model_dir))
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    ctx = CancelWhileRelearning(tmp_path)
+    with pytest.raises(CancelledError, match="relearning stopped"):
+        run_evaluate(_job(model_dir, None, metrics=["relearn"], relearn_steps=200), runtime, ctx)
+    assert ctx.checks_while_relearning == 2
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+    assert all(p.requires_grad is False for p in loaded.model.parameters())
