@@ -7,6 +7,12 @@ whose output projection reads the (gated) hidden activations. The names vary by 
 the common names in order and accepts a projection only when its output width is the hidden size.
 `OVERRIDES` holds the few families where that rule picks wrongly or a config flag does not mean
 what its name says. Mixture-of-experts layers are refused: see `_refuse_experts`.
+
+BERT-style encoders (BERT, RoBERTa, and ViT before transformers 5) use the same two sites one module
+deeper: the attention block's `output` holds the output projection (`attention.output.dense`), and
+the FF layer is split into `intermediate` (up projection + activation) and `output` (`output.dense`).
+So a candidate name may be a dotted path below the block; the nested names come last in each list,
+so a layout the direct names already match picks exactly what it did before.
 """
 
 from __future__ import annotations
@@ -22,18 +28,19 @@ from selprune_core.errors import UnsupportedArchitectureError
 
 __all__ = ["ArchSpec", "OVERRIDES", "find_arch_spec", "input_axis", "text_config"]
 
-# Names tried in order: the first direct child that exists, is a projection and writes `hidden` wins.
+# Names tried in order: the first (dotted) path below the block that exists, is a projection and
+# writes `hidden` wins. "output.dense": the encoder layout (module docstring).
 ATTN_BLOCK_NAMES = ("self_attn", "self_attention", "attn", "attention")
-ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "output.dense")
 MLP_BLOCK_NAMES = ("mlp", "feed_forward", "ffn")
-FF_OUT_NAMES = ("down_proj", "fc2", "fc_out", "dense_4h_to_h", "c_proj", "w2", "wo")
+FF_OUT_NAMES = ("down_proj", "fc2", "fc_out", "dense_4h_to_h", "c_proj", "w2", "wo", "output.dense")
 # Config fields that name a mixture of experts; a positive count means routed FF layers.
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Module paths of one model, relative to the model and to one decoder layer."""
+    """Module paths of one model, relative to the model and to one (decoder or encoder) layer."""
 
     layers: str  # dotted path of the layer list
     ff_out: str  # MLP output projection, relative to a layer; its input holds the FF neurons
@@ -81,10 +88,18 @@ def _child(parent: nn.Module, name: str) -> nn.Module | None:
     return child if isinstance(child, nn.Module) else None
 
 
+def _descendant(block: nn.Module, dotted: str) -> nn.Module | None:
+    """The submodule at a dotted path of child names below `block`, or None where a step is missing."""
+    module: nn.Module | None = block
+    for name in dotted.split("."):
+        module = _child(module, name) if module is not None else None
+    return module
+
+
 def _projection(block: nn.Module, names: tuple[str, ...], hidden: int) -> str | None:
-    """The first of `names` that is a direct child projection of `block` writing `hidden` features."""
+    """The first of `names` that is a projection below `block` (child, or dotted path) writing `hidden`."""
     for name in names:
-        child = _child(block, name)
+        child = _descendant(block, name)
         if child is not None and _out_width(child) == hidden:
             return name
     return None
@@ -129,7 +144,8 @@ def _layer_spec(layer: nn.Module, hidden: int) -> tuple[str | None, str | None]:
         name = _projection(getattr(layer, attn_block), ATTN_OUT_NAMES, hidden)
         attn_out = f"{attn_block}.{name}" if name else None
     mlp_block = _block(layer, MLP_BLOCK_NAMES)
-    # Without an MLP submodule (OPT), the layer holds the MLP projections itself.
+    # Without an MLP submodule (OPT), the layer holds the MLP projections itself; in the encoder
+    # layout it holds `intermediate` and `output`, and "output.dense" is found from the layer.
     mlp = getattr(layer, mlp_block) if mlp_block is not None else layer
     name = _projection(mlp, FF_OUT_NAMES, hidden)
     ff_out = (f"{mlp_block}.{name}" if mlp_block else name) if name else None

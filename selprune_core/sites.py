@@ -177,7 +177,9 @@ def _check_widths(config: Any, d_mlp: int, d_attn: int, prefix: str) -> tuple[in
 
 
 def resolve_sites(model: nn.Module) -> ModelSites:
-    """Find the FF and attention hook modules of a Hugging Face causal LM, from its structure.
+    """Find the FF and attention hook modules of a Hugging Face transformer, from its structure.
+
+    Decoder LMs and BERT-style encoders (bare or with a task head) alike: see `site_search`.
 
     Raises UnsupportedArchitectureError naming what was looked for and not found.
     """
