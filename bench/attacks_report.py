@@ -91,6 +91,18 @@ def verdicts(exp: Mapping[str, Any]) -> list[str]:
             f"{pct(exp['retain_cost'])}): {', '.join(METHODS[k] for k in unmatched)}; their row shows the "
             "cheapest checkpoint."
         )
+    short = {
+        k: max(c["retain_drop"] for c in r["checkpoints"])
+        for k, r in matched.items()
+        if r.get("checkpoints") and max(c["retain_drop"] for c in r["checkpoints"]) < exp["retain_cost"] / 2
+    }
+    if short:
+        out.append(
+            "Under-spent: "
+            + ", ".join(f"{METHODS[k]} (largest retain drop {pct(v)})" for k, v in short.items())
+            + f" never came near the mask's retain cost ({pct(exp['retain_cost'])}) within its budget, so it is "
+            "compared at a lower retain cost than the mask; more steps or a larger rate would buy it more forgetting."
+        )
     best = max(matched.items(), key=lambda kv: kv[1]["forget_drop"], default=None)
     if best is not None:
         name, row = best

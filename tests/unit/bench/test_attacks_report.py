@@ -70,3 +70,10 @@ def test_membership_intervals_off_one_half_are_named(tmp_path: Path) -> None:
     section = "\n".join(attacks_section(tmp_path))
     assert (tmp_path / "results" / "baselines.png").stat().st_size > 0
     assert "| gradient difference | 20 steps | 30.0% [29.0%, 31.0%] (40.0%)" in section
+
+
+def test_a_baseline_that_never_spent_the_retain_budget_is_called_under_spent() -> None:
+    checkpoints = [{"retain_drop": 0.0, "forget_drop": 0.0}, {"retain_drop": 0.01, "forget_drop": 0.02}]
+    exp = _exp(gradient_ascent=_row(0.49, 0.396, matched=True, steps=20, checkpoints=checkpoints))
+    lines = "\n".join(verdicts(exp))
+    assert "Under-spent: gradient ascent (largest retain drop 1.0%)" in lines
