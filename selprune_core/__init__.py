@@ -62,6 +62,8 @@ from selprune_core.generation import (
     sample_next,
 )
 from selprune_core.hooks import scoped_pre_hooks
+from selprune_core.image_measure import ImageClassifier, ImageMeasure, evaluate_images, image_classifier
+from selprune_core.images import ImageSet, ImageSplits, load_digits_splits
 from selprune_core.loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_model, load_model
 from selprune_core.masking import MaskFactors, apply_mask, apply_row_masks, fold_into_weights
 from selprune_core.masks import NeuronMask
@@ -84,6 +86,7 @@ from selprune_core.toxicity import (
     toxicity_metric,
     wilson_interval,
 )
+from selprune_core.vision_model import VitRecipe, ensure_digits_vit, load_digits_vit
 
 __all__ = [
     "carve_validation",
@@ -111,6 +114,10 @@ __all__ = [
     "Generation",
     "GenerationRow",
     "HubRef",
+    "ImageClassifier",
+    "ImageMeasure",
+    "ImageSet",
+    "ImageSplits",
     "InlineRef",
     "LoadedModel",
     "MaskMismatchError",
@@ -134,6 +141,7 @@ __all__ = [
     "ToxicityResult",
     "ToxicityScorer",
     "UnsupportedArchitectureError",
+    "VitRecipe",
     "apply_chat_template",
     "apply_mask",
     "apply_row_masks",
@@ -142,15 +150,20 @@ __all__ = [
     "dataset_ref_from_dict",
     "describe",
     "encode_prompts",
+    "ensure_digits_vit",
     "ensure_embedded_model",
+    "evaluate_images",
     "evaluate_sets",
     "evaluate_texts",
     "fold_into_weights",
     "generate",
     "generate_rows",
     "get_scorer",
+    "image_classifier",
     "iter_token_batches",
     "load_builtin",
+    "load_digits_splits",
+    "load_digits_vit",
     "load_model",
     "model_fingerprint",
     "prune_iteratively",

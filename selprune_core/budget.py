@@ -8,7 +8,7 @@ increase. The budget sets are a validation split, so held-out texts never steer 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from selprune_core.config import BudgetConfig
@@ -57,5 +57,5 @@ class BudgetCheck:
         return target is not None and measured.get("forget_drop", 0.0) >= target
 
     @staticmethod
-    def sets_missing(sets: Mapping[str, Sequence[str]], forget_eval: str, retain_eval: str) -> list[str]:
+    def sets_missing(sets: Collection[str], forget_eval: str, retain_eval: str) -> list[str]:
         return sorted({forget_eval, retain_eval} - set(sets))

@@ -43,6 +43,8 @@ __all__ = [
     "EvalResult",
     "plan_eval",
     "evaluate_plan",
+    "result_from_sums",
+    "prediction_stats",
     "text_sums",
     "plan_sets",
     "common_target_ids",
@@ -186,16 +188,22 @@ def evaluate_plan(
 ) -> EvalResult:
     """Top-1/top-k accuracy, skip variants, loss and perplexity of `model` on the texts of `plan`."""
     per_text = text_sums(model, plan, cfg, common_ids=common_ids)  # [text, N_STATS]
-    totals = per_text.sum(dim=0)  # [N_STATS]
+    return result_from_sums(per_text, cfg)
+
+
+def result_from_sums(per_unit: torch.Tensor, cfg: EvalConfig) -> EvalResult:
+    """Every metric of the summed rows [unit, N_STATS] (a unit is a text, or an image), with 95%
+    intervals from resampling units."""
+    totals = per_unit.sum(dim=0)  # [N_STATS]
     point = {name: float(metric(totals).item()) for name, metric in METRICS.items()}
     ci = bootstrap_ci(
-        per_text, {name: METRICS[name] for name in CI_METRICS}, n_samples=cfg.bootstrap_samples, seed=cfg.seed
+        per_unit, {name: METRICS[name] for name in CI_METRICS}, n_samples=cfg.bootstrap_samples, seed=cfg.seed
     )
     return EvalResult(
         **point,
         n_tokens=int(totals[N_PRED].item()),
         n_skip_tokens=int(totals[N_SKIP].item()),
-        n_texts=plan.n_texts,
+        n_texts=int(per_unit.shape[0]),
         ci=ci,
     )
 
@@ -221,7 +229,7 @@ def text_sums(
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             stats = torch.stack(
                 [
-                    _prediction_stats(logits[row, : n - 1], ids[row, 1:n], common, cfg.topk).sum(dim=0)
+                    prediction_stats(logits[row, : n - 1], ids[row, 1:n], common, cfg.topk).sum(dim=0)
                     for row, n in enumerate(lengths)
                 ]
             )  # [batch, N_STATS]
@@ -261,14 +269,14 @@ def _split_head_stats(
     for start in range(0, targets.numel(), HEAD_CHUNK):
         logits = split.logits(positions[start : start + HEAD_CHUNK])  # [chunk, vocab], on the head's device
         chunk = slice(start, start + HEAD_CHUNK)
-        per_prediction = _prediction_stats(
+        per_prediction = prediction_stats(
             logits, targets[chunk].to(logits.device), common.to(logits.device), k
         )
         sums.index_add_(0, row_of[chunk], per_prediction.to(sums.device))
     return sums
 
 
-def _prediction_stats(
+def prediction_stats(
     logits: torch.Tensor, targets: torch.Tensor, common: torch.Tensor, k: int
 ) -> torch.Tensor:
     """One row of stats per prediction [pred, N_STATS], from logits [pred, vocab] and targets [pred]."""

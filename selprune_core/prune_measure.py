@@ -3,6 +3,10 @@ and evaluations of a mask on the eval sets (with the extra metrics) or on the bu
 
 Every phase first reports progress and checks the cancellation callback, so a run can be stopped
 between any two phases and shows where it is inside a step.
+
+`Measure` reads a causal LM on texts. A run takes any `RunMeasure` (an image classifier's is
+`image_measure.ImageMeasure`) and any `PrunableModel`: the modes only ever ask for scores, retain
+means and evaluations, and `score_stats` turns any two collections into the same scores.
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from selprune_core.activations import ActivationStats, collect_activations
 from selprune_core.batching import iter_packed_batches, iter_token_batches
@@ -24,8 +29,19 @@ from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from selprune_core.reports import Progress, StepReport
 from selprune_core.scoring import OUTPUT_AWARE, required_fields, score_neurons
+from selprune_core.sites import ModelSites
 
-__all__ = ["Measure", "PruneCallbacks", "Scores", "selection_seed"]
+__all__ = [
+    "Evaluated",
+    "Measure",
+    "PrunableModel",
+    "PruneCallbacks",
+    "RunMeasure",
+    "Scores",
+    "report_progress",
+    "score_stats",
+    "selection_seed",
+]
 
 # An evaluation's results per set, and the extra metrics computed on the same mask.
 Evaluated = tuple[dict[str, EvalResult], dict[str, Any]]
@@ -56,6 +72,74 @@ def selection_seed(seed: int, step: int, component: int) -> torch.Generator:
     # One generator per (step, component) so a resumed run draws what an uninterrupted one would.
     # Components: 0 FF scores, 1 attention scores ("rand"), 2 and 3 the random baseline's draws.
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 7 + component)
+
+
+def report_progress(callbacks: PruneCallbacks, step: int, phase: str, tokens: int = 0) -> None:
+    """Raise CancelledError if the caller wants to stop; otherwise tell it where the run is."""
+    if callbacks.should_stop is not None and callbacks.should_stop():
+        raise CancelledError(f"cancelled at step {step} ({phase})")
+    if callbacks.on_progress is not None:
+        callbacks.on_progress(Progress(step, phase, tokens))
+
+
+class PrunableModel(Protocol):
+    """What a run reads off the model it prunes (a LoadedModel, or an image_measure.ImageClassifier)."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def sites(self) -> ModelSites: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+class RunMeasure(Protocol):
+    """What a run and its modes call to collect, score and evaluate through a mask."""
+
+    def score(self, mask: NeuronMask, step: int) -> Scores: ...
+
+    def retain_means(self, mask: NeuronMask, step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]: ...
+
+    def evaluate(self, mask: NeuronMask, step: int) -> Evaluated: ...
+
+    def evaluate_budget(self, mask: NeuronMask, step: int) -> dict[str, EvalResult]: ...
+
+
+def score_stats(
+    cfg: PruneConfig,
+    sites: ModelSites,
+    forget: ActivationStats,
+    retain: ActivationStats,
+    step: int,
+    out_norms: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> Scores:
+    """Score every FF and attention neuron from forget and retain statistics collected through one mask.
+
+    A neuron scores high when it is important on the forget data and not on the retain data.
+    """
+    ff_norm, attn_norm = out_norms
+    ff = score_neurons(
+        cfg.ff_scoring,
+        forget.ff,
+        retain.ff,
+        cfg.ff_eps,
+        shape=(sites.n_layers, sites.d_mlp),
+        generator=selection_seed(cfg.seed, step, 0),
+        out_norm=ff_norm,
+    )
+    attn = score_neurons(
+        cfg.attn_scoring,
+        forget.attn,
+        retain.attn,
+        cfg.attn_eps,
+        shape=(sites.n_layers, sites.d_attn),
+        generator=selection_seed(cfg.seed, step, 1),
+        out_norm=attn_norm,
+    )
+    offsets = (retain.ff.mean, retain.attn.mean) if cfg.offset_mode == "retain_mean" else None
+    return Scores(ff, attn, offsets, retain.n_tokens + forget.n_tokens)
 
 
 class Measure:
@@ -99,11 +183,7 @@ class Measure:
         )
 
     def progress(self, step: int, phase: str, tokens: int = 0) -> None:
-        """Raise CancelledError if the caller wants to stop; otherwise tell it where the run is."""
-        if self.callbacks.should_stop is not None and self.callbacks.should_stop():
-            raise CancelledError(f"cancelled at step {step} ({phase})")
-        if self.callbacks.on_progress is not None:
-            self.callbacks.on_progress(Progress(step, phase, tokens))
+        report_progress(self.callbacks, step, phase, tokens)
 
     # Statistics and scores -------------------------------------------------------------------
     def collect(
@@ -150,34 +230,14 @@ class Measure:
 
         A neuron scores high when it is important on the forget texts and not on the retain texts.
         """
-        cfg, sites = self.cfg, self.loaded.sites
+        cfg = self.cfg
         mean_ablation = cfg.offset_mode == "retain_mean"
         which = required_fields(cfg.ff_scoring, cfg.attn_scoring)
         retain_which = tuple(sorted(set(which) | {"sum"})) if mean_ablation else which  # means need sums
         retain = self.collect(self.retain, mask, step, "collecting_retain", retain_which)
         forget = self.collect(self.forget, mask, step, "collecting_forget", which)
         self.progress(step, "scoring")
-        ff_norm, attn_norm = self.out_norms
-        ff = score_neurons(
-            cfg.ff_scoring,
-            forget.ff,
-            retain.ff,
-            cfg.ff_eps,
-            shape=(sites.n_layers, sites.d_mlp),
-            generator=selection_seed(cfg.seed, step, 0),
-            out_norm=ff_norm,
-        )
-        attn = score_neurons(
-            cfg.attn_scoring,
-            forget.attn,
-            retain.attn,
-            cfg.attn_eps,
-            shape=(sites.n_layers, sites.d_attn),
-            generator=selection_seed(cfg.seed, step, 1),
-            out_norm=attn_norm,
-        )
-        offsets = (retain.ff.mean, retain.attn.mean) if mean_ablation else None
-        return Scores(ff, attn, offsets, retain.n_tokens + forget.n_tokens)
+        return score_stats(cfg, self.loaded.sites, forget, retain, step, self.out_norms)
 
     # Evaluation ------------------------------------------------------------------------------
     def evaluate(self, mask: NeuronMask, step: int) -> Evaluated:

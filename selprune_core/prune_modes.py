@@ -25,7 +25,7 @@ import torch
 from selprune_core.budget import BudgetCheck
 from selprune_core.config import PruneConfig
 from selprune_core.masks import NeuronMask
-from selprune_core.prune_measure import Measure, Scores, selection_seed
+from selprune_core.prune_measure import RunMeasure, Scores, selection_seed
 from selprune_core.reports import StepReport
 from selprune_core.scoring import Selection, select_random_per_layer, select_top_heads, select_top_neurons
 from selprune_core.sites import ModelSites
@@ -104,7 +104,7 @@ class SelectiveChoice:
         self,
         cfg: PruneConfig,
         sites: ModelSites,
-        measure: Measure,
+        measure: RunMeasure,
         start: NeuronMask,
         history: Sequence[StepReport],
     ) -> None:
@@ -252,7 +252,7 @@ class RandomSteps(StepMode):
         self,
         cfg: PruneConfig,
         sites: ModelSites,
-        measure: Measure,
+        measure: RunMeasure,
         counts: Sequence[LayerCounts] | None,
         fracs: Fracs,
     ) -> None:
@@ -280,7 +280,7 @@ class RandomSteps(StepMode):
 def make_mode(
     cfg: PruneConfig,
     sites: ModelSites,
-    measure: Measure,
+    measure: RunMeasure,
     budget: BudgetCheck | None,
     start: NeuronMask,
     history: Sequence[StepReport],

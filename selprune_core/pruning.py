@@ -18,7 +18,9 @@ Under mean ablation (`offset_mode="retain_mean"`) a newly pruned neuron outputs 
 on the retain texts, measured through the mask of the step that prunes it, instead of 0.
 
 A run is a PruneRun: its constructor checks every setting, then each `step()` adds one report (step
-0, a pruning step, or one trial of a budgeted step) until `done`. How a step is taken depends on the
+0, a pruning step, or one trial of a budgeted step) until `done`. The constructor reads a causal LM
+on texts; `PruneRun.with_measure` runs the same loop on anything else a RunMeasure can read (an image
+classifier on images: image_measure.py). How a step is taken depends on the
 mode (prune_modes.py); what it reads off the model is in prune_measure.py. `prune_iteratively` runs
 one to the end. The run reports through callbacks (progress inside a step, a report after each trial)
 and checks a cancellation callback between phases, so the caller can persist every step and resume.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +43,7 @@ from selprune_core.errors import ConfigError
 from selprune_core.evaluation import EvalResult, relative_drop
 from selprune_core.loading import LoadedModel
 from selprune_core.masks import NeuronMask
-from selprune_core.prune_measure import Measure, PruneCallbacks
+from selprune_core.prune_measure import Measure, PrunableModel, PruneCallbacks, RunMeasure
 from selprune_core.prune_modes import LayerCounts, make_mode
 from selprune_core.reports import Progress, PruneResult, StepReport
 
@@ -97,8 +99,41 @@ class PruneRun:
         # Check everything first, so a bad setting fails before any collection or evaluation.
         budget_sets = eval_sets if options.budget_sets is None else options.budget_sets
         _check_inputs(loaded, cfg, eval_sets, budget_sets, options)
+        measure = Measure(loaded, cfg, (forget, retain), eval_sets, budget_sets, callbacks)
+        self._setup(loaded, measure, cfg, options, callbacks)
+
+    @classmethod
+    def with_measure(
+        cls,
+        target: PrunableModel,
+        measure: RunMeasure,
+        eval_names: Collection[str],
+        cfg: PruneConfig,
+        options: PruneOptions | None = None,
+        callbacks: PruneCallbacks | None = None,
+    ) -> PruneRun:
+        """A run on `target` that reads it through `measure`, whose evaluations name `eval_names`.
+
+        `options.budget_sets` only names the budget sets here (their data is the measure's).
+        """
+        options = options if options is not None else PruneOptions()
+        callbacks = callbacks if callbacks is not None else PruneCallbacks()
+        budget_names = eval_names if options.budget_sets is None else options.budget_sets
+        _check_inputs(target, cfg, eval_names, budget_names, options)
+        run = cls.__new__(cls)
+        run._setup(target, measure, cfg, options, callbacks)
+        return run
+
+    def _setup(
+        self,
+        loaded: PrunableModel,
+        measure: RunMeasure,
+        cfg: PruneConfig,
+        options: PruneOptions,
+        callbacks: PruneCallbacks,
+    ) -> None:
         self.loaded, self.cfg, self.options, self.callbacks = loaded, cfg, options, callbacks
-        self.measure = Measure(loaded, cfg, (forget, retain), eval_sets, budget_sets, callbacks)
+        self.measure = measure
         self.budget = None
         if cfg.budget is not None:
             self.budget = BudgetCheck(
@@ -246,13 +281,13 @@ def _stop_rule(cfg: PruneConfig, report: StepReport, options: PruneOptions) -> s
 
 
 def _check_inputs(
-    loaded: LoadedModel,
+    loaded: PrunableModel,
     cfg: PruneConfig,
-    eval_sets: Mapping[str, Sequence[str]],
-    budget_sets: Mapping[str, Sequence[str]],
+    eval_sets: Collection[str],
+    budget_sets: Collection[str],
     options: PruneOptions,
 ) -> None:
-    """Fail before any work on settings and inputs that could only fail later."""
+    """Fail before any work on settings and inputs that could only fail later (sets: their names)."""
     forget_eval, retain_eval = options.forget_eval, options.retain_eval
     if stop := cfg.stop:
         if stop.forget_drop is not None and forget_eval not in eval_sets:
