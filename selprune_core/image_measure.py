@@ -15,7 +15,8 @@ Evaluation scores one prediction per image: top-1 accuracy, top-k (k = `EvalConf
 classes, where the text default of 10 is always 1), mean cross-entropy and exp(loss). Rows have the
 text path's column layout, so the same `result_from_sums` and bootstrap make the EvalResult: a unit is
 an image (n_tokens = n_texts = images), and with no common-token list every target counts as a "skip"
-target, so skip_top1 = top1 and skip_topk = topk, the authors' `skip == base` for vision.
+target, so skip_top1 = top1 and skip_topk = topk, the authors' `skip == base` for vision. Every image
+of a set is evaluated: EvalConfig's token_limit, sample_tokens and skip_common apply to text only.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ class PruneRun:
     ) -> PruneRun:
         """A run on `target` that reads it through `measure`, whose evaluations name `eval_names`.
 
-        `options.budget_sets` only names the budget sets here (their data is the measure's).
+        `options.budget_sets` only names the budget sets here (their data is the measure's). Give the
+        measure the same `callbacks`, so its progress and cancellation reach the caller too.
         """
         options = options if options is not None else PruneOptions()
         callbacks = callbacks if callbacks is not None else PruneCallbacks()
