@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selprune_core.errors import EmptyDatasetError
+from selprune_core.errors import DatasetError, EmptyDatasetError
 
 __all__ = ["DigitsSplitConfig", "ImageSet", "ImageSplits", "load_digits_splits", "stratified_split"]
 
@@ -101,7 +101,10 @@ def stratified_split(labels: torch.Tensor, frac: float, seed: int) -> tuple[torc
 def load_digits_splits(cfg: DigitsSplitConfig | None = None) -> ImageSplits:
     """The 8x8 digits as [n, channels, 8, 8] float32 images, split and normalised (see module docstring)."""
     cfg = cfg if cfg is not None else DigitsSplitConfig()
-    from sklearn.datasets import load_digits  # shipped with scikit-learn: no download
+    try:
+        from sklearn.datasets import load_digits  # shipped with scikit-learn: no download
+    except ImportError as exc:
+        raise DatasetError("the digits images need scikit-learn: pip install 'selprune[vision]'") from exc
 
     digits = load_digits()
     pixels = torch.tensor(digits.images, dtype=torch.float32)[:, None]  # [n, 1, 8, 8], values 0..16
