@@ -244,7 +244,8 @@ def attacks_section(out: Path) -> list[str]:
         "drops are relative to the unpruned model, toxic rates carry Wilson intervals, AUCs bootstrap "
         "intervals. Wall time: the mask is its whole `selprune prune` job (statistics, scoring, the per-step "
         "evaluations of its budget); a gradient method is its training up to the compared checkpoint; task "
-        "arithmetic its fine-tuning run.",
+        "arithmetic its fine-tuning run. Wall times come from one run on the 2-core machine and move with "
+        "whatever else runs there (the JSON records the load average at the end of the run, where known).",
         "",
     ]
     if exps:

@@ -30,6 +30,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -175,7 +176,8 @@ def main() -> None:
     subtract_task_vector(model, base.model, tuned, chosen["alpha"])
     rows["task_arithmetic"] = {**chosen, **attacks(loaded, None), "checkpoints": checkpoints}
 
-    figures = {"task": setting.task, "command": " ".join(["python", *sys.argv]), "mask_id": mask.mask_id, "retain_cost": retain_cost, "settings": vars(args), "rows": rows,
+    # The machine's load next to the wall times: they move with whatever else runs on the 2 cores.
+    figures = {"task": setting.task, "load_average": os.getloadavg(), "command": " ".join(["python", *sys.argv]), "mask_id": mask.mask_id, "retain_cost": retain_cost, "settings": vars(args), "rows": rows,
                "seconds": time.perf_counter() - started}  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
