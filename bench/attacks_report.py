@@ -52,9 +52,9 @@ def _tox(row: Row) -> str:
     return pct_ci(tox["toxic_rate"], (tox.get("wilson") or {}).get("toxic_rate"))
 
 
-def _seconds(row: Row) -> str:
+def _seconds(key: str, row: Row) -> str:
     s = row.get("seconds")
-    return "–" if s is None else f"{s / 60:.1f} min"
+    return "–" if s is None or key == "unpruned" else f"{s / 60:.1f} min"
 
 
 def method_rows(exp: Mapping[str, Any]) -> list[list[str]]:
@@ -71,7 +71,7 @@ def method_rows(exp: Mapping[str, Any]) -> list[list[str]]:
                 _tox(row),
                 pct_ci(row["relearned_forget_top1"], row.get("relearned_forget_top1_ci")),
                 num_ci(row["membership"]["auc"], row["membership"]["ci"], 3),
-                _seconds(row),
+                _seconds(key, row),
             ]
         )
     return rows
