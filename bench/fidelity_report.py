@@ -24,6 +24,7 @@ from bench.recipes_report import (
     section_heldout_targets,
     section_validation,
 )
+from bench.vit_report import vit_section
 
 
 def budget_lines(exps: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -156,6 +157,7 @@ def write_report(out: Path) -> Path:
     ]
     lines += keep_sections(out, results)
     lines += attacks_section(out)
+    lines += vit_section(out)
     if not exps:
         lines += ["No results yet: run `python bench/fidelity.py all`.", ""]
     else:

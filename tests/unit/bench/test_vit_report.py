@@ -1,0 +1,57 @@
+"""The ViT section is read off the bench JSON: steps, random means and every target's verdict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.vit_report import vit_section
+
+
+def _report(step: int, forget: float, retain: float) -> dict:
+    def metrics(top1: float) -> dict:
+        return {"top1": top1, "ci": {"top1": [top1 - 0.05, min(1.0, top1 + 0.05)]}}
+
+    return {"step": step, "ff_pruned": 10 * step, "attn_pruned": 5 * step,
+            "metrics": {"forget": metrics(forget), "retain": metrics(retain)}}  # fmt: skip
+
+
+def test_the_section_shows_each_step_and_every_target_as_met_or_missed(tmp_path: Path) -> None:
+    assert "Not run" in "\n".join(vit_section(tmp_path))
+    exp = {
+        "command": "python bench/vit_digits.py --json x.json",
+        "seconds": 120.0,
+        "settings": {
+            "forget_class": 3,
+            "eps": 1e-5,
+            "chosen_ff_frac": 0.02,
+            "chosen_steps": 1,
+            "fracs": [0.01, 0.02],
+            "random_seeds": 2,
+        },  # fmt: skip
+        "model": {
+            "recipe": {"num_hidden_layers": 4, "hidden_size": 64},
+            "accuracy": {"heldout": 0.95, "validation": 0.96, "train": 0.98},
+        },  # fmt: skip
+        "selective": [_report(0, 1.0, 0.95), _report(1, 0.1, 0.93)],
+        "random": [
+            [_report(0, 1.0, 0.95), _report(1, 0.9, 0.94)],
+            [_report(0, 1.0, 0.95), _report(1, 0.7, 0.92)],
+        ],
+        "comparison": [{"step": 1, "difference": 0.5, "difference_ci": [0.4, 0.6]}],
+        "final": {"forget_drop": 0.9, "retain_points_lost": 0.02},
+        "targets": {
+            "forget_drop_ge_80pct": True,
+            "retain_loss_le_5pts": True,
+            "beats_random_every_step_ci": False,
+        },
+    }
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "vit_digits.json").write_text(json.dumps(exp))
+    section = "\n".join(vit_section(tmp_path))
+    assert (
+        "| 1 | 15 | 10.0% [5.0%, 15.0%] | 93.0% [88.0%, 98.0%] | 80.0% | 93.0% | +0.500 [+0.400, +0.600] |"
+        in section
+    )
+    assert "at least 80% relative: **met**" in section and "above 0 at every step: **missed**" in section
+    assert "Forget class 3" in section and "2.00 points down" in section
