@@ -6,6 +6,7 @@ models are random-init transformers configs two layers deep and 32 wide.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -81,3 +82,28 @@ def build_model(
         seed=seed,
         **overrides,
     )
+
+
+def site_inputs(sites: Any, run: Callable[[], None], *, flatten: bool = False) -> dict[str, Any]:
+    """Every FF / attention site input of `run`'s forwards, captured by plain pre-hooks (not selprune's
+    recorders), concatenated over calls: {"ff"|"attn": [layer, batch, ..., d] float64}; with `flatten`,
+    each call is flattened to [tokens, d] first (calls whose sequence lengths differ)."""
+    import torch
+
+    seen: dict[str, list[list[Any]]] = {kind: [[] for _ in range(sites.n_layers)] for kind in ("ff", "attn")}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda _m, args, kind=kind, layer=layer: seen[kind][layer].append(
+                (args[0].reshape(-1, args[0].shape[-1]) if flatten else args[0]).double()
+            )
+        )
+        for kind, modules in (("ff", sites.ff_modules), ("attn", sites.attn_modules))
+        for layer, module in enumerate(modules)
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {kind: torch.stack([torch.cat(xs) for xs in layers]) for kind, layers in seen.items()}

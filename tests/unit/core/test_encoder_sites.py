@@ -29,7 +29,7 @@ from selprune_core.batching import iter_token_batches
 from selprune_core.masking import apply_mask, fold_into_weights
 from selprune_core.masks import NeuronMask
 from selprune_core.sites import ModelSites, model_fingerprint, resolve_sites
-from tests.helpers import CORPUS
+from tests.helpers import CORPUS, site_inputs
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 IMAGE = dict(image_size=16, patch_size=4, num_channels=3, num_labels=10)  # 16 patches + CLS = 17 tokens
@@ -187,24 +187,8 @@ def test_per_row_masks_match_each_row_alone(model_type, auto):
 
 
 def _captured(sites: ModelSites, run: Callable[[], None]) -> dict[str, torch.Tensor]:
-    """Every hooked input of `run`'s forwards, captured by plain pre-hooks: [layer, tokens, d] float64."""
-    seen: dict[str, list[list[torch.Tensor]]] = {"ff": [[], []], "attn": [[], []]}
-    handles = [
-        module.register_forward_pre_hook(
-            lambda _m, args, kind=kind, layer=layer: seen[kind][layer].append(
-                args[0].reshape(-1, args[0].shape[-1]).double()
-            )
-        )
-        for kind, modules in (("ff", sites.ff_modules), ("attn", sites.attn_modules))
-        for layer, module in enumerate(modules)
-    ]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {kind: torch.stack([torch.cat(xs) for xs in layers]) for kind, layers in seen.items()}
+    """Every hooked input of `run`'s forwards: [layer, tokens, d] float64."""
+    return site_inputs(sites, run, flatten=True)
 
 
 def _assert_stats_equal(got: ComponentStats, x: torch.Tensor) -> None:

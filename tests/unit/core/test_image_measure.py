@@ -24,6 +24,7 @@ from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun
 from selprune_core.scoring import select_top_neurons
+from tests.helpers import site_inputs
 
 SEQ = 17  # (8 / 2)^2 patches + CLS
 
@@ -54,23 +55,8 @@ def _images(n: int = 40, seed: int = 0) -> ImageSet:
 
 
 def _site_inputs(classifier, run) -> dict[str, torch.Tensor]:
-    """Every FF / attention site input of `run`'s forwards by plain pre-hooks: [layer, image, pos, d]."""
-    seen: dict[str, list[list[torch.Tensor]]] = {"ff": [[], []], "attn": [[], []]}
-    sites = classifier.sites
-    handles = [
-        module.register_forward_pre_hook(
-            lambda _m, args, kind=kind, layer=layer: seen[kind][layer].append(args[0].double())
-        )
-        for kind, modules in (("ff", sites.ff_modules), ("attn", sites.attn_modules))
-        for layer, module in enumerate(modules)
-    ]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {kind: torch.stack([torch.cat(xs) for xs in layers]) for kind, layers in seen.items()}
+    """Every FF / attention site input of `run`'s forwards: [layer, image, pos, d] float64."""
+    return site_inputs(classifier.sites, run)
 
 
 @pytest.mark.parametrize("skip_first", [0, 1], ids=["cls-counted", "cls-skipped"])
