@@ -22,7 +22,7 @@ from protocol.base import Strict
 from protocol.constants import VIT_DIGITS_MODEL
 from protocol.generate import GenerateFailed, GenerateTimings
 
-MAX_IMAGES = 64  # images (rows) of one request
+MAX_IMAGES = 32  # images (rows) of one request (a tenant holds 32 rows in flight by default)
 MAX_IMAGE_BYTES = 4 * 1024 * 1024  # one encoded image file
 MAX_IMAGE_SIDE = 4096  # pixels along either side of a decoded image
 MAX_TOP_K = 100  # labels returned per image

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from protocol import (
     EMBEDDED_MODEL,
+    VIT_DIGITS_MODEL,
     BuiltinData,
     DatasetSpec,
     FileData,
@@ -26,6 +27,7 @@ from protocol import (
     InlineData,
     PruneParams,
 )
+from protocol.classify import decode_image
 from protocol.constants import (
     BUILTIN_DATASETS,
     BUILTIN_IMAGE_SETS,
@@ -208,15 +210,53 @@ async def check_generation(
     if mask_id is None:
         assert model is not None
         return model
+    model = await _mask_model(queue, settings, tenant, model, mask_id, EMBEDDED_MODEL)
+    check_text_model(model, settings)  # a mask made on an image classifier
+    return model
+
+
+async def _mask_model(
+    queue: QueueClient, settings: GatewaySettings, tenant: str, model: str | None, mask_id: str, default: str
+) -> str:
+    """The model a request through `mask_id` runs: `model`, or the mask's own when None; 404 for a mask the
+    tenant may not see, 422 for one made on another model."""
     meta = await queue.mask_meta(mask_id_path(mask_id), tenant)
     if meta is None:
         raise mask_not_found(mask_id)
     mask_model = meta.get("model")
     if model is None:
-        model = str(mask_model or EMBEDDED_MODEL)
-        check_text_model(model, settings)
+        model = str(mask_model or default)
+        check_model(model, settings)
     elif mask_model not in (None, model):
         raise _invalid("MaskModelMismatch", f"mask {mask_id!r} is for model {mask_model!r}, not {model!r}")
+    return model
+
+
+# Classification ------------------------------------------------------------------------------------
+async def check_classification(
+    queue: QueueClient,
+    settings: GatewaySettings,
+    tenant: str,
+    *,
+    model: str | None,
+    mask_id: str | None,
+    images: Sequence[str],
+) -> str:
+    """Images that decode to PNG, JPEG or .npy files (422 InvalidImage naming the first that does not),
+    a known model that is not the embedded language model, a mask the tenant may see made on that
+    model. Returns the model to run: `model`, the mask's own, or the built-in digits ViT."""
+    for i, text in enumerate(images):
+        try:
+            decode_image(text)
+        except ValueError as exc:
+            raise _invalid("InvalidImage", f"images[{i}]: {exc}") from None
+    if model is not None:
+        check_model(model, settings)
+    if mask_id is not None:
+        model = await _mask_model(queue, settings, tenant, model, mask_id, VIT_DIGITS_MODEL)
+    model = model or VIT_DIGITS_MODEL
+    if model == EMBEDDED_MODEL:
+        raise _invalid("ModelKindMismatch", f"model {model!r} is a language model: use /v1/generate")
     return model
 
 

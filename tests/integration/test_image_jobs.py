@@ -1,12 +1,16 @@
 """Image classifiers end to end: HTTP -> the real gateway -> Redis -> a real worker (in a thread) running
 the real job code on a tiny random-init ViT under the models root -> mask, metrics, plot, evaluation and
-export back over HTTP."""
+export back over HTTP; then /v1/classify through the job's mask, served by the real serving loop, equal to
+the exported checkpoint reloaded."""
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -18,7 +22,8 @@ from selprune_core.masks import NeuronMask
 from service.main import create_app
 from service.settings import GatewaySettings
 from tests.helpers import build_vit
-from tests.integration.servers import wait_for
+from tests.integration.servers import serving_thread, wait_for
+from worker.image_models import preprocess
 from worker.jobs import run_job
 from worker.runtime import ModelRuntime
 
@@ -58,7 +63,9 @@ def _finished(gateway: TestClient, job_id: str) -> dict:
     return job
 
 
-def test_unlearn_evaluate_and_export_an_image_classifier_over_http(gateway, runtime, start_worker, tmp_path):
+def test_unlearn_evaluate_export_and_classify_over_http(
+    gateway, runtime, start_worker, make_settings, redis_url, tmp_path
+):
     exports = tmp_path / "exports"
     start_worker(lambda job, ctx: run_job(job, runtime, ctx, export_root=exports), poll_block_ms=50)
     body = {
@@ -103,6 +110,30 @@ def test_unlearn_evaluate_and_export_an_image_classifier_over_http(gateway, runt
         hooked = classifier.model(pixel_values=pixels).logits
     with torch.no_grad():
         torch.testing.assert_close(exported(pixel_values=pixels).logits, hooked, atol=1e-5, rtol=1e-5)
+
+    # /v1/classify through the job's mask answers what the exported checkpoint answers.
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images[:8] / 16.0  # [8, 8, 8] intensities in [0, 1], as .npy files
+    with serving_thread(make_settings(poll_block_ms=50), redis_url, runtime):
+        body = {"model": "vit", "mask_id": mask_id, "images": [_npy(image) for image in raw], "top_k": 10}
+        answer = gateway.post("/v1/classify", json=body)
+    assert answer.status_code == 200, answer.text
+    inputs = preprocess(torch.from_numpy(raw[:, None]).float(), classifier.preprocess)
+    with torch.no_grad():
+        expected = exported(pixel_values=inputs).logits.softmax(-1)
+    for row, prediction in enumerate(answer.json()["predictions"]):
+        got = {label["id"]: label["probability"] for label in prediction["labels"]}
+        assert max(got, key=lambda c: got[c]) == int(expected[row].argmax())
+        torch.testing.assert_close(
+            torch.tensor([got[c] for c in range(10)]), expected[row], atol=1e-5, rtol=0
+        )
+
+
+def _npy(array) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_a_text_job_naming_an_image_classifier_fails_as_the_callers_error(gateway, runtime, start_worker):
