@@ -9,6 +9,7 @@ and pydantic, so the gateway stays free of torch. Its parts:
     params      pruning parameters, recipes and presets
     jobs        the long-work lane's jobs, states and progress
     generate    the serving lane's requests and reply events
+    classify    the serving lane's image classification requests and replies
     keys        every Redis key, stream and channel name
     job_hash    the typed layout of a job's Redis hash
     scripts     the Lua scripts (each written once) and the operations built on them
@@ -20,16 +21,19 @@ re-validates with `model_validate` first.
 from __future__ import annotations
 
 from protocol.base import ErrorInfo, Strict, dump
+from protocol.classify import ClassifyDone, ClassifyEvent, ClassifyTask, ClassLabel, ImagePrediction
 from protocol.constants import (
     EMBEDDED_MODEL,
+    IMAGE_MODELS,
     SCHEMA_VERSION,
+    VIT_DIGITS_MODEL,
     MetricName,
     OffsetMode,
     RecipeName,
     ScoringName,
     SelectionMode,
 )
-from protocol.datasets import BuiltinData, DatasetSpec, FileData, HubData, InlineData
+from protocol.datasets import BuiltinData, DatasetSpec, FileData, HubData, ImageData, InlineData
 from protocol.generate import (
     ChatMessage,
     ChoiceLogprobs,
@@ -55,6 +59,10 @@ __all__ = [
     "BudgetSpec",
     "BuiltinData",
     "ChatMessage",
+    "ClassLabel",
+    "ClassifyDone",
+    "ClassifyEvent",
+    "ClassifyTask",
     "DatasetSpec",
     "ErrorInfo",
     "EvaluateJob",
@@ -70,6 +78,9 @@ __all__ = [
     "GenerateTimings",
     "GenerateUsage",
     "HubData",
+    "IMAGE_MODELS",
+    "ImageData",
+    "ImagePrediction",
     "InlineData",
     "JobProgress",
     "JobState",
@@ -83,6 +94,7 @@ __all__ = [
     "ScoringName",
     "SelectionMode",
     "StopSpec",
+    "VIT_DIGITS_MODEL",
     "Strict",
     "apply_preset",
     "dump",

@@ -12,7 +12,8 @@ from typing import Literal
 SCHEMA_VERSION = 1
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
-MetricName = Literal["next_token", "toxicity", "membership", "relearn"]
+# "accuracy" is the image classifiers' metric (top-1 / top-k, per class); the others are for texts.
+MetricName = Literal["next_token", "toxicity", "membership", "relearn", "accuracy"]
 # Copies of the core's names (the gateway cannot import it); tests/test_contract_sync.py keeps them equal.
 ScoringName = Literal[
     "freq",
@@ -53,3 +54,14 @@ PACKAGED_BUILDERS = frozenset(
     "pdffolder spark sql text videofolder webdataset xml".split()
 )
 FILTER_PATTERN = re.compile(r"\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*")
+
+
+# Image classifiers (worker/image_models.py, worker/image_data.py): the built-in models and image sets a
+# request may name, and what an image dataset file must be.
+VIT_DIGITS_MODEL = (
+    "builtin:vit-digits"  # the digits ViT, trained once by the worker (selprune_core.vision_model)
+)
+IMAGE_MODELS = (VIT_DIGITS_MODEL,)  # built-in image classifiers: always known to the gateway
+BUILTIN_IMAGE_SETS = ("builtin:digits",)  # scikit-learn's 8x8 handwritten digits, ten classes
+IMAGE_FILE_SUFFIXES = (".npz",)  # arrays `images` [N, H, W] or [N, C, H, W] and `labels` [N]
+MAX_CLASS_ID = 100_000  # class ids a label filter may name

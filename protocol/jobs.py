@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.base import Strict
 from protocol.constants import EMBEDDED_MODEL, MetricName
-from protocol.datasets import DatasetSpec
+from protocol.datasets import DatasetSpec, check_data_kind
 from protocol.params import (
     JOB_SEED_LIMIT,
     MAX_EVAL_DATASETS,
@@ -26,6 +27,26 @@ MAX_MEMBERSHIP_TEXTS = 1024  # whole texts per side of the membership attack, pe
 MAX_RELEARN_TEXTS = 1024  # train texts the relearning attack cycles through
 MAX_RELEARN_STEPS = 200  # optimizer steps of EVAL_BATCH_SIZE // 2 texts, per dataset and variant
 MAX_RELEARN_TOKENS = 262_144  # tokens trained on per dataset and variant: steps x texts x token_limit
+
+
+IMAGE_METRICS = ("accuracy",)  # what an evaluation of image datasets measures
+_GRADIENT_SCORINGS = ("taylor", "taylor_mean")
+
+
+def check_prune_data(model: str, datasets: Sequence[DatasetSpec], params: PruneParams) -> None:
+    """One kind of data, fitting a built-in model; image jobs take fixed steps (no budget), statistics
+    without gradients and without packing (ValueError naming the field otherwise)."""
+    if check_data_kind(model, datasets) != "images":
+        return
+    if params.budget is not None:
+        raise ValueError(
+            "params.budget: a retain budget is not supported for image classifiers; use fixed steps"
+        )
+    for field in ("ff_scoring", "attn_scoring"):
+        if getattr(params, field) in _GRADIENT_SCORINGS:
+            raise ValueError(f"params.{field}: gradient scorings (taylor, taylor_mean) are for texts only")
+    if params.pack:
+        raise ValueError("params.pack: packing applies to texts; an image is always one row")
 
 
 class PruneJob(Strict):
@@ -45,6 +66,16 @@ class PruneJob(Strict):
     )
     name: str | None = None
     params: PruneParams = Field(default_factory=PruneParams)
+
+    @model_validator(mode="after")
+    def _one_kind_of_data(self) -> PruneJob:
+        check_prune_data(self.model, [self.forget, self.retain, *(self.eval or [])], self.params)
+        return self
+
+    @property
+    def images(self) -> bool:
+        """Whether the job prunes an image classifier on images."""
+        return check_data_kind(self.model, [self.forget, self.retain]) == "images"
 
 
 class EvaluateJob(Strict):
@@ -87,8 +118,29 @@ class EvaluateJob(Strict):
     relearn_learning_rate: float = Field(default=5e-5, gt=0, le=1e-2)
     seed: int = Field(default=0, ge=0, lt=JOB_SEED_LIMIT)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_metrics_by_default(cls, data: Any) -> Any:
+        # Image datasets have one metric; a request that names none gets it, not next_token.
+        if isinstance(data, dict) and "metrics" not in data:
+            datasets = data.get("datasets")
+            if isinstance(datasets, list) and datasets:
+                if all(isinstance(d, dict) and d.get("kind") == "images" for d in datasets):
+                    return {**data, "metrics": list(IMAGE_METRICS)}
+        return data
+
+    @property
+    def images(self) -> bool:
+        """Whether the job evaluates an image classifier on images."""
+        return check_data_kind(self.model, self.datasets) == "images"
+
     @model_validator(mode="after")
     def _bounded(self) -> EvaluateJob:
+        if self.images:
+            if other := [m for m in self.metrics if m not in IMAGE_METRICS]:
+                raise ValueError(f"metrics {other} are for texts; image datasets take {list(IMAGE_METRICS)}")
+        elif other := [m for m in self.metrics if m in IMAGE_METRICS]:
+            raise ValueError(f"metrics {other} are for image datasets ({{'kind': 'images'}})")
         check_batch_tokens(EVAL_BATCH_SIZE, self.token_limit, "texts per batch", "token_limit")
         per_prompt = self.toxicity_samples_per_prompt * self.toxicity_max_new_tokens
         if per_prompt > MAX_TOXICITY_TOKENS_PER_PROMPT:

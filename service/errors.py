@@ -55,6 +55,8 @@ SERVING_STATUS = {
     "PromptTooLong": 400,
     "UnknownModel": 422,
     "ModelLoad": 422,
+    "ModelKindMismatch": 422,  # an image classifier asked to generate, a language model to classify
+    "InvalidImage": 422,
     "UnsupportedArchitecture": 422,
     "OutOfMemory": 503,  # the batch did not fit on the device this time; a retry may
 }

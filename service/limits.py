@@ -18,14 +18,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from protocol import (
     EMBEDDED_MODEL,
+    VIT_DIGITS_MODEL,
     BuiltinData,
     DatasetSpec,
     FileData,
     HubData,
+    ImageData,
     InlineData,
     PruneParams,
 )
-from protocol.constants import BUILTIN_DATASETS, FILE_SUFFIXES
+from protocol.classify import decode_image
+from protocol.constants import (
+    BUILTIN_DATASETS,
+    BUILTIN_IMAGE_SETS,
+    FILE_SUFFIXES,
+    IMAGE_FILE_SUFFIXES,
+    IMAGE_MODELS,
+)
 from protocol.constants import FILTER_PATTERN as _FILTER
 from protocol.constants import HUB_ID_PATTERN as _HUB_ID
 from protocol.constants import PACKAGED_BUILDERS as _PACKAGED_BUILDERS
@@ -43,12 +52,20 @@ def _invalid(type: str, message: str) -> ApiError:
 
 # Models --------------------------------------------------------------------------------------------
 def check_model(model: str, settings: GatewaySettings) -> None:
-    """The model is in `settings.models`, or any hub id / folder name when `allow_any_model` is set."""
-    if model in settings.models:
+    """The model is in `settings.models` or a built-in image classifier, or any hub id / folder name
+    when `allow_any_model` is set."""
+    if model in settings.models or model in IMAGE_MODELS:
         return
     if settings.allow_any_model and not _CONTROL.search(model):
         return
     raise _invalid("UnknownModel", f"unknown model {model!r}; available: {', '.join(settings.models)}")
+
+
+def check_text_model(model: str, settings: GatewaySettings) -> None:
+    """A known model that is not a built-in image classifier (those classify; they do not generate)."""
+    check_model(model, settings)
+    if model in IMAGE_MODELS:
+        raise _invalid("ModelKindMismatch", f"model {model!r} is an image classifier: use /v1/classify")
 
 
 # Datasets ------------------------------------------------------------------------------------------
@@ -70,6 +87,8 @@ def check_datasets(named: Sequence[tuple[str, DatasetSpec]], settings: GatewaySe
                     "InvalidDataset", f"{field}: {spec.id!r} is not a hub id like 'name' or 'org/name'"
                 )
             _check_filter(field, spec.filter)
+        elif isinstance(spec, ImageData):
+            _check_image_source(field, spec.source, settings)
         elif isinstance(spec, BuiltinData) and spec.name not in BUILTIN_DATASETS:
             raise _invalid(
                 "UnknownDataset",
@@ -86,7 +105,20 @@ def check_datasets(named: Sequence[tuple[str, DatasetSpec]], settings: GatewaySe
         )
 
 
-def check_file_path(field: str, path: str, settings: GatewaySettings) -> None:
+def _check_image_source(field: str, source: str, settings: GatewaySettings) -> None:
+    if source in BUILTIN_IMAGE_SETS:
+        return
+    if source.startswith("builtin:"):
+        available = ", ".join(BUILTIN_IMAGE_SETS)
+        raise _invalid(
+            "UnknownDataset", f"{field}: unknown built-in image set {source!r}; available: {available}"
+        )
+    check_file_path(f"{field}.source", source, settings, IMAGE_FILE_SUFFIXES)
+
+
+def check_file_path(
+    field: str, path: str, settings: GatewaySettings, suffixes: tuple[str, ...] = FILE_SUFFIXES
+) -> None:
     """`path` is relative, has no '..', and resolves (symlinks followed) to a file inside the data root."""
     if (
         PurePosixPath(path).is_absolute()
@@ -96,9 +128,9 @@ def check_file_path(field: str, path: str, settings: GatewaySettings) -> None:
         raise _invalid("PathOutsideDataRoot", f"{field}: path {path!r} must be relative to the data root")
     if ".." in PurePosixPath(path.replace("\\", "/")).parts or _CONTROL.search(path):
         raise _invalid("PathOutsideDataRoot", f"{field}: path {path!r} must not contain '..'")
-    if not path.endswith(FILE_SUFFIXES):
+    if not path.endswith(suffixes):
         raise _invalid(
-            "InvalidDataset", f"{field}: {path!r} has an unsupported format; use one of {FILE_SUFFIXES}"
+            "InvalidDataset", f"{field}: {path!r} has an unsupported format; use one of {suffixes}"
         )
     root = os.path.realpath(settings.data_root)
     full = os.path.realpath(os.path.join(root, path))
@@ -156,7 +188,7 @@ async def check_generation(
     if model is None and mask_id is None:
         model = EMBEDDED_MODEL
     if model is not None:
-        check_model(model, settings)
+        check_text_model(model, settings)
     chars = sum(len(t) for t in texts)
     if chars > settings.max_prompt_chars:
         raise ApiError(
@@ -178,15 +210,53 @@ async def check_generation(
     if mask_id is None:
         assert model is not None
         return model
+    model = await _mask_model(queue, settings, tenant, model, mask_id, EMBEDDED_MODEL)
+    check_text_model(model, settings)  # a mask made on an image classifier
+    return model
+
+
+async def _mask_model(
+    queue: QueueClient, settings: GatewaySettings, tenant: str, model: str | None, mask_id: str, default: str
+) -> str:
+    """The model a request through `mask_id` runs: `model`, or the mask's own when None; 404 for a mask the
+    tenant may not see, 422 for one made on another model."""
     meta = await queue.mask_meta(mask_id_path(mask_id), tenant)
     if meta is None:
         raise mask_not_found(mask_id)
     mask_model = meta.get("model")
     if model is None:
-        model = str(mask_model or EMBEDDED_MODEL)
+        model = str(mask_model or default)
         check_model(model, settings)
     elif mask_model not in (None, model):
         raise _invalid("MaskModelMismatch", f"mask {mask_id!r} is for model {mask_model!r}, not {model!r}")
+    return model
+
+
+# Classification ------------------------------------------------------------------------------------
+async def check_classification(
+    queue: QueueClient,
+    settings: GatewaySettings,
+    tenant: str,
+    *,
+    model: str | None,
+    mask_id: str | None,
+    images: Sequence[str],
+) -> str:
+    """Images that decode to PNG, JPEG or .npy files (422 InvalidImage naming the first that does not),
+    a known model that is not the embedded language model, a mask the tenant may see made on that
+    model. Returns the model to run: `model`, the mask's own, or the built-in digits ViT."""
+    for i, text in enumerate(images):
+        try:
+            decode_image(text)
+        except ValueError as exc:
+            raise _invalid("InvalidImage", f"images[{i}]: {exc}") from None
+    if model is not None:
+        check_model(model, settings)
+    if mask_id is not None:
+        model = await _mask_model(queue, settings, tenant, model, mask_id, VIT_DIGITS_MODEL)
+    model = model or VIT_DIGITS_MODEL
+    if model == EMBEDDED_MODEL:
+        raise _invalid("ModelKindMismatch", f"model {model!r} is a language model: use /v1/generate")
     return model
 
 

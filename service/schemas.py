@@ -31,6 +31,7 @@ from protocol import (
 )
 from protocol.generate import SEED_LIMIT
 from protocol.job_hash import JobHash
+from protocol.jobs import check_prune_data
 from protocol.params import MAX_EVAL_DATASETS
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class UnlearnRequest(Strict):
     @classmethod
     def _preset(cls, data: Any) -> Any:
         return apply_preset(data)
+
+    @model_validator(mode="after")
+    def _one_kind_of_data(self) -> UnlearnRequest:
+        check_prune_data(self.model, self.datasets(), self.params)
+        return self
 
     def datasets(self) -> list[DatasetSpec]:
         return [self.forget, self.retain, *(self.eval or [])]

@@ -18,6 +18,8 @@ Protocol (names in protocol/keys.py, models in protocol/generate.py):
   out) it adds the request id to `GENERATE_CANCELLED_KEY`; serving workers drop its rows between decode
   steps, or skip it if it was not yet admitted.
 
+`classify` takes the same path (entry field "classify", one reply event; each image is a held row).
+
 A worker error and a timeout both raise `GenerationFailed` carrying an ErrorInfo; service/errors.py
 maps its type to an HTTP status. `GenerationRefused`, a GenerationFailed with its own status (429,
 503, a worker's rejection of the caller's input), is answered by the routes with that status.
@@ -41,6 +43,9 @@ from redis.exceptions import RedisError
 
 from protocol import (
     ChatMessage,
+    ClassifyDone,
+    ClassifyEvent,
+    ClassifyTask,
     ErrorInfo,
     GenerateDelta,
     GenerateDone,
@@ -55,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 TIMEOUT_TYPE = "GenerationTimeout"
 _EVENT: TypeAdapter[GenerateDelta | GenerateDone | GenerateFailed] = TypeAdapter(GenerateEvent)
+_CLASSIFY_EVENT: TypeAdapter[ClassifyDone | GenerateFailed] = TypeAdapter(ClassifyEvent)
 _MIN_BLOCK_S = 0.01  # BLPOP with timeout 0 would block forever
 _DISCONNECT_POLL_S = 1.0  # a caller that may disconnect is checked at least this often while waiting
 _HOLD_REFRESH_S = 30.0  # a streaming request refreshes its in-flight hold after this long
@@ -62,9 +68,10 @@ RETRY_AFTER_BUSY_S = 1  # Retry-After of a 429: a tenant's rows free up as its g
 RETRY_AFTER_FULL_S = 5  # Retry-After of a 503: the lane has a backlog of GENERATE_STREAM_MAXLEN requests
 # Worker error types that are the caller's fault, with their status (service/errors.py's SERVING_STATUS
 # maps the others): the model's chat template refused the messages, the tokenizer the prompt.
-WORKER_REJECTIONS = {"InvalidMessages": 422, "InvalidPrompt": 422}
+WORKER_REJECTIONS = {"InvalidMessages": 422, "InvalidPrompt": 422, "InvalidImage": 422}
 
 Disconnected = Callable[[], Awaitable[bool]]  # e.g. starlette's Request.is_disconnected
+Queued = GenerateTask | ClassifyTask  # what the lane carries; each holds `rows` of its tenant's cap
 
 
 class GenerationFailed(Exception):
@@ -84,6 +91,13 @@ class GenerationRefused(GenerationFailed):
         super().__init__(info)
         self.status = status
         self.headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+
+
+def _failure(error: ErrorInfo) -> GenerationFailed:
+    """A worker's error event as what the routes raise: refused with its own status when it is the
+    caller's input the worker rejected."""
+    status = WORKER_REJECTIONS.get(error.type)
+    return GenerationRefused(status, error) if status is not None else GenerationFailed(error)
 
 
 class _CallerGone(Exception):
@@ -174,6 +188,34 @@ class ServingClient:
             raise
         return _prepend(first, events)
 
+    async def classify(
+        self, task: ClassifyTask, *, max_tenant_rows: int, disconnected: Disconnected | None = None
+    ) -> ClassifyDone:
+        """Queue a classification and wait for its one reply; raises as `generate` does."""
+        key = keys.GENERATE_REPLY_KEY.format(request_id=task.request_id)
+        held = finished = False
+        entry_id: str | None = None
+        try:
+            await self._hold(task, max_tenant_rows)
+            held = True
+            entry_id = await self._submit(task)
+            raw = await self._pop(key, disconnected)
+            if raw is None:
+                raise GenerationFailed(await self._timeout_info(False))
+            finished = True
+            event = _CLASSIFY_EVENT.validate_json(raw)
+            if isinstance(event, GenerateFailed):
+                raise _failure(event.error)
+            return event
+        except _CallerGone:
+            gone = "the caller went away; the request was cancelled"
+            raise GenerationRefused(499, ErrorInfo(type="ClientClosedRequest", message=gone)) from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release(
+                    task, key, held=held, entry_id=entry_id, finished=finished, started=finished
+                )
+
     async def servers(self, limit: int = 100) -> list[dict[str, Any]]:
         """Heartbeats of the live serving workers (JSON: worker_id, models, at)."""
         names = []
@@ -218,10 +260,7 @@ class ServingClient:
                 event = _EVENT.validate_json(raw)
                 if isinstance(event, GenerateFailed):
                     finished = True
-                    status = WORKER_REJECTIONS.get(event.error.type)
-                    if status is not None:
-                        raise GenerationRefused(status, event.error)
-                    raise GenerationFailed(event.error)
+                    raise _failure(event.error)
                 finished = isinstance(event, GenerateDone)
                 yield event
                 if finished:
@@ -239,11 +278,12 @@ class ServingClient:
                     task, key, held=held, entry_id=entry_id, finished=finished, started=started
                 )
 
-    async def _hold(self, task: GenerateTask, cap: int) -> None:
+    async def _hold(self, task: Queued, cap: int) -> None:
         """Count the task's rows in its tenant's in-flight set, or refuse it: 429 past `cap`."""
         if task.rows > cap:
+            what = "images" if isinstance(task, ClassifyTask) else "completions"
             message = (
-                f"the request asks for {task.rows} completions; a tenant may have at most {cap} in flight "
+                f"the request asks for {task.rows} {what}; a tenant may have at most {cap} in flight "
                 "(SELPRUNE_MAX_INFLIGHT_ROWS_PER_TENANT)"
             )
             raise GenerationRefused(422, ErrorInfo(type="LimitExceeded", message=message))
@@ -275,7 +315,7 @@ class ServingClient:
             pipe.expire(key, math.ceil(self.hold_s))
             await pipe.execute()
 
-    async def _submit(self, task: GenerateTask) -> str:
+    async def _submit(self, task: Queued) -> str:
         """XADD the task, or refuse it (503) when the stream already holds its cap of unread requests.
         Never trims: an approximate MAXLEN would drop the oldest requests, which may be other tenants'."""
         waiting = await self.waiting()
@@ -286,11 +326,12 @@ class ServingClient:
             )
             info = ErrorInfo(type="ServingQueueFull", message=message)
             raise GenerationRefused(503, info, retry_after_s=RETRY_AFTER_FULL_S)
-        entry_id = await self.redis.xadd(keys.GENERATE_STREAM, {"task": task.model_dump_json()})
+        field = "classify" if isinstance(task, ClassifyTask) else "task"
+        entry_id = await self.redis.xadd(keys.GENERATE_STREAM, {field: task.model_dump_json()})
         return _s(entry_id)
 
     async def _release(
-        self, task: GenerateTask, key: str, *, held: bool, entry_id: str | None, finished: bool, started: bool
+        self, task: Queued, key: str, *, held: bool, entry_id: str | None, finished: bool, started: bool
     ) -> None:
         """Delete the reply list and the in-flight hold; a request abandoned before its final event is
         withdrawn from the stream if no worker read it yet, and cancelled on the worker otherwise."""

@@ -107,3 +107,25 @@ def site_inputs(sites: Any, run: Callable[[], None], *, flatten: bool = False) -
         for handle in handles:
             handle.remove()
     return {kind: torch.stack([torch.cat(xs) for xs in layers]) for kind, layers in seen.items()}
+
+
+def build_vit(seed: int = 0, *, num_channels: int = 1, image_size: int = 8, num_labels: int = 10) -> Any:
+    """A tiny random-init ViT image classifier (2 layers, 32 wide, 2x2 patches), in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    config = AutoConfig.for_model(
+        "vit",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=2,
+        num_channels=num_channels,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForImageClassification.from_config(config)
+    model.eval()
+    return model

@@ -58,3 +58,10 @@ def test_recipe_and_preset_names_match_their_tables():
 
     assert set(get_args(payloads.RecipeName)) == set(payloads.RECIPES)
     assert set(get_args(payloads.PresetName)) == set(payloads.PRESETS)
+
+
+def test_image_vocabularies_match_the_worker():
+    from worker import image_data, image_models
+
+    assert constants.BUILTIN_IMAGE_SETS == image_data.IMAGE_SOURCES
+    assert constants.IMAGE_MODELS == (constants.VIT_DIGITS_MODEL,) == image_models.BUILTIN_IMAGE_MODELS

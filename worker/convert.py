@@ -3,12 +3,13 @@ never sees the wire's."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from protocol import ChoiceLogprobs, GenerateChoice, GenerateTask, PruneParams, SamplingParams
-from protocol.datasets import BuiltinData, FileData, HubData, InlineData
+from protocol.datasets import BuiltinData, FileData, HubData, ImageData, InlineData
 from selprune_core.config import (
     BudgetConfig,
     CollectConfig,
@@ -17,7 +18,7 @@ from selprune_core.config import (
     SamplingConfig,
     StopConfig,
 )
-from selprune_core.data import DatasetRef, dataset_ref_from_dict
+from selprune_core.data import DatasetRef, dataset_ref_from_dict, describe
 from selprune_core.decoding import Generation
 from selprune_core.token_logprobs import TokenLogprob
 
@@ -25,6 +26,26 @@ from selprune_core.token_logprobs import TokenLogprob
 def to_dataset_ref(spec: InlineData | FileData | HubData | BuiltinData) -> DatasetRef:
     """The core's dataset reference for a wire spec."""
     return dataset_ref_from_dict(spec.model_dump())
+
+
+IMAGE_TOPK = 3  # k of an image classifier's top-k accuracy (capped at its number of classes)
+
+
+def describe_spec(spec: InlineData | FileData | HubData | BuiltinData | ImageData) -> str:
+    """A short label for any dataset reference (the name of its eval set, in mask metadata and plots)."""
+    return spec.describe() if isinstance(spec, ImageData) else describe(to_dataset_ref(spec))
+
+
+def image_eval_config(n_classes: int, batch_size: int, seed: int) -> EvalConfig:
+    """How an image classifier is evaluated: every image, top-1 and top-3, bootstrap intervals."""
+    return EvalConfig(topk=min(IMAGE_TOPK, n_classes), batch_size=batch_size, seed=seed)
+
+
+def image_prune_config(params: PruneParams, n_classes: int) -> PruneConfig:
+    """`prune_config` for an image classifier: `batch_size` counts images, `collect_tokens` sequence
+    positions (patches + CLS per image), and every held-out image is evaluated."""
+    cfg = prune_config(params)
+    return dataclasses.replace(cfg, eval=image_eval_config(n_classes, params.batch_size, params.seed))
 
 
 def prune_config(params: PruneParams) -> PruneConfig:

@@ -8,28 +8,34 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import logging
 import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from protocol import EvaluateJob, ExportJob, JobProgress, PruneJob
-from selprune_core.data import describe
+from selprune_core.config import PruneConfig
 from selprune_core.errors import ConfigError
 from selprune_core.masking import fold_into_weights
 from selprune_core.masks import NeuronMask
 from selprune_core.placement import check_weights_resident
-from selprune_core.pruning import Progress, StepReport, prune_iteratively
+from selprune_core.prune_measure import PrunableModel
+from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun, StepReport
+from selprune_core.reports import Progress
 from selprune_core.sites import resolve_sites
 from selprune_core.splits import carve_validation
 from worker.context import JobContext, LeaseGuard, PlotSink
-from worker.convert import prune_config, to_dataset_ref
+from worker.convert import describe_spec, prune_config
 from worker.errors import CheckpointMissingError
 from worker.evaluate_job import run_evaluate, stop_check
+from worker.image_jobs import StartRun, image_prune_setup, run_image_evaluate
+from worker.image_models import LoadedClassifier, write_preprocessor
 from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -46,13 +52,32 @@ def run_job(
     if isinstance(job, PruneJob):
         return run_prune(job, runtime, ctx)
     if isinstance(job, EvaluateJob):
-        return run_evaluate(job, runtime, ctx)
+        return run_image_evaluate(job, runtime, ctx) if job.images else run_evaluate(job, runtime, ctx)
     return run_export(job, runtime, ctx, export_root=export_root)
 
 
+@dataclass(frozen=True)
+class PruneSetup:
+    """What a prune job runs: the model it prunes, its config, and how to start its run from the
+    options (history, resume mask) and callbacks the job machinery gives it."""
+
+    target: PrunableModel
+    cfg: PruneConfig
+    start: StartRun
+
+
 def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
+    steps = prune_config(job.params).n_steps  # checks the settings before anything loads
+    ctx.progress(JobProgress(phase="loading", steps=steps))
+    setup = (
+        PruneSetup(*image_prune_setup(job, runtime, ctx)) if job.images else _text_setup(job, runtime, ctx)
+    )
+    return _prune(job, ctx, setup)
+
+
+def _text_setup(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> PruneSetup:
+    """A causal LM on texts: train texts for statistics, held-out texts for evaluation."""
     cfg = prune_config(job.params)
-    ctx.progress(JobProgress(phase="loading", steps=cfg.n_steps))
     loaded = runtime.model(job.model)
     ctx.progress(JobProgress(phase="resolving_data", steps=cfg.n_steps))
 
@@ -64,7 +89,7 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
     )
     eval_sets: dict[str, tuple[str, ...]] = {"forget": forget.heldout, "retain": retain.heldout}
     for spec in job.eval or []:
-        eval_sets[describe(to_dataset_ref(spec))] = runtime.dataset(spec, model_ref=job.model).heldout
+        eval_sets[describe_spec(spec)] = runtime.dataset(spec, model_ref=job.model).heldout
     forget_train, retain_train = forget.train, retain.train
     budget_sets = None
     if cfg.budget is not None:
@@ -74,6 +99,17 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
         retain_train, retain_val = carve_validation(retain.train)
         budget_sets = {"forget": forget_val, "retain": retain_val}
 
+    def start(options: PruneOptions, callbacks: PruneCallbacks) -> PruneRun:
+        options = dataclasses.replace(options, budget_sets=budget_sets)
+        return PruneRun(loaded, forget_train, retain_train, eval_sets, cfg, options, callbacks)
+
+    return PruneSetup(loaded, cfg, start)
+
+
+def _prune(job: PruneJob, ctx: JobContext, setup: PruneSetup) -> dict[str, Any]:
+    """Run `setup` to the end through the job context: resume from its checkpoint, report progress,
+    record every step with its mask and plot, store the final mask with its metadata."""
+    cfg = setup.cfg
     history = [StepReport.from_dict(report) for report in ctx.completed_steps()]
     checkpoint = ctx.checkpoint()
     if history and not checkpoint:  # each step is recorded with its mask; without it, no honest resume
@@ -108,26 +144,17 @@ def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str
         if isinstance(ctx, PlotSink):
             _store_plot(ctx, steps_so_far, job)
 
-    result = prune_iteratively(
-        loaded,
-        forget_train,
-        retain_train,
-        eval_sets,
-        cfg,
-        budget_sets=budget_sets,
-        history=history,
-        resume_mask=resume_mask,
-        on_step=on_step,
-        on_progress=on_progress,
-        should_stop=ctx.should_cancel,
-    )
+    options = PruneOptions(history=history, resume_mask=resume_mask)
+    callbacks = PruneCallbacks(on_step=on_step, on_progress=on_progress, should_stop=ctx.should_cancel)
+    result = setup.start(options, callbacks).run_to_end()
     meta = {
         "name": job.name,
         "job_id": job.job_id,
         "model": job.model,
-        "fingerprint": loaded.fingerprint,
-        "forget": describe(to_dataset_ref(job.forget)),
-        "retain": describe(to_dataset_ref(job.retain)),
+        "fingerprint": setup.target.fingerprint,
+        "data_kind": "images" if job.images else "text",
+        "forget": describe_spec(job.forget),
+        "retain": describe_spec(job.retain),
         "params": job.params.model_dump(mode="json"),
         "stopped_reason": result.stopped_reason,
         "offsets": result.mask.has_offsets,
@@ -152,15 +179,16 @@ def _store_plot(ctx: PlotSink, steps: list[dict[str, Any]], job: PruneJob) -> No
     try:
         from worker.plots import render_job_plot  # lazy: matplotlib loads on the first completed step
 
-        title = f"{job.name or job.job_id}: forget {describe(to_dataset_ref(job.forget))}"
+        title = f"{job.name or job.job_id}: forget {describe_spec(job.forget)}"
         ctx.store_plot(render_job_plot(steps, title=title))
     except Exception:
         log.warning("job %s: could not render or store the plot", job.job_id, exc_info=True)
 
 
 def _trajectory_row(report: StepReport) -> dict[str, Any]:
-    """The compact per-step record kept in mask metadata (top-1/top-k/loss per eval set, counts)."""
-    return {
+    """The compact per-step record kept in mask metadata (top-1/top-k/loss per eval set, counts; for
+    images also the top-1 per class of each eval set)."""
+    row: dict[str, Any] = {
         "step": report.step,
         "accepted": report.accepted,
         "trial": report.trial,
@@ -179,6 +207,9 @@ def _trajectory_row(report: StepReport) -> dict[str, Any]:
             for name, metrics in report.metrics.items()
         },
     }
+    if "per_class" in report.extra:
+        row["per_class"] = report.extra["per_class"]
+    return row
 
 
 def run_export(
@@ -196,7 +227,7 @@ def run_export(
     if ref is None:
         raise ConfigError("export needs the model the mask was made on")
     ctx.progress(JobProgress(phase="loading"))
-    loaded = runtime.model(ref)
+    loaded = runtime.loaded(ref)  # a language model or an image classifier
     mask.check_fits(loaded.sites, loaded.fingerprint)
     check_weights_resident(loaded.model, "exporting a mask")  # before copying: offloaded weights cannot fold
     stop_check(ctx, "export")
@@ -207,10 +238,13 @@ def run_export(
     staging.mkdir()
     try:
         # Fold into a copy: the cached model is shared by every other job and request.
-        model = copy.deepcopy(loaded.model)
+        model: Any = copy.deepcopy(loaded.model)  # a PreTrainedModel of either kind
         fold_into_weights(model, resolve_sites(model), mask)
         model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
+        if isinstance(loaded, LoadedClassifier):  # no tokenizer: the preprocessing it expects instead
+            write_preprocessor(loaded.preprocess, staging)
+        else:
+            loaded.tokenizer.save_pretrained(staging)
         del model
         stop_check(ctx, "export")
         if isinstance(ctx, LeaseGuard):

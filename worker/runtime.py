@@ -4,6 +4,10 @@ Models load lazily into a small LRU cache (a worker may serve a few models, but 
 memory), datasets resolve against the configured data root and cache folder. Built once at start-up,
 never per job, and shared by the job and serving lanes of one process.
 
+The cache holds language models and image classifiers alike (worker/image_models.py decides which a
+reference names). Callers ask for the kind they need, `model` (a causal LM) or `classifier`, and get a
+ConfigError naming the mismatch when the reference is of the other kind.
+
 What a job may name is confined here, from the worker's settings: local models must lie under
 `models_root` (except the operator's own `trusted_models`, SELPRUNE_MODELS), and hub datasets pass
 `hub_datasets` (SELPRUNE_HUB_DATASETS, protocol/hub_policy.py). The defaults (no root, any hub
@@ -22,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from protocol import BuiltinData, FileData, HubData, InlineData
+from protocol import BuiltinData, FileData, HubData, ImageData, InlineData
 from protocol.hub_policy import HUB_ANY, hub_dataset_refusal, parse_hub_datasets
 from selprune_core.corpora import MODEL_BUILTINS
 from selprune_core.data import resolve_dataset
@@ -30,11 +34,15 @@ from selprune_core.errors import ConfigError
 from selprune_core.loading import LoadedModel, load_model
 from selprune_core.self_contrast import CLEAN_NAME, TOXIC_NAME, builtin_contrast
 from selprune_core.splits import TextSplits
+from selprune_core.vision_model import VitRecipe
 from worker.convert import to_dataset_ref
+from worker.image_data import ImageSplitSets, image_splits
+from worker.image_models import LoadedClassifier, is_image_model, load_classifier
 
 log = logging.getLogger(__name__)
 
-DatasetSpecModel = InlineData | FileData | HubData | BuiltinData
+DatasetSpecModel = InlineData | FileData | HubData | BuiltinData | ImageData
+Loaded = LoadedModel | LoadedClassifier
 
 
 class ModelRuntime:
@@ -52,6 +60,7 @@ class ModelRuntime:
         hub_datasets: str = HUB_ANY,
         device_map: str | None = None,
         max_memory: str | None = None,
+        digits_recipe: VitRecipe | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.data_root = Path(data_root)
@@ -63,15 +72,39 @@ class ModelRuntime:
         self.device_map = device_map or None  # accelerate's strategy ("auto"); None: all on `device`
         self.max_memory = max_memory or None  # "0=20GiB,cpu=60GiB": what the map may put on each device
         self.max_models = max(1, max_models)
-        self.max_texts = max_texts
-        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.max_texts = max_texts  # texts per dataset split, and images per image data set
+        self.digits_recipe = (
+            digits_recipe  # the builtin digits ViT's recipe (None: the default; tests shrink it)
+        )
+        self._models: OrderedDict[str, Loaded] = OrderedDict()
         self._lock = threading.Lock()  # guards _models and _loading; never held while loading
         self._loading: dict[str, threading.Lock] = {}  # ref -> lock held by the caller loading it
         self._contrast: dict[tuple[str, str], TextSplits] = {}  # (fingerprint, builtin name) -> texts
         self._contrast_lock = threading.Lock()  # held while generating: one generation per model at once
 
     def model(self, ref: str) -> LoadedModel:
-        """The loaded model for `ref`, loading it (and evicting the least recently used) if needed.
+        """The causal LM `ref` names; ConfigError if it names an image classifier."""
+        loaded = self.loaded(ref)
+        if isinstance(loaded, LoadedClassifier):
+            raise ConfigError(
+                f"model {ref!r} is an image classifier; this needs a causal language model "
+                "(image classifiers take image datasets and /v1/classify)"
+            )
+        return loaded
+
+    def classifier(self, ref: str) -> LoadedClassifier:
+        """The image classifier `ref` names; ConfigError if it names a language model."""
+        loaded = self.loaded(ref)
+        if not isinstance(loaded, LoadedClassifier):
+            raise ConfigError(
+                f"model {ref!r} is a language model; this needs an image classifier "
+                "(a *ForImageClassification folder or builtin:vit-digits)"
+            )
+        return loaded
+
+    def loaded(self, ref: str) -> Loaded:
+        """The loaded model for `ref`, of whichever kind, loading it (and evicting the least recently
+        used) if needed.
 
         Loading happens outside the cache lock, under a lock of its own per ref: the job lane loading
         a new model (minutes, for a large one) must not stall the serving lane's lookups of models it
@@ -91,16 +124,7 @@ class ModelRuntime:
             where = f"device_map={self.device_map}" if self.device_map else f"device={self.device}"
             log.info("loading model %s (%s, dtype=%s)", ref, where, self.dtype)
             try:
-                root = None if ref in self.trusted_models else self.models_root
-                loaded = load_model(
-                    ref,
-                    cache_dir=self.cache_dir,
-                    device=self.device,
-                    dtype=self.dtype,
-                    models_root=root,
-                    device_map=self.device_map,
-                    max_memory=self.max_memory,
-                )
+                loaded = self._load(ref)
             finally:
                 with self._lock:
                     self._loading.pop(ref, None)
@@ -108,6 +132,27 @@ class ModelRuntime:
                 self._evict(keep=self.max_models - 1)
                 self._models[ref] = loaded
             return loaded
+
+    def _load(self, ref: str) -> Loaded:
+        root = None if ref in self.trusted_models else self.models_root
+        if is_image_model(ref, root):
+            return load_classifier(
+                ref,
+                cache_dir=self.cache_dir,
+                device=self.device,
+                dtype=self.dtype,
+                models_root=root,
+                digits_recipe=self.digits_recipe,
+            )
+        return load_model(
+            ref,
+            cache_dir=self.cache_dir,
+            device=self.device,
+            dtype=self.dtype,
+            models_root=root,
+            device_map=self.device_map,
+            max_memory=self.max_memory,
+        )
 
     def _evict(self, keep: int) -> None:
         """Drop least recently used models until `keep` remain (callers holding one keep using it)."""
@@ -131,6 +176,8 @@ class ModelRuntime:
         Generating those takes minutes the first time on a CPU: `on_progress(prompts_done, total)`
         hears about it.
         """
+        if isinstance(spec, ImageData):
+            raise ConfigError(f"{spec.describe()}: image datasets are read by image classifiers, not texts")
         if isinstance(spec, BuiltinData) and spec.name in MODEL_BUILTINS:
             if model_ref is None:
                 raise ConfigError(f"builtin dataset {spec.name!r} is generated by a model: give model_ref")
@@ -142,6 +189,10 @@ class ModelRuntime:
         return resolve_dataset(
             to_dataset_ref(spec), data_root=self.data_root, cache_dir=self.cache_dir, max_texts=self.max_texts
         )
+
+    def image_dataset(self, spec: ImageData, classifier: LoadedClassifier) -> ImageSplitSets:
+        """An image dataset spec resolved (split, preprocessed, filtered) for `classifier`."""
+        return image_splits(spec, classifier, data_root=self.data_root, max_images=self.max_texts)
 
     def _model_builtin(
         self, name: str, model_ref: str, on_progress: Callable[[int, int], None] | None

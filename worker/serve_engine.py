@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from protocol import (
+    ClassifyTask,
     ErrorInfo,
     GenerateDelta,
     GenerateDone,
@@ -36,7 +37,7 @@ from protocol import (
     GenerateUsage,
 )
 from selprune_core.decoding import DecodeBatch, Generation, GenerationRow, Piece
-from selprune_core.errors import MaskMismatchError, SelPruneError
+from selprune_core.errors import ConfigError, MaskMismatchError, SelPruneError
 from selprune_core.generation import apply_chat_template, encode_prompts
 from selprune_core.loading import LoadedModel
 from selprune_core.masking import MaskFactors, apply_row_masks
@@ -167,6 +168,9 @@ class ServeEngine:
         try:
             loaded = self.runtime.model(ref)
             table = self.table(ref, loaded)
+        except ConfigError as exc:  # an image classifier: it classifies, it does not generate
+            reply([(t, failed("ModelKindMismatch", str(exc))) for t in tasks])
+            return
         except Exception as exc:
             if classify(exc) is Outcome.device_failure:
                 self._fail(list(tasks), exc, reply, running=False)
@@ -300,7 +304,7 @@ class ServeEngine:
     def _prepare(
         self, task: GenerateTask, loaded: LoadedModel, table: MaskTable, in_batch: set[str]
     ) -> _Request:
-        slot = 0 if task.mask_id is None else self._mask_slot(task, table, in_batch)
+        slot = 0 if task.mask_id is None else mask_slot(table, task, self.load_mask, in_batch)
         tokenizer = loaded.tokenizer
         try:  # a chat template may refuse a conversation ("roles must alternate"): the caller's input
             if task.messages is not None:
@@ -341,25 +345,6 @@ class ServeEngine:
         ]
         return _Request(task, slot, prompt_ids, rows)
 
-    def _mask_slot(self, task: GenerateTask, table: MaskTable, in_batch: set[str]) -> int:
-        assert task.mask_id is not None
-        slot = table.slot(task.mask_id)
-        if slot is not None:
-            return slot
-        try:
-            mask = NeuronMask.from_bytes(self.load_mask(task.mask_id, task.tenant))
-            slot = table.add(mask, keep=in_batch)
-        except MaskNotFoundError:
-            raise ServeError("MaskNotFound", f"mask {task.mask_id!r} not found") from None
-        except MaskMismatchError as exc:
-            raise ServeError(
-                "MaskMismatch", f"mask {task.mask_id!r} does not fit {task.model!r}: {exc}"
-            ) from None
-        if mask.mask_id != task.mask_id:
-            raise ServeError("MaskMismatch", f"stored bits of {task.mask_id!r} hash to {mask.mask_id!r}")
-        log.info("mask %s loaded for %s (%d masks on the device)", task.mask_id, task.model, len(table))
-        return slot
-
     @staticmethod
     def _done(req: _Request, tokenizer: PreTrainedTokenizerBase) -> GenerateDone:
         mine = [req.done[i] for i in range(req.task.rows)]
@@ -382,6 +367,30 @@ class ServeEngine:
                 batch_rows=req.batch_rows,
             ),
         )
+
+
+def mask_slot(
+    table: MaskTable, task: GenerateTask | ClassifyTask, load_mask: MaskLoader, in_batch: Collection[str]
+) -> int:
+    """The table slot of the task's mask, fetched for its tenant on first use without evicting the masks
+    `in_batch` uses; ServeError MaskNotFound or MaskMismatch."""
+    assert task.mask_id is not None
+    slot = table.slot(task.mask_id)
+    if slot is not None:
+        return slot
+    try:
+        mask = NeuronMask.from_bytes(load_mask(task.mask_id, task.tenant))
+        slot = table.add(mask, keep=in_batch)
+    except MaskNotFoundError:
+        raise ServeError("MaskNotFound", f"mask {task.mask_id!r} not found") from None
+    except MaskMismatchError as exc:
+        raise ServeError(
+            "MaskMismatch", f"mask {task.mask_id!r} does not fit {task.model!r}: {exc}"
+        ) from None
+    if mask.mask_id != task.mask_id:
+        raise ServeError("MaskMismatch", f"stored bits of {task.mask_id!r} hash to {mask.mask_id!r}")
+    log.info("mask %s loaded for %s (%d masks on the device)", task.mask_id, task.model, len(table))
+    return slot
 
 
 def _row_key(key: Hashable) -> tuple[str, int]:

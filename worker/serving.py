@@ -22,6 +22,10 @@ first request in that order picks the model, and a request for another model wai
 batch to drain rather than be overtaken; a request with more rows than there is room for is not
 overtaken either.
 
+Image classification (`ClassifyTask`, entry field "classify" instead of "task") shares the stream and
+the loop: a classification is one forward pass, so the tasks read in a turn are answered in that turn
+(worker/classify_engine.py), rows of different masks in one batch, before the turn's decode step.
+
 Requests are acked and deleted as they are read: generation is short and latency-bound, so a request
 whose worker dies is answered 504 by the gateway rather than retried after a visibility timeout. A
 request past its deadline when read or admitted is dropped (the gateway has already answered 504). On
@@ -38,15 +42,17 @@ import logging
 import re
 import threading
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import redis
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from protocol import GenerateTask, keys
+from protocol import ClassifyTask, GenerateTask, keys
+from worker.classify_engine import ClassifyEngine
 from worker.loop import ensure_group, require_bytes_client, run_turns
 from worker.runtime import ModelRuntime
-from worker.serve_engine import Event, ServeEngine, failed
+from worker.serve_engine import ServeEngine, failed
 from worker.settings import WorkerSettings
 from worker.store import MaskStore
 
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 CANCEL_CHECK_S = 0.1  # how often (at most) the loop asks Redis which of its requests were cancelled
 _SERVED_KEPT = 10_000  # tenants whose last admission is remembered for the round robin
 _REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # what a gateway's request id looks like
+Task = TypeVar("Task", GenerateTask, ClassifyTask)
 
 
 def ensure_serve_group(redis_client: redis.Redis) -> None:
@@ -75,7 +82,11 @@ class ServeLoop:
             mask_slots=max(settings.serve_mask_cache, settings.serve_max_batch),
             max_prompt_tokens=settings.max_prompt_tokens,
         )
+        self.classifier = ClassifyEngine(
+            runtime, store.get_bytes, mask_slots=max(settings.serve_mask_cache, settings.serve_max_batch)
+        )
         self.pending: list[GenerateTask] = []  # read, not yet admitted; oldest first
+        self.classify_pending: list[ClassifyTask] = []  # read this turn, answered before its decode step
         self._served: dict[str, int] = {}  # tenant -> number of its latest admission (round robin)
         self._admissions = itertools.count()
         self.cancel_every_s = CANCEL_CHECK_S
@@ -131,22 +142,24 @@ class ServeLoop:
         engine = self.engine
         self._drop_cancelled()
         if (room := self._room()) > 0:
-            idle = engine.model is None and not self.pending
+            idle = engine.model is None and not self.pending and not self.classify_pending
             self._read(room, block_ms=self.settings.poll_block_ms if idle else None)
             room = self._room()
-            if engine.model is None and self.pending and room > 0 and self.settings.serve_batch_window_ms > 0:
+            waiting = self.pending or self.classify_pending
+            if engine.model is None and waiting and room > 0 and self.settings.serve_batch_window_ms > 0:
                 time.sleep(self.settings.serve_batch_window_ms / 1000)
                 self._read(room, block_ms=None)
+        classified = self._classify()
         admitted = self._admissible()
         if not admitted and engine.model is None:
-            return 0
+            return classified
         start = time.perf_counter()
         if admitted:
             engine.admit(admitted, self._send)
         if engine.model is not None:
             engine.step(self._send)
         self._record(time.perf_counter() - start, engine.rows)
-        return len(admitted)
+        return classified + len(admitted)
 
     def finish(self) -> None:
         """Decode the running batch to its end, admitting nothing new (shutdown, tests)."""
@@ -194,17 +207,35 @@ class ServeLoop:
             pipe.execute()
         now = time.time()
         for _entry_id, fields in entries:
-            task = self._parse(fields.get(b"task", b""))
+            task: GenerateTask | ClassifyTask | None
+            if b"classify" in fields:
+                task = self._parse(fields[b"classify"], ClassifyTask)
+            else:
+                task = self._parse(fields.get(b"task", b""), GenerateTask)
             if task is None:
                 continue
             if task.deadline <= now:
                 log.info("request %s: past its deadline when read; dropped", task.request_id)
                 continue
-            self.pending.append(task)
+            if isinstance(task, ClassifyTask):
+                self.classify_pending.append(task)
+            else:
+                self.pending.append(task)
 
-    def _parse(self, raw: bytes) -> GenerateTask | None:
+    def _classify(self) -> int:
+        """Answer the classification tasks read this turn (one forward per model); returns how many."""
+        now, tasks = time.time(), self.classify_pending
+        self.classify_pending = []
+        tasks = [t for t in tasks if t.deadline > now]  # the gateway answered the others 504 already
+        if tasks:
+            start = time.perf_counter()
+            self.classifier.run(tasks, self._send)
+            self._record(time.perf_counter() - start, sum(t.rows for t in tasks))
+        return len(tasks)
+
+    def _parse(self, raw: bytes, kind: type[Task]) -> Task | None:
         try:
-            return GenerateTask.model_validate_json(raw)
+            return kind.model_validate_json(raw)
         except ValidationError as exc:
             # Answer if the request id can be read, so the caller hears why instead of timing out. The
             # message names fields, never their values (which may not even be valid text).
@@ -214,7 +245,8 @@ class ServeLoop:
             )
             log.warning("request %s: invalid task: %s", request_id or "<unknown>", problems)
             if request_id:
-                self._push(request_id, failed("InvalidRequest", f"invalid generation task: {problems}"))
+                what = "classification" if kind is ClassifyTask else "generation"
+                self._push(request_id, failed("InvalidRequest", f"invalid {what} task: {problems}"))
             return None
 
     def _admissible(self) -> list[GenerateTask]:
@@ -281,19 +313,19 @@ class ServeLoop:
         self._stats_sent_at = time.monotonic()
 
     # Replies ----------------------------------------------------------------------------------------
-    def _send(self, events: list[tuple[GenerateTask, Event]]) -> None:
+    def _send(self, events: Sequence[tuple[GenerateTask | ClassifyTask, BaseModel]]) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
             for task, event in events:
                 self._queue_push(pipe, task.request_id, event)
             pipe.execute()
 
-    def _push(self, request_id: str, event: Event) -> None:
+    def _push(self, request_id: str, event: BaseModel) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
             self._queue_push(pipe, request_id, event)
             pipe.execute()
 
     @staticmethod
-    def _queue_push(pipe: Any, request_id: str, event: Event) -> None:
+    def _queue_push(pipe: Any, request_id: str, event: BaseModel) -> None:
         key = keys.GENERATE_REPLY_KEY.format(request_id=request_id)
         pipe.rpush(key, event.model_dump_json())
         pipe.expire(key, keys.GENERATE_REPLY_TTL_S)

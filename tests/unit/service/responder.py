@@ -1,5 +1,6 @@
 """A stand-in serving worker for gateway tests: it reads the generate stream with XREADGROUP, as the
-real one does, and answers each task with the GenerateEvent JSON a handler returns (default: echo)."""
+real one does, and answers each task with the GenerateEvent JSON a handler returns (default: echo), and
+each classification task with the event `classify_handler` returns (default: class 0, probability 1)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,35 @@ from collections.abc import Callable
 import redis
 
 from protocol import (
+    ClassifyDone,
+    ClassifyTask,
+    ClassLabel,
     GenerateChoice,
     GenerateDelta,
     GenerateDone,
     GenerateEvent,
+    GenerateFailed,
     GenerateTask,
     GenerateTimings,
     GenerateUsage,
+    ImagePrediction,
     keys,
 )
 
 Event = GenerateEvent  # delta | done | error
 Handler = Callable[[GenerateTask], list[Event]]
+ClassifyHandler = Callable[[ClassifyTask], ClassifyDone | GenerateFailed]
+
+
+def first_class(task: ClassifyTask) -> ClassifyDone:
+    """Every image: class 0 with probability 1."""
+    labels = [ClassLabel(id=0, label="0", probability=1.0)]
+    return ClassifyDone(
+        model=task.model,
+        mask_id=task.mask_id,
+        predictions=[ImagePrediction(labels=labels) for _ in task.images],
+        timings=GenerateTimings(queue_ms=1.0, model_ms=2.0, batch_rows=task.rows),
+    )
 
 
 def echo_texts(task: GenerateTask) -> list[str]:
@@ -62,10 +80,14 @@ def echo(task: GenerateTask) -> list[Event]:
 class Responder:
     """Runs in a thread from `with Responder(url) as r:`; `tasks` holds what it read, in order."""
 
-    def __init__(self, redis_url: str, handler: Handler = echo) -> None:
+    def __init__(
+        self, redis_url: str, handler: Handler = echo, classify_handler: ClassifyHandler = first_class
+    ) -> None:
         self.redis = redis.Redis.from_url(redis_url)
         self.handler = handler
+        self.classify_handler = classify_handler
         self.tasks: list[GenerateTask] = []
+        self.classified: list[ClassifyTask] = []
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="responder", daemon=True)
@@ -95,7 +117,10 @@ class Responder:
                 )
                 for _, entries in streams or []:
                     for entry_id, fields in entries:
-                        self._answer(GenerateTask.model_validate_json(fields[b"task"]))
+                        if b"classify" in fields:
+                            self._classify(ClassifyTask.model_validate_json(fields[b"classify"]))
+                        else:
+                            self._answer(GenerateTask.model_validate_json(fields[b"task"]))
                         self.redis.xack(keys.GENERATE_STREAM, keys.GENERATE_GROUP, entry_id)
                         self.redis.xdel(keys.GENERATE_STREAM, entry_id)
         except BaseException as exc:  # raised again by __exit__
@@ -107,3 +132,9 @@ class Responder:
         for event in self.handler(task):
             self.redis.rpush(reply, event.model_dump_json())
             self.redis.expire(reply, keys.GENERATE_REPLY_TTL_S)
+
+    def _classify(self, task: ClassifyTask) -> None:
+        self.classified.append(task)
+        reply = keys.GENERATE_REPLY_KEY.format(request_id=task.request_id)
+        self.redis.rpush(reply, self.classify_handler(task).model_dump_json())
+        self.redis.expire(reply, keys.GENERATE_REPLY_TTL_S)

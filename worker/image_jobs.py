@@ -1,0 +1,127 @@
+"""The image classifier side of the prune and evaluate jobs.
+
+A prune job whose datasets are images (protocol.ImageData) runs the same job machinery as a text job
+(worker/jobs.py: resume from the checkpoint, progress, steps, plots, the stored mask and its
+metadata); only what it runs differs: `image_prune_setup` builds a `PruneRun.with_measure` on the
+classifier, reading it through `ImageMeasure` (statistics on the train images of the forget and retain
+sets, accuracy on their held-out images). An evaluate job on images measures top-1 / top-k accuracy,
+cross-entropy with bootstrap intervals, and the top-1 of every class with its Wilson interval, for the
+base model and/or a mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from protocol import EvaluateJob, ImageData, JobProgress, PruneJob
+from selprune_core.config import PruneConfig
+from selprune_core.errors import ConfigError
+from selprune_core.image_measure import (
+    ImageClassifier,
+    ImageEval,
+    ImageMeasure,
+    evaluate_images,
+    tokens_per_image,
+)
+from selprune_core.images import ImageSet
+from selprune_core.masking import apply_mask
+from selprune_core.masks import NeuronMask
+from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun
+from selprune_core.toxicity import wilson_interval
+from worker.context import JobContext
+from worker.convert import image_eval_config, image_prune_config
+from worker.evaluate_job import stop_check
+from worker.image_models import LoadedClassifier
+from worker.runtime import DatasetSpecModel, ModelRuntime
+
+__all__ = ["EVAL_IMAGE_BATCH", "StartRun", "image_prune_setup", "run_image_evaluate"]
+
+EVAL_IMAGE_BATCH = 64  # images per forward pass of an evaluation job
+# How a prune job starts its run, given the options (history, resume mask) and callbacks of the job.
+StartRun = Callable[[PruneOptions, PruneCallbacks], PruneRun]
+
+
+def _images(spec: DatasetSpecModel) -> ImageData:
+    if not isinstance(spec, ImageData):  # the payload's validator allows no mix; this is for the types
+        raise ConfigError("a job on images reads image datasets only")
+    return spec
+
+
+def image_prune_setup(
+    job: PruneJob, runtime: ModelRuntime, ctx: JobContext
+) -> tuple[ImageClassifier, PruneConfig, StartRun]:
+    """The classifier a job prunes, its config, and how to start its run."""
+    classifier = runtime.classifier(job.model)
+    cfg = image_prune_config(job.params, classifier.n_classes)
+    positions = tokens_per_image(classifier.model)
+    if cfg.collect.skip_first >= positions:
+        raise ConfigError(
+            f"params.skip_first ({cfg.collect.skip_first}) leaves none of the {positions} positions of an "
+            f"image of {job.model!r} to count (1 leaves out CLS)"
+        )
+    ctx.progress(JobProgress(phase="resolving_data", steps=cfg.n_steps))
+    forget, retain = (runtime.image_dataset(_images(s), classifier) for s in (job.forget, job.retain))
+    eval_sets: dict[str, ImageSet] = {"forget": forget.heldout, "retain": retain.heldout}
+    for spec in job.eval or []:
+        image_spec = _images(spec)
+        eval_sets[image_spec.describe()] = runtime.image_dataset(image_spec, classifier).heldout
+    target = classifier.target
+
+    def start(options: PruneOptions, callbacks: PruneCallbacks) -> PruneRun:
+        measure = ImageMeasure(target, cfg, (forget.train, retain.train), eval_sets, callbacks)
+        return PruneRun.with_measure(target, measure, eval_sets, cfg, options, callbacks)
+
+    return target, cfg, start
+
+
+def run_image_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
+    """Accuracy of the base model and/or a mask on the held-out images of each dataset."""
+    ctx.progress(JobProgress(phase="loading"))
+    classifier = runtime.classifier(job.model)
+    mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id)) if job.mask_id else None
+    if mask is not None:
+        mask.check_fits(classifier.sites, classifier.fingerprint)
+    if mask is None and not job.include_base:
+        raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
+    ctx.progress(JobProgress(phase="resolving_data"))
+    sets = {s.describe(): runtime.image_dataset(s, classifier).heldout for s in map(_images, job.datasets)}
+    cfg = image_eval_config(classifier.n_classes, EVAL_IMAGE_BATCH, job.seed)
+    variants: dict[str, NeuronMask] = {}
+    if job.include_base:
+        variants["base"] = classifier.full_mask()
+    if mask is not None:
+        variants["masked"] = mask
+    out: dict[str, Any] = {"model": job.model, "mask_id": job.mask_id, "results": {}}
+    for variant, active in variants.items():
+        stop_check(ctx, "evaluation")
+        ctx.progress(JobProgress(phase=f"evaluating_{variant}"))
+        results: dict[str, Any] = {}
+        with apply_mask(classifier.model, classifier.sites, active):
+            for name, images in sets.items():
+                stop_check(ctx, "evaluation")
+                evaluated = evaluate_images(classifier.model, images, cfg, classifier.n_classes)
+                results[name] = {"accuracy": accuracy_dict(evaluated, images, classifier)}
+        out["results"][variant] = results
+    return out
+
+
+def accuracy_dict(evaluated: ImageEval, images: ImageSet, classifier: LoadedClassifier) -> dict[str, Any]:
+    """Overall metrics (top-1, top-k, loss with bootstrap intervals) and, per class present, its top-1
+    with a 95% Wilson interval."""
+    counts = images.counts(classifier.n_classes)
+    per_class = []
+    for class_id, (top1, n) in enumerate(zip(evaluated.per_class, counts, strict=True)):
+        if top1 is None or n == 0:
+            continue
+        hits = round(top1 * n)
+        per_class.append(
+            {
+                "class_id": class_id,
+                "label": classifier.labels[class_id],
+                "n_images": n,
+                "top1": top1,
+                "ci": list(wilson_interval(hits, n)),
+            }
+        )
+    return {**evaluated.result.as_dict(), "n_images": len(images), "per_class": per_class}
