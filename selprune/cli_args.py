@@ -1,5 +1,5 @@
 """The command line's vocabulary: exit codes, CliError, dataset specs (`builtin:NAME`, `file:PATH`,
-`inline:TEXT1|TEXT2`, `hub:ID`) and the job flags `prune` and `submit` share, checked against the wire
+`inline:TEXT1|TEXT2`, `hub:ID`, `images:SOURCE[LABELS]`) and the job flags `prune` and `submit` share, checked against the wire
 contract's PruneParams before anything runs or is sent."""
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ class CliError(Exception):
 
 # --- dataset specs ----------------------------------------------------------------------------------------
 def dataset_spec(text: str) -> dict[str, Any]:
-    """Parse `builtin:NAME`, `file:PATH` (relative to the data root), `inline:TEXT1|TEXT2` or `hub:ID`
-    into the wire form of a dataset reference (protocol.DatasetSpec)."""
+    """Parse `builtin:NAME`, `file:PATH` (relative to the data root), `inline:TEXT1|TEXT2`, `hub:ID` or
+    `images:SOURCE[LABELS]` into the wire form of a dataset reference (protocol.DatasetSpec)."""
     kind, sep, rest = text.partition(":")
-    kinds = "builtin:NAME, file:PATH, inline:TEXT1|TEXT2 or hub:ID"
+    kinds = "builtin:NAME, file:PATH, inline:TEXT1|TEXT2, hub:ID or images:SOURCE[LABELS]"
     if not sep:
         raise argparse.ArgumentTypeError(f"dataset {text!r} has no kind; use {kinds} (e.g. {DEFAULT_FORGET})")
     if kind == "builtin":
@@ -68,11 +68,36 @@ def dataset_spec(text: str) -> dict[str, Any]:
         if not rest:
             raise argparse.ArgumentTypeError("hub dataset needs an id, e.g. hub:wikitext")
         return {"kind": "hub", "id": rest}
+    if kind == "images":
+        return _image_spec(rest)
     raise argparse.ArgumentTypeError(f"dataset kind {kind!r} is not supported; use {kinds}")
+
+
+def _image_spec(rest: str) -> dict[str, Any]:
+    """`SOURCE` (every class), `SOURCE[0,3]` (only classes 0 and 3) or `SOURCE[-0]` (all but class 0),
+    the form the service's mask metadata describes image data in."""
+    source, bracket, labels = rest.partition("[")
+    if not source:
+        raise argparse.ArgumentTypeError("image dataset needs a source, e.g. images:builtin:digits[0]")
+    spec: dict[str, Any] = {"kind": "images", "source": source}
+    if not bracket:
+        return spec
+    items = [item.strip() for item in labels.removesuffix("]").split(",")] if labels.endswith("]") else []
+    excluded = [item.startswith("-") for item in items]
+    ids = [item.removeprefix("-") for item in items]
+    if not items or not all(i.isdigit() for i in ids) or len(set(excluded)) != 1:
+        raise argparse.ArgumentTypeError(
+            f"image labels {'[' + labels!r}: give class ids to keep, [0,3], or to drop, [-0,-3]; not a mix"
+        )
+    spec["exclude_labels" if excluded[0] else "labels"] = [int(i) for i in ids]
+    return spec
 
 
 def describe_spec(spec: dict[str, Any]) -> str:
     kind = spec["kind"]
+    if kind == "images":
+        kept = spec.get("labels") or [f"-{i}" for i in spec.get("exclude_labels") or []]
+        return f"images:{spec['source']}" + (f"[{','.join(map(str, kept))}]" if kept else "")
     if kind == "inline":
         return f"inline ({len(spec['texts'])} texts)"
     return f"{kind}:{spec.get('name') or spec.get('path') or spec.get('id')}"
@@ -83,7 +108,9 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     """Dataset and algorithm flags shared by `prune` and `submit`; unset flags keep PruneParams defaults."""
     fields = PruneParams.model_fields
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model reference (default: %(default)s)")
-    kinds = "builtin:NAME, file:PATH (under the data root), inline:TEXT1|TEXT2 or hub:ID"
+    kinds = (
+        "builtin:NAME, file:PATH (under the data root), inline:TEXT1|TEXT2, hub:ID or images:SOURCE[LABELS]"
+    )
     p.add_argument(
         "--forget",
         type=dataset_spec,

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from selprune.cli import build_parser, main
-from selprune.cli_args import CliError, dataset_spec, params_from_args
+from selprune.cli_args import CliError, dataset_spec, describe_spec, params_from_args
 
 
 @pytest.mark.parametrize(
@@ -18,6 +18,9 @@ from selprune.cli_args import CliError, dataset_spec, params_from_args
         ("inline:first text|second text", {"kind": "inline", "texts": ["first text", "second text"]}),
         ("inline:one: with a colon||", {"kind": "inline", "texts": ["one: with a colon"]}),
         ("hub:wikitext", {"kind": "hub", "id": "wikitext"}),
+        ("images:builtin:digits", {"kind": "images", "source": "builtin:digits"}),
+        ("images:builtin:digits[0,3]", {"kind": "images", "source": "builtin:digits", "labels": [0, 3]}),
+        ("images:sets/mine.npz[-0]", {"kind": "images", "source": "sets/mine.npz", "exclude_labels": [0]}),
     ],
 )
 def test_dataset_spec_parses(text, expected):
@@ -34,6 +37,11 @@ def test_dataset_spec_parses(text, expected):
         ("file:../outside.txt", "without '..'"),
         ("inline:| |", "inline dataset has no text"),
         ("s3:bucket/key", "dataset kind 's3' is not supported"),
+        ("images:", "needs a source"),
+        ("images:builtin:digits[0,-3]", "not a mix"),
+        ("images:builtin:digits[x]", "class ids"),
+        ("images:builtin:digits[0", "class ids"),
+        ("images:builtin:digits[]", "class ids"),
     ],
 )
 def test_dataset_spec_rejects(text, message):
@@ -99,3 +107,13 @@ def test_demo_body_is_a_valid_request(full):
 def test_demo_full_flag():
     assert build_parser().parse_args(["demo", "--full"]).full
     assert not build_parser().parse_args(["demo"]).full
+
+
+@pytest.mark.parametrize(
+    "text", ["images:builtin:digits[0,3]", "images:sets/mine.npz[-0]", "images:builtin:digits"]
+)
+def test_image_specs_describe_as_the_service_does(text):
+    from protocol import ImageData
+
+    spec = dataset_spec(text)
+    assert describe_spec(spec) == ImageData.model_validate(spec).describe() == text
