@@ -69,6 +69,34 @@ def _model_sentence(model: Mapping[str, Any]) -> str:
     )
 
 
+def _change(drop: float) -> str:
+    return f"down {pct(drop)}" if drop >= 0 else f"up {pct(-drop)} (it did not drop)"
+
+
+def _caveats(exp: Mapping[str, Any]) -> list[str]:
+    """Computed notes: a choice at the edge of the grid, partial forgetting, the prose set's size."""
+    s, last = exp["settings"], exp["selective"][-1]["metrics"]
+    unigram = exp["model"]["accuracy"]["python_code"]["heldout"]["unigram_top1"]
+    notes = []
+    if s["chosen_frac"] == max(s["fracs"]) and s["chosen_steps"] == s["max_steps"]:
+        notes.append(
+            "The chosen setting is the largest of the grid (most neurons, last step): on validation the separation "
+            "was still growing there, so more pruning might separate more; it was not tried."
+        )
+    if last["forget"]["top1"] > unigram:
+        notes.append(
+            f"Forgetting is partial: code top-1 ends at {pct(last['forget']['top1'])}, still above always "
+            f"predicting the most common token ({pct(unigram)})."
+        )
+    prose = last["retain"]
+    if "n_tokens" in prose:
+        notes.append(
+            f"The prose set is small ({prose['n_tokens']} masked predictions in {prose['n_texts']} texts), so its "
+            "intervals are wide and its drops are noisy."
+        )
+    return [" ".join(notes), ""] if notes else []
+
+
 def mlm_section(out: Path) -> list[str]:
     path = out / "results" / "mlm_code.json"
     if not path.is_file():
@@ -97,8 +125,9 @@ def mlm_section(out: Path) -> list[str]:
         step_rows(exp),
     )  # fmt: skip
     lines += [
-        f"Final: code top-1 down {pct(final['forget_drop'])} relative, prose {pct(final['retain_drop'])}.",
+        f"Final: code top-1 down {pct(final['forget_drop'])} relative, prose {_change(final['retain_drop'])}.",
         "",
+        *_caveats(exp),
         "What held and what did not:",
         "",
         *[

@@ -33,6 +33,7 @@ def test_the_section_shows_the_model_each_step_and_every_target(tmp_path: Path) 
             "chosen_frac": 0.05,
             "chosen_steps": 1,
             "retain_limit": 0.1,
+            "max_steps": 1,
             "random_seeds": 2,
         },
         "model": {
@@ -73,4 +74,5 @@ def test_the_section_shows_the_model_each_step_and_every_target(tmp_path: Path) 
     assert "selective: final separation above 0 (95% interval): **met**" in section
     assert "above 0 at every step: **missed**" in section
     assert "ff at 5% per step for 1 steps" in section and "ff 0.02, ff 0.05, ff+attn 0.02" in section
-    assert "code top-1 down 50.0% relative, prose 5.0%" in section
+    assert "code top-1 down 50.0% relative, prose down 5.0%" in section
+    assert "the largest of the grid" in section and "code top-1 ends at 20.0%, still above" in section
