@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selprune_core import mlm_eval
 from selprune_core.config import EvalConfig
 from selprune_core.errors import ConfigError, EmptyDatasetError
 from selprune_core.evaluation import N_PRED, N_SKIP
@@ -137,3 +138,15 @@ def test_sample_budget_common_targets_and_empty_sets(mlm):
     assert (rows[:, N_SKIP] <= rows[:, N_PRED]).all()
     with pytest.raises(EmptyDatasetError):
         plan_mlm(tok, ["", ""], CFG, token_limit=40)
+
+
+def test_the_full_forward_fallback_gives_the_same_rows(mlm):
+    """Where body + head cannot stand in for the model, the full logits are read at the same positions."""
+    plan = plan_mlm(mlm.tokenizer, TEXTS, CFG, token_limit=40)
+    split = mlm_rows(mlm.model, plan, CFG)
+    mlm_eval._HEADS[mlm.model] = None  # the verdict a model whose head does not reproduce its logits gets
+    try:
+        full = mlm_rows(mlm.model, plan, CFG)
+    finally:
+        del mlm_eval._HEADS[mlm.model]
+    torch.testing.assert_close(full, split, rtol=1e-5, atol=1e-5)
