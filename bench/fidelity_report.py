@@ -16,6 +16,7 @@ from typing import Any
 from bench.attacks_report import attacks_section
 from bench.detox_report import detox_rows, detox_verdicts, section_detox
 from bench.fidelity_tables import table
+from bench.mlm_report import mlm_section
 from bench.paper_report import NOTES, ORDER, TITLES, findings, section_pairs, toxicity_section
 from bench.recipes_report import (
     budget_bullets,
@@ -158,6 +159,7 @@ def write_report(out: Path) -> Path:
     lines += keep_sections(out, results)
     lines += attacks_section(out)
     lines += vit_section(out)
+    lines += mlm_section(out)
     if not exps:
         lines += ["No results yet: run `python bench/fidelity.py all`.", ""]
     else:

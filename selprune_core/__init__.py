@@ -67,6 +67,9 @@ from selprune_core.images import ImageSet, ImageSplits, load_digits_splits
 from selprune_core.loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_model, load_model
 from selprune_core.masking import MaskFactors, apply_mask, apply_row_masks, fold_into_weights
 from selprune_core.masks import NeuronMask
+from selprune_core.mlm_eval import MlmMasking, evaluate_mlm
+from selprune_core.mlm_measure import MaskedLM, MlmMeasure, load_masked_lm, masked_lm
+from selprune_core.mlm_model import MlmRecipe, ensure_code_prose_mlm, load_code_prose_mlm
 from selprune_core.pruning import (
     Progress,
     PruneCallbacks,
@@ -177,4 +180,13 @@ __all__ = [
     "select_top_neurons",
     "setup_corpora",
     "toxicity_metric",
+    "MaskedLM",
+    "MlmMasking",
+    "MlmMeasure",
+    "MlmRecipe",
+    "ensure_code_prose_mlm",
+    "evaluate_mlm",
+    "load_code_prose_mlm",
+    "load_masked_lm",
+    "masked_lm",
 ]
