@@ -52,6 +52,17 @@ def _tox(row: Row) -> str:
     return pct_ci(tox["toxic_rate"], (tox.get("wilson") or {}).get("toxic_rate"))
 
 
+def _wilson(row: Row) -> Any:
+    return ((row.get("toxicity") or {}).get("wilson") or {}).get("toxic_rate")
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two [lo, hi] intervals overlap; True when either is missing (nothing is resolved then)."""
+    if not a or not b:
+        return True
+    return bool(a[0] <= b[1] and b[0] <= a[1])
+
+
 def _seconds(key: str, row: Row) -> str:
     s = row.get("seconds")
     return "–" if s is None or key == "unpruned" else f"{s / 60:.1f} min"
@@ -107,16 +118,24 @@ def verdicts(exp: Mapping[str, Any]) -> list[str]:
     if best is not None:
         name, row = best
         verb = "beats" if sel["forget_drop"] > row["forget_drop"] else "does not beat"
+        separated = not _overlap(sel["eval"]["forget"].get("top1_ci"), row["eval"]["forget"].get("top1_ci"))
         out.append(
             f"At matched retain cost, selective pruning ({pct(sel['forget_drop'])} forget drop) {verb} the best "
-            f"matched baseline, {METHODS[name]} ({pct(row['forget_drop'])})."
+            f"matched baseline, {METHODS[name]} ({pct(row['forget_drop'])})"
+            + (
+                "; their forget top-1 intervals do not overlap."
+                if separated
+                else " on the point estimates; their forget top-1 intervals overlap, so this run does not "
+                "separate the two."
+            )
         )
     lost = base["eval"]["forget"]["top1"] - sel["eval"]["forget"]["top1"]
     if lost > 0:
         back = (sel["relearned_forget_top1"] - sel["eval"]["forget"]["top1"]) / lost
+        brings = f"brings back {pct(back)}" if back > 0 else "brings back none"
         out.append(
             f"Relearning: fine-tuning through the mask on {exp['settings']['relearn_n']} forget texts "
-            f"({exp['settings']['relearn_steps']} steps) brings back {pct(back)} of the forget accuracy the mask "
+            f"({exp['settings']['relearn_steps']} steps) {brings} of the forget accuracy the mask "
             f"removed ({pct(sel['eval']['forget']['top1'])} → {pct(sel['relearned_forget_top1'])}); the same "
             f"budget takes the unpruned model from {pct(base['eval']['forget']['top1'])} to "
             f"{pct(base['relearned_forget_top1'])}."
@@ -150,6 +169,12 @@ def verdicts(exp: Mapping[str, Any]) -> list[str]:
                 if r.get("toxicity")
             )
             + "."
+            + (
+                " The mask's Wilson interval overlaps the unpruned model's, so this many prompts does not resolve "
+                "its change."
+                if _overlap(_wilson(sel), _wilson(base))
+                else ""
+            )
         )
     return [f"- {line}" for line in out]
 

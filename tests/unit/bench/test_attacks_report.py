@@ -77,3 +77,33 @@ def test_a_baseline_that_never_spent_the_retain_budget_is_called_under_spent() -
     exp = _exp(gradient_ascent=_row(0.49, 0.396, matched=True, steps=20, checkpoints=checkpoints))
     lines = "\n".join(verdicts(exp))
     assert "Under-spent: gradient ascent (largest retain drop 1.0%)" in lines
+
+
+def test_overlapping_forget_intervals_are_not_called_a_separation() -> None:
+    baseline = _row(0.32, 0.39, matched=True, steps=10)
+    baseline["eval"]["forget"]["top1_ci"] = [0.27, 0.37]  # holds the mask's 0.30
+    lines = "\n".join(verdicts(_exp(gradient_ascent=baseline)))
+    assert "beats the best matched baseline, gradient ascent (36.0%) on the point estimates" in lines
+    assert "does not separate the two" in lines
+    separated = "\n".join(verdicts(_exp(gradient_ascent=_row(0.33, 0.39, matched=True, steps=10))))
+    assert "intervals do not overlap" in separated and "does not separate" not in separated
+
+
+def test_relearning_that_lowers_forget_accuracy_brings_none_back() -> None:
+    exp = _exp()
+    exp["rows"]["selective_pruning"]["relearned_forget_top1"] = 0.29  # below the mask's 0.30
+    lines = "\n".join(verdicts(exp))
+    assert "brings back none of the forget accuracy the mask removed (30.0% → 29.0%)" in lines
+
+
+def _tox(rate: float, lo: float, hi: float) -> dict[str, Any]:
+    return {"toxic_rate": rate, "wilson": {"toxic_rate": [lo, hi]}}
+
+
+def test_a_toxicity_change_inside_the_intervals_is_called_unresolved() -> None:
+    exp = _exp()
+    exp["rows"]["unpruned"]["toxicity"] = _tox(0.05, 0.02, 0.11)
+    exp["rows"]["selective_pruning"]["toxicity"] = _tox(0.02, 0.006, 0.07)
+    assert "does not resolve its change" in "\n".join(verdicts(exp))
+    exp["rows"]["selective_pruning"]["toxicity"] = _tox(0.0, 0.0, 0.01)
+    assert "does not resolve" not in "\n".join(verdicts(exp))
