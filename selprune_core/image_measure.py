@@ -43,7 +43,7 @@ from selprune_core.images import ImageSet
 from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from selprune_core.placement import input_device
-from selprune_core.prune_measure import Evaluated, PruneCallbacks, Scores, report_progress, score_stats
+from selprune_core.prune_measure import CollectingMeasure, Evaluated, PruneCallbacks, report_progress
 from selprune_core.scoring import OUTPUT_AWARE, required_fields
 from selprune_core.sites import ModelSites, model_fingerprint, resolve_sites
 
@@ -165,7 +165,7 @@ def evaluate_images(model: nn.Module, images: ImageSet, cfg: EvalConfig, n_class
     return ImageEval(result_from_sums(rows, cfg), per_class, rows)
 
 
-class ImageMeasure:
+class ImageMeasure(CollectingMeasure[ImageSet]):
     """A run's view of an image classifier: collect on forget / retain images, evaluate named image sets.
 
     Fixed-fraction steps, static mode, mean ablation and the random baseline work as on text; a budget
@@ -187,7 +187,7 @@ class ImageMeasure:
         for name, images in {"forget": data[0], "retain": data[1], **eval_sets}.items():
             if len(images) == 0:
                 raise EmptyDatasetError(f"image set {name!r} is empty")
-        self.target, self.cfg = target, cfg
+        self.target, self.cfg, self.sites = target, cfg, target.sites
         self.callbacks = callbacks if callbacks is not None else PruneCallbacks()
         self.forget, self.retain = data
         self.eval_sets = eval_sets
@@ -211,20 +211,6 @@ class ImageMeasure:
                 which=which,
                 on_batch=functools.partial(report_progress, self.callbacks, step, phase),
             )
-
-    def retain_means(self, mask: NeuronMask, step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-        stats = self.collect(self.retain, mask, step, "collecting_retain", ("sum",))
-        return (stats.ff.mean, stats.attn.mean), stats.n_tokens
-
-    def score(self, mask: NeuronMask, step: int) -> Scores:
-        """Forget and retain image statistics through `mask`, scored as on text (`score_stats`)."""
-        cfg = self.cfg
-        which = required_fields(cfg.ff_scoring, cfg.attn_scoring)
-        retain_which = tuple(sorted({*which, "sum"})) if cfg.offset_mode == "retain_mean" else which
-        retain = self.collect(self.retain, mask, step, "collecting_retain", retain_which)
-        forget = self.collect(self.forget, mask, step, "collecting_forget", which)
-        report_progress(self.callbacks, step, "scoring")
-        return score_stats(cfg, self.target.sites, forget, retain, step, self.out_norms)
 
     def evaluate_all(self, mask: NeuronMask, step: int) -> dict[str, ImageEval]:
         """Every eval set through `mask`, with per-class accuracy and per-image rows."""

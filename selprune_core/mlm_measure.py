@@ -38,7 +38,7 @@ from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from selprune_core.mlm_eval import MlmMasking, MlmPlan, common_mlm_targets, mlm_rows, plan_mlm
 from selprune_core.placement import input_device
-from selprune_core.prune_measure import Evaluated, PruneCallbacks, Scores, report_progress, score_stats
+from selprune_core.prune_measure import CollectingMeasure, Evaluated, PruneCallbacks, report_progress
 from selprune_core.scoring import OUTPUT_AWARE, required_fields
 from selprune_core.sites import ModelSites, model_fingerprint, resolve_sites
 
@@ -106,7 +106,7 @@ def load_masked_lm(
     return masked_lm(module, tokenizer)
 
 
-class MlmMeasure:
+class MlmMeasure(CollectingMeasure[Sequence[str]]):
     """A run's view of a masked LM: statistics on unmasked forget / retain texts, masked-token
     evaluation of the eval (and budget) sets. Every step scores the same masked positions."""
 
@@ -127,7 +127,7 @@ class MlmMeasure:
         for name, texts_ in {"forget": texts[0], "retain": texts[1]}.items():
             if not texts_:
                 raise EmptyDatasetError(f"the {name} texts are empty")
-        self.target, self.cfg = target, cfg
+        self.target, self.cfg, self.sites = target, cfg, target.sites
         self.callbacks = callbacks if callbacks is not None else PruneCallbacks()
         self.forget, self.retain = texts
         self.collect_limit = min(cfg.collect.token_limit, target.max_tokens)
@@ -189,20 +189,6 @@ class MlmMeasure:
                 which=which,
                 on_batch=functools.partial(report_progress, self.callbacks, step, phase),
             )
-
-    def retain_means(self, mask: NeuronMask, step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-        stats = self.collect(self.retain, mask, step, "collecting_retain", ("sum",))
-        return (stats.ff.mean, stats.attn.mean), stats.n_tokens
-
-    def score(self, mask: NeuronMask, step: int) -> Scores:
-        """Forget and retain statistics through `mask`, scored as on causal LMs (`score_stats`)."""
-        cfg = self.cfg
-        which = required_fields(cfg.ff_scoring, cfg.attn_scoring)
-        retain_which = tuple(sorted({*which, "sum"})) if cfg.offset_mode == "retain_mean" else which
-        retain = self.collect(self.retain, mask, step, "collecting_retain", retain_which)
-        forget = self.collect(self.forget, mask, step, "collecting_forget", which)
-        report_progress(self.callbacks, step, "scoring")
-        return score_stats(cfg, self.target.sites, forget, retain, step, self.out_norms)
 
     # Evaluation ------------------------------------------------------------------------------
     def _evaluate(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from selprune_core.scoring import OUTPUT_AWARE, required_fields, score_neurons
 from selprune_core.sites import ModelSites
 
 __all__ = [
+    "CollectingMeasure",
     "Evaluated",
     "Measure",
     "PrunableModel",
@@ -42,6 +43,8 @@ __all__ = [
     "score_stats",
     "selection_seed",
 ]
+
+Data = TypeVar("Data")  # what a measure collects statistics on: texts, or images
 
 # An evaluation's results per set, and the extra metrics computed on the same mask.
 Evaluated = tuple[dict[str, EvalResult], dict[str, Any]]
@@ -142,7 +145,44 @@ def score_stats(
     return Scores(ff, attn, offsets, retain.n_tokens + forget.n_tokens)
 
 
-class Measure:
+class CollectingMeasure(Generic[Data]):
+    """The scoring half every RunMeasure shares: given how to collect statistics of its forget or
+    retain data (texts, images) through a mask, retain means and scores are the same on every kind.
+
+    Subclasses set `cfg`, `callbacks`, `forget`, `retain`, `out_norms` and `sites`, and define `collect`.
+    """
+
+    cfg: PruneConfig
+    callbacks: PruneCallbacks
+    forget: Data
+    retain: Data
+    sites: ModelSites
+    out_norms: tuple[torch.Tensor | None, torch.Tensor | None]
+
+    def collect(
+        self, data: Data, mask: NeuronMask, step: int, phase: str, which: tuple[str, ...]
+    ) -> ActivationStats:
+        """Statistics (`which` fields) of `data` through `mask`."""
+        raise NotImplementedError
+
+    def retain_means(self, mask: NeuronMask, step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """Mean activations on the retain data through `mask`, and the tokens read for them."""
+        stats = self.collect(self.retain, mask, step, "collecting_retain", ("sum",))
+        return (stats.ff.mean, stats.attn.mean), stats.n_tokens
+
+    def score(self, mask: NeuronMask, step: int) -> Scores:
+        """Collect retain and forget statistics through `mask` and score every neuron (`score_stats`)."""
+        cfg = self.cfg
+        which = required_fields(cfg.ff_scoring, cfg.attn_scoring)
+        mean_ablation = cfg.offset_mode == "retain_mean"
+        retain_which = tuple(sorted(set(which) | {"sum"})) if mean_ablation else which  # means need sums
+        retain = self.collect(self.retain, mask, step, "collecting_retain", retain_which)
+        forget = self.collect(self.forget, mask, step, "collecting_forget", which)
+        report_progress(self.callbacks, step, "scoring")
+        return score_stats(cfg, self.sites, forget, retain, step, self.out_norms)
+
+
+class Measure(CollectingMeasure[Sequence[str]]):
     """A run's view of its model and texts: collect, score and evaluate through a mask."""
 
     def __init__(
@@ -155,6 +195,7 @@ class Measure:
         callbacks: PruneCallbacks,
     ) -> None:
         self.loaded, self.cfg, self.callbacks = loaded, cfg, callbacks
+        self.sites = loaded.sites
         self.forget, self.retain = texts
         self.eval_sets, self.budget_sets = eval_sets, budget_sets
         # Tokens every text predicts (BOS, newlines, ...) are left out of accuracy, per set union.
@@ -219,25 +260,6 @@ class Measure:
                 which=which,
                 on_batch=functools.partial(self.progress, step, phase),
             )
-
-    def retain_means(self, mask: NeuronMask, step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-        """Mean activations on the retain texts through `mask`, and the tokens read for them."""
-        stats = self.collect(self.retain, mask, step, "collecting_retain", ("sum",))
-        return (stats.ff.mean, stats.attn.mean), stats.n_tokens
-
-    def score(self, mask: NeuronMask, step: int) -> Scores:
-        """Collect retain and forget statistics through `mask` and score every neuron.
-
-        A neuron scores high when it is important on the forget texts and not on the retain texts.
-        """
-        cfg = self.cfg
-        mean_ablation = cfg.offset_mode == "retain_mean"
-        which = required_fields(cfg.ff_scoring, cfg.attn_scoring)
-        retain_which = tuple(sorted(set(which) | {"sum"})) if mean_ablation else which  # means need sums
-        retain = self.collect(self.retain, mask, step, "collecting_retain", retain_which)
-        forget = self.collect(self.forget, mask, step, "collecting_forget", which)
-        self.progress(step, "scoring")
-        return score_stats(cfg, self.loaded.sites, forget, retain, step, self.out_norms)
 
     # Evaluation ------------------------------------------------------------------------------
     def evaluate(self, mask: NeuronMask, step: int) -> Evaluated:
