@@ -25,6 +25,8 @@ from protocol.classify import ClassifyDone, ClassifyEvent, ClassifyTask, ClassLa
 from protocol.constants import (
     EMBEDDED_MODEL,
     IMAGE_MODELS,
+    MASKED_LM_MODELS,
+    MLM_CODE_PROSE_MODEL,
     SCHEMA_VERSION,
     VIT_DIGITS_MODEL,
     MetricName,
@@ -79,6 +81,8 @@ __all__ = [
     "GenerateUsage",
     "HubData",
     "IMAGE_MODELS",
+    "MASKED_LM_MODELS",
+    "MLM_CODE_PROSE_MODEL",
     "ImageData",
     "ImagePrediction",
     "InlineData",

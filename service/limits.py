@@ -34,6 +34,7 @@ from protocol.constants import (
     FILE_SUFFIXES,
     IMAGE_FILE_SUFFIXES,
     IMAGE_MODELS,
+    MASKED_LM_MODELS,
 )
 from protocol.constants import FILTER_PATTERN as _FILTER
 from protocol.constants import HUB_ID_PATTERN as _HUB_ID
@@ -52,9 +53,9 @@ def _invalid(type: str, message: str) -> ApiError:
 
 # Models --------------------------------------------------------------------------------------------
 def check_model(model: str, settings: GatewaySettings) -> None:
-    """The model is in `settings.models` or a built-in image classifier, or any hub id / folder name
-    when `allow_any_model` is set."""
-    if model in settings.models or model in IMAGE_MODELS:
+    """The model is in `settings.models`, a built-in image classifier or masked LM, or any hub id /
+    folder name when `allow_any_model` is set."""
+    if model in settings.models or model in IMAGE_MODELS or model in MASKED_LM_MODELS:
         return
     if settings.allow_any_model and not _CONTROL.search(model):
         return
@@ -62,10 +63,12 @@ def check_model(model: str, settings: GatewaySettings) -> None:
 
 
 def check_text_model(model: str, settings: GatewaySettings) -> None:
-    """A known model that is not a built-in image classifier (those classify; they do not generate)."""
+    """A known model that is not a built-in image classifier or masked LM (they do not generate)."""
     check_model(model, settings)
     if model in IMAGE_MODELS:
         raise _invalid("ModelKindMismatch", f"model {model!r} is an image classifier: use /v1/classify")
+    if model in MASKED_LM_MODELS:
+        raise _invalid("ModelKindMismatch", f"model {model!r} is a masked LM: use /v1/fill-mask")
 
 
 # Datasets ------------------------------------------------------------------------------------------
@@ -257,6 +260,8 @@ async def check_classification(
     model = model or VIT_DIGITS_MODEL
     if model == EMBEDDED_MODEL:
         raise _invalid("ModelKindMismatch", f"model {model!r} is a language model: use /v1/generate")
+    if model in MASKED_LM_MODELS:
+        raise _invalid("ModelKindMismatch", f"model {model!r} is a masked LM: use /v1/fill-mask")
     return model
 
 
