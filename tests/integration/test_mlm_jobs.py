@@ -1,6 +1,7 @@
 """Masked LMs end to end: HTTP -> the real gateway -> Redis -> a real worker (in a thread) running the
 real job code on a tiny random-init RoBERTa MLM under the models root -> mask (with its kind), the
-masked_token evaluation, and an export that AutoModelForMaskedLM reloads to the hooked model's logits."""
+masked_token evaluation, and an export that AutoModelForMaskedLM reloads to the hooked model's logits;
+then /v1/fill-mask through the job's mask, served by the real serving loop, equal to that export."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from service.main import create_app
 from service.settings import GatewaySettings
-from tests.integration.servers import wait_for
+from tests.integration.servers import serving_thread, wait_for
 from tests.mlm_helpers import CODE, PROSE, build_mlm_model, roberta_tokenizer
 from worker.jobs import run_job
 from worker.runtime import ModelRuntime
@@ -65,7 +66,9 @@ def _finished(gateway: TestClient, job_id: str, state: str = "succeeded") -> dic
     return job
 
 
-def test_unlearn_evaluate_and_export_a_masked_lm_over_http(gateway, runtime, start_worker, tmp_path):
+def test_unlearn_evaluate_export_and_fill_a_masked_lm_over_http(
+    gateway, runtime, start_worker, make_settings, redis_url, tmp_path
+):
     exports = tmp_path / "exports"
     start_worker(lambda job, ctx: run_job(job, runtime, ctx, export_root=exports), poll_block_ms=50)
     body = {
@@ -106,6 +109,30 @@ def test_unlearn_evaluate_and_export_a_masked_lm_over_http(gateway, runtime, sta
         hooked = target.model(**batch).logits
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, hooked, atol=1e-5, rtol=1e-5)
+
+    # /v1/fill-mask through the job's mask answers what the exported checkpoint answers.
+    inputs = ["def add(a, b):\n    return a <mask> b", "the cat sat on the <mask> and the <mask> sat"]
+    with serving_thread(make_settings(poll_block_ms=50), redis_url, runtime):
+        body = {"model": "mlm", "mask_id": mask_id, "inputs": inputs, "top_k": 10}
+        answer = gateway.post("/v1/fill-mask", json=body)
+        no_mask = gateway.post("/v1/fill-mask", json={"model": "mlm", "inputs": ["a <mask>", "no mask"]})
+        too_long = gateway.post("/v1/fill-mask", json={"model": "mlm", "inputs": ["word " * 80 + "<mask>"]})
+    assert answer.status_code == 200, answer.text
+    for text, result in zip(inputs, answer.json()["results"], strict=True):
+        encoded = target.tokenizer(text)["input_ids"]
+        positions = [p for p, i in enumerate(encoded) if i == target.tokenizer.mask_token_id]
+        assert [m["position"] for m in result["masks"]] == positions
+        with torch.no_grad():
+            expected = exported(input_ids=torch.tensor([encoded])).logits[0, positions].softmax(-1)
+        for row, fill in enumerate(result["masks"]):
+            ids = [t["id"] for t in fill["tokens"]]
+            assert ids[0] == int(expected[row].argmax())
+            got = torch.tensor([t["probability"] for t in fill["tokens"]])
+            torch.testing.assert_close(got, expected[row][ids], atol=1e-5, rtol=0)
+        assert isinstance(result["filled"], str) and "<mask>" not in result["filled"]
+    assert no_mask.status_code == 422 and no_mask.json()["error"]["type"] == "InvalidInput"
+    assert no_mask.json()["error"]["message"].startswith("inputs[1] has no mask token")
+    assert too_long.status_code == 422 and "positions hold 62" in too_long.json()["error"]["message"]
 
 
 def test_text_metrics_on_a_local_masked_lm_fail_as_the_callers_error(gateway, runtime, start_worker):
