@@ -10,6 +10,7 @@ and pydantic, so the gateway stays free of torch. Its parts:
     jobs        the long-work lane's jobs, states and progress
     generate    the serving lane's requests and reply events
     classify    the serving lane's image classification requests and replies
+    fill_mask   the serving lane's masked-LM fill-mask requests and replies
     keys        every Redis key, stream and channel name
     job_hash    the typed layout of a job's Redis hash
     scripts     the Lua scripts (each written once) and the operations built on them
@@ -25,6 +26,8 @@ from protocol.classify import ClassifyDone, ClassifyEvent, ClassifyTask, ClassLa
 from protocol.constants import (
     EMBEDDED_MODEL,
     IMAGE_MODELS,
+    MASKED_LM_MODELS,
+    MLM_CODE_PROSE_MODEL,
     SCHEMA_VERSION,
     VIT_DIGITS_MODEL,
     MetricName,
@@ -34,6 +37,7 @@ from protocol.constants import (
     SelectionMode,
 )
 from protocol.datasets import BuiltinData, DatasetSpec, FileData, HubData, ImageData, InlineData
+from protocol.fill_mask import FilledInput, FilledToken, FillMaskDone, FillMaskEvent, FillMaskTask, MaskFill
 from protocol.generate import (
     ChatMessage,
     ChoiceLogprobs,
@@ -68,6 +72,12 @@ __all__ = [
     "EvaluateJob",
     "ExportJob",
     "FileData",
+    "FilledInput",
+    "FilledToken",
+    "FillMaskDone",
+    "FillMaskEvent",
+    "FillMaskTask",
+    "MaskFill",
     "ChoiceLogprobs",
     "GenerateChoice",
     "GenerateDelta",
@@ -79,6 +89,8 @@ __all__ = [
     "GenerateUsage",
     "HubData",
     "IMAGE_MODELS",
+    "MASKED_LM_MODELS",
+    "MLM_CODE_PROSE_MODEL",
     "ImageData",
     "ImagePrediction",
     "InlineData",

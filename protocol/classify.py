@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -50,6 +50,9 @@ def decode_image(text: str) -> tuple[bytes, str]:
 
 class ClassifyTask(Strict):
     """Classify `images` with `model`, through `mask_id` when set; every image is one row."""
+
+    stream_field: ClassVar[str] = "classify"  # the generation stream entry's field holding the task
+    row_noun: ClassVar[str] = "images"
 
     schema_version: Literal[1] = 1
     request_id: str

@@ -12,8 +12,9 @@ from typing import Literal
 SCHEMA_VERSION = 1
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
-# "accuracy" is the image classifiers' metric (top-1 / top-k, per class); the others are for texts.
-MetricName = Literal["next_token", "toxicity", "membership", "relearn", "accuracy"]
+# "accuracy" is the image classifiers' metric (top-1 / top-k, per class), "masked_token" the masked LMs'
+# (top-1 / top-k / loss at seeded masked positions); the others are for causal LMs on texts.
+MetricName = Literal["next_token", "toxicity", "membership", "relearn", "accuracy", "masked_token"]
 # Copies of the core's names (the gateway cannot import it); tests/test_contract_sync.py keeps them equal.
 ScoringName = Literal[
     "freq",
@@ -65,3 +66,8 @@ IMAGE_MODELS = (VIT_DIGITS_MODEL,)  # built-in image classifiers: always known t
 BUILTIN_IMAGE_SETS = ("builtin:digits",)  # scikit-learn's 8x8 handwritten digits, ten classes
 IMAGE_FILE_SUFFIXES = (".npz",)  # arrays `images` [N, H, W] or [N, C, H, W] and `labels` [N]
 MAX_CLASS_ID = 100_000  # class ids a label filter may name
+
+
+# Masked LMs (worker/mlm_models.py): the built-in ones a request may name. They read text datasets.
+MLM_CODE_PROSE_MODEL = "builtin:mlm-code-prose"  # the code/prose RoBERTa-style MLM (selprune_core.mlm_model)
+MASKED_LM_MODELS = (MLM_CODE_PROSE_MODEL,)  # built-in masked LMs: always known to the gateway

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from protocol.base import Strict
-from protocol.constants import EMBEDDED_MODEL, IMAGE_MODELS, MAX_CLASS_ID
+from protocol.constants import EMBEDDED_MODEL, IMAGE_MODELS, MASKED_LM_MODELS, MAX_CLASS_ID
 
 DataKind = Literal["text", "images"]
 
@@ -111,4 +111,8 @@ def check_data_kind(model: str, specs: Sequence[DatasetSpec]) -> DataKind:
         raise ValueError(f"model {model!r} is an image classifier: its datasets must be {{'kind': 'images'}}")
     if model == EMBEDDED_MODEL and kind == "images":
         raise ValueError(f"model {model!r} is a language model: image datasets need an image classifier")
+    if model in MASKED_LM_MODELS and kind == "images":
+        raise ValueError(
+            f"model {model!r} is a masked language model: its datasets must be texts, not images"
+        )
     return kind

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from protocol import ErrorInfo
 from service.queue_client import QUEUE_DOWN_ERRORS
 from service.schemas import ErrorResponse
-from service.serving_client import TIMEOUT_TYPE, GenerationFailed
+from service.serving_errors import TIMEOUT_TYPE, GenerationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ SERVING_STATUS = {
     "PromptTooLong": 400,
     "UnknownModel": 422,
     "ModelLoad": 422,
-    "ModelKindMismatch": 422,  # an image classifier asked to generate, a language model to classify
+    "ModelKindMismatch": 422,  # a model of one kind asked to do another's work (generate, classify, fill)
     "InvalidImage": 422,
     "UnsupportedArchitecture": 422,
     "OutOfMemory": 503,  # the batch did not fit on the device this time; a retry may

@@ -34,10 +34,13 @@ from protocol.constants import (
     FILE_SUFFIXES,
     IMAGE_FILE_SUFFIXES,
     IMAGE_MODELS,
+    MASKED_LM_MODELS,
+    MLM_CODE_PROSE_MODEL,
 )
 from protocol.constants import FILTER_PATTERN as _FILTER
 from protocol.constants import HUB_ID_PATTERN as _HUB_ID
 from protocol.constants import PACKAGED_BUILDERS as _PACKAGED_BUILDERS
+from protocol.fill_mask import MASK_LITERAL
 from service.deps import mask_id_path, mask_not_found
 from service.errors import ApiError, error_response
 from service.queue_client import QueueClient
@@ -52,9 +55,9 @@ def _invalid(type: str, message: str) -> ApiError:
 
 # Models --------------------------------------------------------------------------------------------
 def check_model(model: str, settings: GatewaySettings) -> None:
-    """The model is in `settings.models` or a built-in image classifier, or any hub id / folder name
-    when `allow_any_model` is set."""
-    if model in settings.models or model in IMAGE_MODELS:
+    """The model is in `settings.models`, a built-in image classifier or masked LM, or any hub id /
+    folder name when `allow_any_model` is set."""
+    if model in settings.models or model in IMAGE_MODELS or model in MASKED_LM_MODELS:
         return
     if settings.allow_any_model and not _CONTROL.search(model):
         return
@@ -62,10 +65,12 @@ def check_model(model: str, settings: GatewaySettings) -> None:
 
 
 def check_text_model(model: str, settings: GatewaySettings) -> None:
-    """A known model that is not a built-in image classifier (those classify; they do not generate)."""
+    """A known model that is not a built-in image classifier or masked LM (they do not generate)."""
     check_model(model, settings)
     if model in IMAGE_MODELS:
         raise _invalid("ModelKindMismatch", f"model {model!r} is an image classifier: use /v1/classify")
+    if model in MASKED_LM_MODELS:
+        raise _invalid("ModelKindMismatch", f"model {model!r} is a masked LM: use /v1/fill-mask")
 
 
 # Datasets ------------------------------------------------------------------------------------------
@@ -257,6 +262,39 @@ async def check_classification(
     model = model or VIT_DIGITS_MODEL
     if model == EMBEDDED_MODEL:
         raise _invalid("ModelKindMismatch", f"model {model!r} is a language model: use /v1/generate")
+    if model in MASKED_LM_MODELS:
+        raise _invalid("ModelKindMismatch", f"model {model!r} is a masked LM: use /v1/fill-mask")
+    return model
+
+
+# Fill-mask -----------------------------------------------------------------------------------------
+async def check_fill_mask(
+    queue: QueueClient,
+    settings: GatewaySettings,
+    tenant: str,
+    *,
+    model: str | None,
+    mask_id: str | None,
+    inputs: Sequence[str],
+) -> str:
+    """A known model that is not a built-in causal LM or image classifier, a mask the tenant may see made
+    on that model, and for a built-in masked LM (whose mask token is "<mask>") inputs that each hold one
+    (a local model's mask token only the worker knows: it answers InvalidInput). Returns the model to run:
+    `model`, the mask's own, or the built-in code/prose MLM."""
+    if model is not None:
+        check_model(model, settings)
+    if mask_id is not None:
+        model = await _mask_model(queue, settings, tenant, model, mask_id, MLM_CODE_PROSE_MODEL)
+    model = model or MLM_CODE_PROSE_MODEL
+    if model == EMBEDDED_MODEL or model in IMAGE_MODELS:
+        use = "/v1/generate" if model == EMBEDDED_MODEL else "/v1/classify"
+        raise _invalid("ModelKindMismatch", f"model {model!r} is not a masked LM: use {use}")
+    if model in MASKED_LM_MODELS:
+        for i, text in enumerate(inputs):
+            if MASK_LITERAL not in text:
+                raise _invalid(
+                    "InvalidInput", f"inputs[{i}] has no mask token: write {MASK_LITERAL} where to fill"
+                )
     return model
 
 

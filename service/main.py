@@ -24,7 +24,17 @@ from service.deps import SettingsDep, TenantDep
 from service.errors import ApiError, install_error_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.queue_client import QueueClient
-from service.routes import classify, evaluate, generate, health, jobs, masks, openai_compat, unlearn
+from service.routes import (
+    classify,
+    evaluate,
+    fill_mask,
+    generate,
+    health,
+    jobs,
+    masks,
+    openai_compat,
+    unlearn,
+)
 from service.serving_client import ServingClient
 from service.settings import GatewaySettings, get_settings
 from service.stream_slots import StreamSlots
@@ -67,7 +77,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     if hosts is not None:  # added last, so it runs first: a foreign Host gets nothing else
         app.add_middleware(HostCheckMiddleware, allowed=hosts)
     guarded = [Depends(refuse_disallowed_hub_datasets)]
-    for module in (unlearn, jobs, evaluate, masks, generate, classify, openai_compat):
+    for module in (unlearn, jobs, evaluate, masks, generate, classify, fill_mask, openai_compat):
         app.include_router(module.router, dependencies=guarded)
     app.include_router(health.router)
     return app

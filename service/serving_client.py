@@ -18,11 +18,13 @@ Protocol (names in protocol/keys.py, models in protocol/generate.py):
   out) it adds the request id to `GENERATE_CANCELLED_KEY`; serving workers drop its rows between decode
   steps, or skip it if it was not yet admitted.
 
-`classify` takes the same path (entry field "classify", one reply event; each image is a held row).
+`one_shot` takes the same path for classification and fill-mask (entry field the task's `stream_field`,
+one reply event; each image or input is a held row).
 
 A worker error and a timeout both raise `GenerationFailed` carrying an ErrorInfo; service/errors.py
 maps its type to an HTTP status. `GenerationRefused`, a GenerationFailed with its own status (429,
-503, a worker's rejection of the caller's input), is answered by the routes with that status.
+503, a worker's rejection of the caller's input), is answered by the routes with that status (both in
+service/serving_errors.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import redis.asyncio as aioredis
@@ -43,10 +45,9 @@ from redis.exceptions import RedisError
 
 from protocol import (
     ChatMessage,
-    ClassifyDone,
-    ClassifyEvent,
     ClassifyTask,
     ErrorInfo,
+    FillMaskTask,
     GenerateDelta,
     GenerateDone,
     GenerateEvent,
@@ -55,49 +56,21 @@ from protocol import (
     SamplingParams,
     keys,
 )
+from service.serving_errors import TIMEOUT_TYPE, GenerationFailed, GenerationRefused, failure
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT_TYPE = "GenerationTimeout"
 _EVENT: TypeAdapter[GenerateDelta | GenerateDone | GenerateFailed] = TypeAdapter(GenerateEvent)
-_CLASSIFY_EVENT: TypeAdapter[ClassifyDone | GenerateFailed] = TypeAdapter(ClassifyEvent)
 _MIN_BLOCK_S = 0.01  # BLPOP with timeout 0 would block forever
 _DISCONNECT_POLL_S = 1.0  # a caller that may disconnect is checked at least this often while waiting
 _HOLD_REFRESH_S = 30.0  # a streaming request refreshes its in-flight hold after this long
 RETRY_AFTER_BUSY_S = 1  # Retry-After of a 429: a tenant's rows free up as its generations end
 RETRY_AFTER_FULL_S = 5  # Retry-After of a 503: the lane has a backlog of GENERATE_STREAM_MAXLEN requests
-# Worker error types that are the caller's fault, with their status (service/errors.py's SERVING_STATUS
-# maps the others): the model's chat template refused the messages, the tokenizer the prompt.
-WORKER_REJECTIONS = {"InvalidMessages": 422, "InvalidPrompt": 422, "InvalidImage": 422}
 
 Disconnected = Callable[[], Awaitable[bool]]  # e.g. starlette's Request.is_disconnected
-Queued = GenerateTask | ClassifyTask  # what the lane carries; each holds `rows` of its tenant's cap
-
-
-class GenerationFailed(Exception):
-    """The worker answered with an error, or nothing answered in time; `info` is what the caller sees."""
-
-    def __init__(self, info: ErrorInfo) -> None:
-        super().__init__(f"{info.type}: {info.message}")
-        self.info = info
-
-
-class GenerationRefused(GenerationFailed):
-    """A failure with its own status: the tenant's in-flight cap (429), a full stream (503), input the
-    worker rejected (422), the caller gone (499). The routes answer it with that status and `headers`;
-    after a stream's headers it is an error event like any GenerationFailed."""
-
-    def __init__(self, status: int, info: ErrorInfo, retry_after_s: int | None = None) -> None:
-        super().__init__(info)
-        self.status = status
-        self.headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-
-
-def _failure(error: ErrorInfo) -> GenerationFailed:
-    """A worker's error event as what the routes raise: refused with its own status when it is the
-    caller's input the worker rejected."""
-    status = WORKER_REJECTIONS.get(error.type)
-    return GenerationRefused(status, error) if status is not None else GenerationFailed(error)
+OneShot = ClassifyTask | FillMaskTask  # answered with one event
+Queued = GenerateTask | OneShot  # what the lane carries; each holds `rows` of its tenant's cap
+DoneT = TypeVar("DoneT")
 
 
 class _CallerGone(Exception):
@@ -188,10 +161,16 @@ class ServingClient:
             raise
         return _prepend(first, events)
 
-    async def classify(
-        self, task: ClassifyTask, *, max_tenant_rows: int, disconnected: Disconnected | None = None
-    ) -> ClassifyDone:
-        """Queue a classification and wait for its one reply; raises as `generate` does."""
+    async def one_shot(
+        self,
+        task: OneShot,
+        events: TypeAdapter[DoneT | GenerateFailed],
+        *,
+        max_tenant_rows: int,
+        disconnected: Disconnected | None = None,
+    ) -> DoneT:
+        """Queue a classification or fill-mask and wait for its one reply (read by `events`); raises as
+        `generate` does."""
         key = keys.GENERATE_REPLY_KEY.format(request_id=task.request_id)
         held = finished = False
         entry_id: str | None = None
@@ -203,9 +182,9 @@ class ServingClient:
             if raw is None:
                 raise GenerationFailed(await self._timeout_info(False))
             finished = True
-            event = _CLASSIFY_EVENT.validate_json(raw)
+            event = events.validate_json(raw)
             if isinstance(event, GenerateFailed):
-                raise _failure(event.error)
+                raise failure(event.error)
             return event
         except _CallerGone:
             gone = "the caller went away; the request was cancelled"
@@ -260,7 +239,7 @@ class ServingClient:
                 event = _EVENT.validate_json(raw)
                 if isinstance(event, GenerateFailed):
                     finished = True
-                    raise _failure(event.error)
+                    raise failure(event.error)
                 finished = isinstance(event, GenerateDone)
                 yield event
                 if finished:
@@ -281,7 +260,7 @@ class ServingClient:
     async def _hold(self, task: Queued, cap: int) -> None:
         """Count the task's rows in its tenant's in-flight set, or refuse it: 429 past `cap`."""
         if task.rows > cap:
-            what = "images" if isinstance(task, ClassifyTask) else "completions"
+            what = "completions" if isinstance(task, GenerateTask) else task.row_noun
             message = (
                 f"the request asks for {task.rows} {what}; a tenant may have at most {cap} in flight "
                 "(SELPRUNE_MAX_INFLIGHT_ROWS_PER_TENANT)"
@@ -326,7 +305,7 @@ class ServingClient:
             )
             info = ErrorInfo(type="ServingQueueFull", message=message)
             raise GenerationRefused(503, info, retry_after_s=RETRY_AFTER_FULL_S)
-        field = "classify" if isinstance(task, ClassifyTask) else "task"
+        field = "task" if isinstance(task, GenerateTask) else task.stream_field
         entry_id = await self.redis.xadd(keys.GENERATE_STREAM, {field: task.model_dump_json()})
         return _s(entry_id)
 

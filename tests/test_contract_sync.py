@@ -65,3 +65,9 @@ def test_image_vocabularies_match_the_worker():
 
     assert constants.BUILTIN_IMAGE_SETS == image_data.IMAGE_SOURCES
     assert constants.IMAGE_MODELS == (constants.VIT_DIGITS_MODEL,) == image_models.BUILTIN_IMAGE_MODELS
+
+
+def test_masked_lm_vocabularies_match_the_worker():
+    from worker import mlm_models
+
+    assert constants.MASKED_LM_MODELS == (constants.MLM_CODE_PROSE_MODEL,) == mlm_models.BUILTIN_MASKED_LMS

@@ -1,12 +1,5 @@
 """ClassifyEngine: image classification requests on the serving lane, every image a row through its
-own mask.
-
-The serving loop (worker/serving.py) hands it the classification tasks it read in one turn; the engine
-groups them by model and answers each with one ClassifyDone or error event. Masks come from the same
-device-resident `MaskTable` mechanism as generation (worker/mask_table.py, one table per model; a row
-is a slot, slot 0 unmasked), and rows of different masks run as one forward pass through
-`apply_row_masks` with the per-row keep factors the table gathers. Classification is a single forward,
-so there is no decoding loop: every task of a turn is answered in that turn.
+own mask (the shared machinery, masks and batching, is worker/row_engine.py's `RowEngine`).
 
 Images are decoded here (PNG and JPEG with Pillow, `.npy` with NumPy, never pickled), then prepared as
 the model expects (worker/image_models.py `preprocess`: channels, size, normalisation), exactly as image
@@ -17,38 +10,21 @@ device failure (worker/errors.py `classify`) fails everything and stops the work
 from __future__ import annotations
 
 import io
-import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from protocol import ClassifyDone, ClassifyTask, ClassLabel, GenerateFailed, GenerateTimings, ImagePrediction
+from protocol import ClassifyDone, ClassifyTask, ClassLabel, GenerateTimings, ImagePrediction
 from protocol.classify import MAX_IMAGE_SIDE, decode_image
 from selprune_core.errors import ConfigError, DatasetError
-from selprune_core.masking import apply_row_masks
-from worker.errors import Outcome, WorkerFatalError, classify
 from worker.image_data import intensities
 from worker.image_models import LoadedClassifier, preprocess
-from worker.mask_table import MaskTable
-from worker.runtime import ModelRuntime
-from worker.serve_engine import MaskLoader, ServeError, failed, mask_slot
+from worker.row_engine import RowEngine
+from worker.serve_engine import ServeError
 
 __all__ = ["ClassifyEngine", "decode_pixels"]
-
-log = logging.getLogger(__name__)
-
-ClassifyReply = Callable[[list[tuple[ClassifyTask, ClassifyDone | GenerateFailed]]], None]
-
-
-@dataclass
-class _Prepared:
-    task: ClassifyTask
-    slot: int  # mask table slot; 0 = unmasked
-    pixels: torch.Tensor  # [images, C, H, W], the model's input
 
 
 def decode_pixels(text: str, channels: int) -> torch.Tensor:
@@ -82,146 +58,47 @@ def decode_pixels(text: str, channels: int) -> torch.Tensor:
     return pixels
 
 
-class ClassifyEngine:
-    def __init__(
-        self, runtime: ModelRuntime, load_mask: MaskLoader, *, mask_slots: int, max_rows: int = 64
-    ) -> None:
-        self.runtime = runtime
-        self.load_mask = load_mask
-        self.mask_slots = mask_slots
-        self.max_rows = max_rows  # images per forward pass
-        self._tables: dict[str, MaskTable] = {}  # model ref -> its masks on its device
+class ClassifyEngine(RowEngine[ClassifyTask, LoadedClassifier, ClassifyDone]):
+    """Rows are images ([C, H, W] model input); outputs their class probabilities [n_classes]."""
 
-    def run(self, tasks: Sequence[ClassifyTask], reply: ClassifyReply) -> None:
-        """Answer every task: one forward pass per model (in chunks of `max_rows` images)."""
-        by_model: dict[str, list[ClassifyTask]] = {}
-        for task in tasks:
-            by_model.setdefault(task.model, []).append(task)
-        for ref, group in by_model.items():
-            self._run_model(ref, group, reply)
+    what = "classification"
 
-    def _table(self, ref: str, classifier: LoadedClassifier) -> MaskTable:
-        table = self._tables.get(ref)
-        if table is None or table.fingerprint != classifier.fingerprint:
-            table = MaskTable(classifier.sites, classifier.fingerprint, classifier.device, self.mask_slots)
-            self._tables[ref] = table
-        return table
-
-    def _run_model(self, ref: str, tasks: list[ClassifyTask], reply: ClassifyReply) -> None:
-        try:
-            classifier = self.runtime.classifier(ref)
-            table = self._table(ref, classifier)
-        except ConfigError as exc:  # a language model: it generates, it does not classify
-            reply([(t, failed("ModelKindMismatch", str(exc))) for t in tasks])
-            return
-        except Exception as exc:
-            self._fail(tasks, exc, reply, what=f"model {ref!r} could not be loaded")
-            return
-        admitted_at = time.time()
-        batch: list[_Prepared] = []
-        in_use: set[str] = set()
-        for task in tasks:
-            if task.mask_id is not None and task.mask_id not in in_use and len(in_use) >= table.capacity:
-                self._forward(
-                    classifier, table, batch, reply, admitted_at
-                )  # the table is full: run what it holds
-                batch, in_use = [], set()
-            try:
-                slot = 0 if task.mask_id is None else mask_slot(table, task, self.load_mask, in_use)
-                pixels = self._prepare(task, classifier)
-            except ServeError as exc:
-                reply([(task, failed(exc.type, str(exc)))])
-                continue
-            except Exception as exc:  # a bug, or the device
-                self._fail([task], exc, reply, what="classification failed")
-                continue
-            if task.mask_id is not None:
-                in_use.add(task.mask_id)
-            batch.append(_Prepared(task, slot, pixels))
-        self._forward(classifier, table, batch, reply, admitted_at)
+    def target(self, ref: str) -> LoadedClassifier:
+        return self.runtime.classifier(ref)  # ConfigError for a language model
 
     @staticmethod
-    def _prepare(task: ClassifyTask, classifier: LoadedClassifier) -> torch.Tensor:
-        """The task's images as the model's input [images, C, H, W]; ServeError naming a bad one."""
-        prep, out = classifier.preprocess, []
+    def dtype(target: LoadedClassifier) -> torch.dtype:
+        return target.dtype
+
+    def prepare(self, task: ClassifyTask, target: LoadedClassifier) -> list[Any]:
+        """The task's images as the model's input, one [C, H, W] each; ServeError naming a bad one."""
+        prep, out = target.preprocess, []
         for i, text in enumerate(task.images):
             try:
                 pixels = decode_pixels(text, prep.channels)[None]  # [1, C, H, W]
-                out.append(preprocess(pixels, prep, classifier.dtype))
+                out.append(preprocess(pixels, prep, target.dtype)[0])
             except ServeError as exc:
                 raise ServeError(exc.type, f"images[{i}]: {exc}") from None
             except ConfigError as exc:  # channels the model cannot take
                 raise ServeError("InvalidImage", f"images[{i}]: {exc}") from None
-        return torch.cat(out)
+        return out
 
-    def _forward(
-        self,
-        classifier: LoadedClassifier,
-        table: MaskTable,
-        batch: list[_Prepared],
-        reply: ClassifyReply,
-        admitted_at: float,
-    ) -> None:
-        """Every image of `batch` through its row's mask, `max_rows` at a time; answer each task."""
-        if not batch:
-            return
-        start = time.perf_counter()
-        rows = sum(len(p.pixels) for p in batch)
-        try:
-            pixels = torch.cat([p.pixels for p in batch]).to(classifier.device)  # [rows, C, H, W]
-            slots = [p.slot for p in batch for _ in range(len(p.pixels))]
-            probs = []
-            for begin in range(0, rows, self.max_rows):
-                chunk = slice(begin, begin + self.max_rows)
-                factors = table.factors(slots[chunk], classifier.dtype)
-                with torch.inference_mode():
-                    if factors is None:  # nobody masked: no hooks at all
-                        logits = classifier.model(pixel_values=pixels[chunk]).logits
-                    else:
-                        with apply_row_masks(classifier.sites, factors):
-                            logits = classifier.model(pixel_values=pixels[chunk]).logits
-                    probs.append(logits.float().softmax(-1).cpu())  # [chunk, n_classes]
-            every = torch.cat(probs)
-        except Exception as exc:
-            self._fail([p.task for p in batch], exc, reply, what="classification failed")
-            return
-        model_ms = 1000 * (time.perf_counter() - start)
-        events: list[tuple[ClassifyTask, ClassifyDone | GenerateFailed]] = []
-        at = 0
-        for prepared in batch:
-            task, n = prepared.task, len(prepared.pixels)
-            top = every[at : at + n].topk(min(task.top_k, classifier.n_classes), dim=-1)
-            at += n
-            predictions = [
-                ImagePrediction(
-                    labels=[
-                        ClassLabel(id=int(i), label=classifier.labels[int(i)], probability=float(p))
-                        for p, i in zip(values.tolist(), ids.tolist(), strict=True)
-                    ]
-                )
-                for values, ids in zip(top.values, top.indices, strict=True)
-            ]
-            timings = GenerateTimings(
-                queue_ms=max(0.0, 1000 * (admitted_at - task.enqueued_at)), model_ms=model_ms, batch_rows=rows
-            )
-            done = ClassifyDone(
-                model=task.model, mask_id=task.mask_id, predictions=predictions, timings=timings
-            )
-            events.append((task, done))
-        reply(events)
+    def compute(self, target: LoadedClassifier, rows: list[Any]) -> list[Any]:
+        pixels = torch.stack(rows).to(target.device)  # [rows, C, H, W]
+        logits = target.model(pixel_values=pixels).logits  # [rows, n_classes]
+        return list(logits.float().softmax(-1).cpu())
 
-    def _fail(self, tasks: list[ClassifyTask], exc: Exception, reply: ClassifyReply, *, what: str) -> None:
-        """Answer `tasks` with `exc`; a device failure also stops serving (the worker restarts)."""
-        outcome = classify(exc)
-        if outcome is Outcome.out_of_memory:
-            reply(
-                [(t, failed("OutOfMemory", "out of device memory; retry with fewer images")) for t in tasks]
+    def answer(
+        self, task: ClassifyTask, target: LoadedClassifier, outputs: list[Any], timings: GenerateTimings
+    ) -> ClassifyDone:
+        top = torch.stack(outputs).topk(min(task.top_k, target.n_classes), dim=-1)
+        predictions = [
+            ImagePrediction(
+                labels=[
+                    ClassLabel(id=int(i), label=target.labels[int(i)], probability=float(p))
+                    for p, i in zip(values.tolist(), ids.tolist(), strict=True)
+                ]
             )
-            return
-        if outcome is Outcome.rejected:  # a model that does not load (ModelLoadError, no hook sites)
-            reply([(t, failed(type(exc).__name__, f"{what}: {exc}")) for t in tasks])
-            return
-        log.error("%s (%d requests)", what, len(tasks), exc_info=exc)
-        reply([(t, failed("InternalError", f"{what}: {exc}")) for t in tasks])
-        if outcome is Outcome.device_failure:
-            raise WorkerFatalError(f"device failure while classifying: {exc}") from exc
+            for values, ids in zip(top.values, top.indices, strict=True)
+        ]
+        return ClassifyDone(model=task.model, mask_id=task.mask_id, predictions=predictions, timings=timings)

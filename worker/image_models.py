@@ -36,6 +36,7 @@ from selprune_core.image_measure import ImageClassifier, image_classifier
 from selprune_core.masks import NeuronMask
 from selprune_core.sites import ModelSites
 from selprune_core.vision_model import TRAINING_FILE, VitRecipe, ensure_digits_vit
+from worker.model_refs import confined_folder, model_kind
 
 __all__ = [
     "BUILTIN_IMAGE_MODELS",
@@ -99,36 +100,10 @@ class LoadedClassifier:
         return NeuronMask.full(self.sites, self.fingerprint)
 
 
-def _confined_folder(ref: str, models_root: Path | None) -> Path | None:
-    """The folder `ref` names, if it is one this worker may load (inside the root when there is one)."""
-    try:
-        path = Path(ref).expanduser()
-        if models_root is not None:
-            base = models_root.resolve()
-            full = (path if path.is_absolute() else base / path).resolve()
-            if not full.is_relative_to(base):
-                return None
-        else:
-            full = path.resolve()
-        return full if (full / "config.json").is_file() else None
-    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte, a name too long
-        return None
-
-
 def is_image_model(ref: str, models_root: Path | None) -> bool:
     """Whether `ref` names an image classifier: a built-in one, or a folder this worker may load whose
-    config names a *ForImageClassification architecture (anything else loads as a language model)."""
-    if ref == VIT_DIGITS_MODEL:
-        return True
-    folder = _confined_folder(ref, models_root)
-    if folder is None:
-        return False
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    names = config.get("architectures") if isinstance(config, dict) else None
-    return isinstance(names, list) and any(str(n).endswith("ForImageClassification") for n in names)
+    config names a *ForImageClassification architecture (worker/model_refs.py)."""
+    return model_kind(ref, models_root) == "image_classifier"
 
 
 def load_classifier(
@@ -149,7 +124,7 @@ def load_classifier(
     if ref == VIT_DIGITS_MODEL:
         folder = ensure_digits_vit(cache_dir, digits_recipe)  # trains once (about a minute on a CPU)
     else:
-        found = _confined_folder(ref, models_root)
+        found = confined_folder(ref, models_root)
         if found is None:
             raise ModelLoadError(
                 f"model {ref!r} is not available: use {VIT_DIGITS_MODEL} or an image classifier folder "

@@ -36,6 +36,7 @@ from worker.errors import CheckpointMissingError
 from worker.evaluate_job import run_evaluate, stop_check
 from worker.image_jobs import StartRun, image_prune_setup, run_image_evaluate
 from worker.image_models import LoadedClassifier, write_preprocessor
+from worker.mlm_jobs import mlm_prune_setup, run_mlm_evaluate
 from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,13 @@ def run_job(
     if isinstance(job, PruneJob):
         return run_prune(job, runtime, ctx)
     if isinstance(job, EvaluateJob):
-        return run_image_evaluate(job, runtime, ctx) if job.images else run_evaluate(job, runtime, ctx)
+        if job.images:
+            return run_image_evaluate(job, runtime, ctx)
+        if runtime.kind(job.model) == "masked_lm":
+            return run_mlm_evaluate(job, runtime, ctx)
+        if "masked_token" in job.metrics:
+            raise ConfigError(f"metric masked_token is for masked LMs; model {job.model!r} is not one")
+        return run_evaluate(job, runtime, ctx)
     return run_export(job, runtime, ctx, export_root=export_root)
 
 
@@ -69,10 +76,13 @@ class PruneSetup:
 def run_prune(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
     steps = prune_config(job.params).n_steps  # checks the settings before anything loads
     ctx.progress(JobProgress(phase="loading", steps=steps))
-    setup = (
-        PruneSetup(*image_prune_setup(job, runtime, ctx)) if job.images else _text_setup(job, runtime, ctx)
-    )
-    return _prune(job, ctx, setup)
+    if job.images:
+        setup = PruneSetup(*image_prune_setup(job, runtime, ctx))
+    elif runtime.kind(job.model) == "masked_lm":
+        setup = PruneSetup(*mlm_prune_setup(job, runtime, ctx))
+    else:
+        setup = _text_setup(job, runtime, ctx)
+    return _prune(job, ctx, setup, runtime.kind(job.model))
 
 
 def _text_setup(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> PruneSetup:
@@ -106,7 +116,7 @@ def _text_setup(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> PruneS
     return PruneSetup(loaded, cfg, start)
 
 
-def _prune(job: PruneJob, ctx: JobContext, setup: PruneSetup) -> dict[str, Any]:
+def _prune(job: PruneJob, ctx: JobContext, setup: PruneSetup, model_kind: str) -> dict[str, Any]:
     """Run `setup` to the end through the job context: resume from its checkpoint, report progress,
     record every step with its mask and plot, store the final mask with its metadata."""
     cfg = setup.cfg
@@ -153,6 +163,7 @@ def _prune(job: PruneJob, ctx: JobContext, setup: PruneSetup) -> dict[str, Any]:
         "model": job.model,
         "fingerprint": setup.target.fingerprint,
         "data_kind": "images" if job.images else "text",
+        "model_kind": model_kind,  # causal_lm, masked_lm or image_classifier
         "forget": describe_spec(job.forget),
         "retain": describe_spec(job.retain),
         "params": job.params.model_dump(mode="json"),
@@ -227,7 +238,7 @@ def run_export(
     if ref is None:
         raise ConfigError("export needs the model the mask was made on")
     ctx.progress(JobProgress(phase="loading"))
-    loaded = runtime.loaded(ref)  # a language model or an image classifier
+    loaded = runtime.loaded(ref)  # a causal LM, a masked LM or an image classifier
     mask.check_fits(loaded.sites, loaded.fingerprint)
     check_weights_resident(loaded.model, "exporting a mask")  # before copying: offloaded weights cannot fold
     stop_check(ctx, "export")

@@ -4,9 +4,10 @@ Models load lazily into a small LRU cache (a worker may serve a few models, but 
 memory), datasets resolve against the configured data root and cache folder. Built once at start-up,
 never per job, and shared by the job and serving lanes of one process.
 
-The cache holds language models and image classifiers alike (worker/image_models.py decides which a
-reference names). Callers ask for the kind they need, `model` (a causal LM) or `classifier`, and get a
-ConfigError naming the mismatch when the reference is of the other kind.
+The cache holds causal language models, masked LMs and image classifiers alike (worker/model_refs.py
+decides which a reference names). Callers ask for the kind they need, `model` (a causal LM),
+`masked_lm` or `classifier`, and get a ConfigError naming the mismatch when the reference is of
+another kind.
 
 What a job may name is confined here, from the worker's settings: local models must lie under
 `models_root` (except the operator's own `trusted_models`, SELPRUNE_MODELS), and hub datasets pass
@@ -25,6 +26,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import TypeVar
 
 from protocol import BuiltinData, FileData, HubData, ImageData, InlineData
 from protocol.hub_policy import HUB_ANY, hub_dataset_refusal, parse_hub_datasets
@@ -32,17 +34,28 @@ from selprune_core.corpora import MODEL_BUILTINS
 from selprune_core.data import resolve_dataset
 from selprune_core.errors import ConfigError
 from selprune_core.loading import LoadedModel, load_model
+from selprune_core.mlm_measure import MaskedLM
+from selprune_core.mlm_model import MlmRecipe
 from selprune_core.self_contrast import CLEAN_NAME, TOXIC_NAME, builtin_contrast
 from selprune_core.splits import TextSplits
 from selprune_core.vision_model import VitRecipe
 from worker.convert import to_dataset_ref
 from worker.image_data import ImageSplitSets, image_splits
-from worker.image_models import LoadedClassifier, is_image_model, load_classifier
+from worker.image_models import LoadedClassifier, load_classifier
+from worker.mlm_models import load_mlm
+from worker.model_refs import ModelKind, model_kind
 
 log = logging.getLogger(__name__)
 
+LoadedT = TypeVar("LoadedT", LoadedModel, LoadedClassifier, MaskedLM)
+
 DatasetSpecModel = InlineData | FileData | HubData | BuiltinData | ImageData
-Loaded = LoadedModel | LoadedClassifier
+Loaded = LoadedModel | LoadedClassifier | MaskedLM
+_KIND_NAMES = {
+    LoadedModel: "a language model (causal)",
+    LoadedClassifier: "an image classifier",
+    MaskedLM: "a masked LM",
+}
 
 
 class ModelRuntime:
@@ -61,6 +74,7 @@ class ModelRuntime:
         device_map: str | None = None,
         max_memory: str | None = None,
         digits_recipe: VitRecipe | None = None,
+        mlm_recipe: MlmRecipe | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.data_root = Path(data_root)
@@ -76,6 +90,7 @@ class ModelRuntime:
         self.digits_recipe = (
             digits_recipe  # the builtin digits ViT's recipe (None: the default; tests shrink it)
         )
+        self.mlm_recipe = mlm_recipe  # the builtin code/prose MLM's recipe (None: the default)
         self._models: OrderedDict[str, Loaded] = OrderedDict()
         self._lock = threading.Lock()  # guards _models and _loading; never held while loading
         self._loading: dict[str, threading.Lock] = {}  # ref -> lock held by the caller loading it
@@ -83,23 +98,37 @@ class ModelRuntime:
         self._contrast_lock = threading.Lock()  # held while generating: one generation per model at once
 
     def model(self, ref: str) -> LoadedModel:
-        """The causal LM `ref` names; ConfigError if it names an image classifier."""
-        loaded = self.loaded(ref)
-        if isinstance(loaded, LoadedClassifier):
-            raise ConfigError(
-                f"model {ref!r} is an image classifier; this needs a causal language model "
-                "(image classifiers take image datasets and /v1/classify)"
-            )
-        return loaded
+        """The causal LM `ref` names; ConfigError if it names another kind."""
+        return self._of_kind(ref, LoadedModel, "this needs a causal language model")
 
     def classifier(self, ref: str) -> LoadedClassifier:
-        """The image classifier `ref` names; ConfigError if it names a language model."""
+        """The image classifier `ref` names; ConfigError if it names another kind."""
+        return self._of_kind(
+            ref,
+            LoadedClassifier,
+            "this needs an image classifier (a *ForImageClassification folder or builtin:vit-digits)",
+        )
+
+    def masked_lm(self, ref: str) -> MaskedLM:
+        """The masked LM `ref` names; ConfigError if it names another kind."""
+        return self._of_kind(
+            ref, MaskedLM, "this needs a masked LM (a *ForMaskedLM folder or builtin:mlm-code-prose)"
+        )
+
+    def kind(self, ref: str) -> ModelKind:
+        """What `ref` names, from the reference alone (nothing loads)."""
+        root = None if ref in self.trusted_models else self.models_root
+        return model_kind(ref, root)
+
+    def _of_kind(self, ref: str, kind: type[LoadedT], needs: str) -> LoadedT:
         loaded = self.loaded(ref)
-        if not isinstance(loaded, LoadedClassifier):
-            raise ConfigError(
-                f"model {ref!r} is a language model; this needs an image classifier "
-                "(a *ForImageClassification folder or builtin:vit-digits)"
-            )
+        if not isinstance(loaded, kind):
+            uses = {
+                LoadedModel: "causal LMs generate and take text datasets",
+                LoadedClassifier: "image classifiers take image datasets and /v1/classify",
+                MaskedLM: "masked LMs take text datasets, the masked_token metric and /v1/fill-mask",
+            }[type(loaded)]
+            raise ConfigError(f"model {ref!r} is {_KIND_NAMES[type(loaded)]}; {needs} ({uses})")
         return loaded
 
     def loaded(self, ref: str) -> Loaded:
@@ -135,7 +164,17 @@ class ModelRuntime:
 
     def _load(self, ref: str) -> Loaded:
         root = None if ref in self.trusted_models else self.models_root
-        if is_image_model(ref, root):
+        kind = model_kind(ref, root)
+        if kind == "masked_lm":
+            return load_mlm(
+                ref,
+                cache_dir=self.cache_dir,
+                device=self.device,
+                dtype=self.dtype,
+                models_root=root,
+                recipe=self.mlm_recipe,
+            )
+        if kind == "image_classifier":
             return load_classifier(
                 ref,
                 cache_dir=self.cache_dir,

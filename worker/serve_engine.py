@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from protocol import (
     ClassifyTask,
     ErrorInfo,
+    FillMaskTask,
     GenerateDelta,
     GenerateDone,
     GenerateEvent,
@@ -60,6 +61,7 @@ Event = GenerateEvent  # delta | done | error
 Reply = Callable[[list[tuple[GenerateTask, Event]]], None]
 # Fetches a mask's bytes for a tenant; raises MaskNotFoundError when the tenant may not see it.
 MaskLoader = Callable[[str, str], bytes]
+MaskedTask = GenerateTask | ClassifyTask | FillMaskTask  # what names a mask: any serving lane request
 
 
 class ServeError(Exception):
@@ -369,9 +371,7 @@ class ServeEngine:
         )
 
 
-def mask_slot(
-    table: MaskTable, task: GenerateTask | ClassifyTask, load_mask: MaskLoader, in_batch: Collection[str]
-) -> int:
+def mask_slot(table: MaskTable, task: MaskedTask, load_mask: MaskLoader, in_batch: Collection[str]) -> int:
     """The table slot of the task's mask, fetched for its tenant on first use without evicting the masks
     `in_batch` uses; ServeError MaskNotFound or MaskMismatch."""
     assert task.mask_id is not None

@@ -22,9 +22,10 @@ first request in that order picks the model, and a request for another model wai
 batch to drain rather than be overtaken; a request with more rows than there is room for is not
 overtaken either.
 
-Image classification (`ClassifyTask`, entry field "classify" instead of "task") shares the stream and
-the loop: a classification is one forward pass, so the tasks read in a turn are answered in that turn
-(worker/classify_engine.py), rows of different masks in one batch, before the turn's decode step.
+Image classification (`ClassifyTask`, entry field "classify" instead of "task") and fill-mask
+(`FillMaskTask`, field "fill_mask") share the stream and the loop: each is one forward pass, so the tasks
+read in a turn are answered in that turn (worker/classify_engine.py, worker/fill_mask_engine.py, both
+worker/row_engine.py's machinery), rows of different masks in one batch, before the turn's decode step.
 
 Requests are acked and deleted as they are read: generation is short and latency-bound, so a request
 whose worker dies is answered 504 by the gateway rather than retried after a visibility timeout. A
@@ -48,8 +49,9 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel, ValidationError
 
-from protocol import ClassifyTask, GenerateTask, keys
+from protocol import ClassifyTask, FillMaskTask, GenerateTask, keys
 from worker.classify_engine import ClassifyEngine
+from worker.fill_mask_engine import FillMaskEngine
 from worker.loop import ensure_group, require_bytes_client, run_turns
 from worker.runtime import ModelRuntime
 from worker.serve_engine import ServeEngine, failed
@@ -61,7 +63,8 @@ log = logging.getLogger(__name__)
 CANCEL_CHECK_S = 0.1  # how often (at most) the loop asks Redis which of its requests were cancelled
 _SERVED_KEPT = 10_000  # tenants whose last admission is remembered for the round robin
 _REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # what a gateway's request id looks like
-Task = TypeVar("Task", GenerateTask, ClassifyTask)
+Task = TypeVar("Task", GenerateTask, ClassifyTask, FillMaskTask)
+OneShot = ClassifyTask | FillMaskTask  # one forward pass each: answered in the turn they are read
 
 
 def ensure_serve_group(redis_client: redis.Redis) -> None:
@@ -82,11 +85,11 @@ class ServeLoop:
             mask_slots=max(settings.serve_mask_cache, settings.serve_max_batch),
             max_prompt_tokens=settings.max_prompt_tokens,
         )
-        self.classifier = ClassifyEngine(
-            runtime, store.get_bytes, mask_slots=max(settings.serve_mask_cache, settings.serve_max_batch)
-        )
+        slots = max(settings.serve_mask_cache, settings.serve_max_batch)
+        self.classifier = ClassifyEngine(runtime, store.get_bytes, mask_slots=slots)
+        self.filler = FillMaskEngine(runtime, store.get_bytes, mask_slots=slots)
         self.pending: list[GenerateTask] = []  # read, not yet admitted; oldest first
-        self.classify_pending: list[ClassifyTask] = []  # read this turn, answered before its decode step
+        self.one_shot_pending: list[OneShot] = []  # read this turn, answered before its decode step
         self._served: dict[str, int] = {}  # tenant -> number of its latest admission (round robin)
         self._admissions = itertools.count()
         self.cancel_every_s = CANCEL_CHECK_S
@@ -142,14 +145,14 @@ class ServeLoop:
         engine = self.engine
         self._drop_cancelled()
         if (room := self._room()) > 0:
-            idle = engine.model is None and not self.pending and not self.classify_pending
+            idle = engine.model is None and not self.pending and not self.one_shot_pending
             self._read(room, block_ms=self.settings.poll_block_ms if idle else None)
             room = self._room()
-            waiting = self.pending or self.classify_pending
+            waiting = self.pending or self.one_shot_pending
             if engine.model is None and waiting and room > 0 and self.settings.serve_batch_window_ms > 0:
                 time.sleep(self.settings.serve_batch_window_ms / 1000)
                 self._read(room, block_ms=None)
-        classified = self._classify()
+        classified = self._one_shot()
         admitted = self._admissible()
         if not admitted and engine.model is None:
             return classified
@@ -207,9 +210,11 @@ class ServeLoop:
             pipe.execute()
         now = time.time()
         for _entry_id, fields in entries:
-            task: GenerateTask | ClassifyTask | None
+            task: GenerateTask | OneShot | None
             if b"classify" in fields:
                 task = self._parse(fields[b"classify"], ClassifyTask)
+            elif b"fill_mask" in fields:
+                task = self._parse(fields[b"fill_mask"], FillMaskTask)
             else:
                 task = self._parse(fields.get(b"task", b""), GenerateTask)
             if task is None:
@@ -217,19 +222,21 @@ class ServeLoop:
             if task.deadline <= now:
                 log.info("request %s: past its deadline when read; dropped", task.request_id)
                 continue
-            if isinstance(task, ClassifyTask):
-                self.classify_pending.append(task)
+            if isinstance(task, ClassifyTask | FillMaskTask):
+                self.one_shot_pending.append(task)
             else:
                 self.pending.append(task)
 
-    def _classify(self) -> int:
-        """Answer the classification tasks read this turn (one forward per model); returns how many."""
-        now, tasks = time.time(), self.classify_pending
-        self.classify_pending = []
+    def _one_shot(self) -> int:
+        """Answer the classification and fill-mask tasks read this turn (one forward per model and
+        kind); returns how many."""
+        now, tasks = time.time(), self.one_shot_pending
+        self.one_shot_pending = []
         tasks = [t for t in tasks if t.deadline > now]  # the gateway answered the others 504 already
         if tasks:
             start = time.perf_counter()
-            self.classifier.run(tasks, self._send)
+            self.classifier.run([t for t in tasks if isinstance(t, ClassifyTask)], self._send)
+            self.filler.run([t for t in tasks if isinstance(t, FillMaskTask)], self._send)
             self._record(time.perf_counter() - start, sum(t.rows for t in tasks))
         return len(tasks)
 
@@ -245,7 +252,8 @@ class ServeLoop:
             )
             log.warning("request %s: invalid task: %s", request_id or "<unknown>", problems)
             if request_id:
-                what = "classification" if kind is ClassifyTask else "generation"
+                names: dict[type, str] = {ClassifyTask: "classification", FillMaskTask: "fill-mask"}
+                what = names.get(kind, "generation")
                 self._push(request_id, failed("InvalidRequest", f"invalid {what} task: {problems}"))
             return None
 
@@ -313,7 +321,7 @@ class ServeLoop:
         self._stats_sent_at = time.monotonic()
 
     # Replies ----------------------------------------------------------------------------------------
-    def _send(self, events: Sequence[tuple[GenerateTask | ClassifyTask, BaseModel]]) -> None:
+    def _send(self, events: Sequence[tuple[GenerateTask | OneShot, BaseModel]]) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
             for task, event in events:
                 self._queue_push(pipe, task.request_id, event)

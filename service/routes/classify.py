@@ -5,16 +5,18 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from protocol import ClassifyTask
+from protocol import ClassifyDone, ClassifyEvent, ClassifyTask, GenerateFailed
 from service.deps import QueueDep, ServingDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_responses, validation_message
 from service.image_schemas import ClassifyRequest, ClassifyResponse
 from service.limits import check_classification
-from service.serving_client import GenerationRefused, new_request_id
+from service.serving_client import new_request_id
+from service.serving_errors import GenerationRefused
 
 router = APIRouter(prefix="/v1", tags=["classify"])
+CLASSIFY_EVENT: TypeAdapter[ClassifyDone | GenerateFailed] = TypeAdapter(ClassifyEvent)
 
 
 @router.post(
@@ -48,7 +50,9 @@ async def classify(
         raise ApiError(422, "ValidationError", validation_message(list(exc.errors()))) from None
     cap = settings.max_inflight_rows_per_tenant
     try:
-        done = await serving.classify(task, max_tenant_rows=cap, disconnected=request.is_disconnected)
+        done = await serving.one_shot(
+            task, CLASSIFY_EVENT, max_tenant_rows=cap, disconnected=request.is_disconnected
+        )
     except GenerationRefused as exc:  # the tenant's cap, a full lane, an image the worker cannot read
         raise ApiError(exc.status, exc.info.type, exc.info.message, exc.headers) from None
     return ClassifyResponse.from_done(task, done)

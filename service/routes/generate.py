@@ -16,7 +16,7 @@ from service.deps import QueueDep, ServingDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_body, error_responses, validation_message
 from service.limits import GenerationFields, check_generation
 from service.schemas import GenerateRequest, GenerateResponse
-from service.serving_client import GenerationFailed, GenerationRefused
+from service.serving_errors import GenerationFailed, GenerationRefused
 from service.sse import EventStreamResponse, format_event
 
 router = APIRouter(prefix="/v1", tags=["generate"])

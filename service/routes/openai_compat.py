@@ -40,7 +40,7 @@ from service.openai_schemas import (
     Usage,
 )
 from service.queue_client import QueueClient
-from service.serving_client import GenerationFailed, GenerationRefused
+from service.serving_errors import GenerationFailed, GenerationRefused
 from service.settings import GatewaySettings
 from service.sse import EventStreamResponse, format_event
 
