@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
 
@@ -73,7 +73,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when the training code changes in a way the settings do not show
+RECIPE_VERSION = 2  # bump when the training code changes in a way the settings do not show
 TRAINING_FILE = "training.json"
 CORPORA = ("python_code", "english_prose")
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, RoBERTa's; <mask> is added last
@@ -127,7 +127,8 @@ def train_tokenizer(recipe: MlmRecipe, code: Sequence[str], prose: Sequence[str]
         show_progress=False,
     )
     tok.train_from_iterator([*code_part, *(list(prose) * repeats)], trainer=trainer)
-    tok.add_special_tokens(["<mask>"])
+    # As in RoBERTa, <mask> takes the space before it: "the <mask>." fills to "the cat.", not "the  cat."
+    tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
     tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,

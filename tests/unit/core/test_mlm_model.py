@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from selprune_core.mlm_measure import load_masked_lm
-from selprune_core.mlm_model import MlmRecipe, recipe_key, train_mlm, train_tokenizer
+from selprune_core.mlm_model import RECIPE_VERSION, MlmRecipe, recipe_key, train_mlm, train_tokenizer
 from tests.mlm_helpers import CODE, PROSE
 
 TINY = MlmRecipe(
@@ -47,6 +47,10 @@ def test_the_tokenizer_has_roberta_layout_and_round_trips(tmp_path):
     assert tok.mask_token_id == len(tok) - 1 and tok.pad_token_id == 1
     ids = tok("def f(x): return x")["input_ids"]
     assert ids[0] == 0 and ids[-1] == 2 and tok.decode(ids[1:-1]) == "def f(x): return x"
+    # The mask token takes the space before it, so a filled mask reads like the text it replaced.
+    prefix = tok("return a", add_special_tokens=False)["input_ids"]
+    masked = tok("return a <mask> 1")["input_ids"]
+    assert masked[1 : len(prefix) + 2] == [*prefix, tok.mask_token_id]
     model, tok, _ = train_mlm(TINY, CODE, PROSE)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -59,6 +63,6 @@ def test_the_tokenizer_has_roberta_layout_and_round_trips(tmp_path):
 def test_the_cache_key_follows_settings_and_texts():
     texts = {"python_code": CODE, "english_prose": PROSE}
     key = recipe_key(TINY, texts)
-    assert key == recipe_key(TINY, dict(texts)) and key.startswith("v1-")
+    assert key == recipe_key(TINY, dict(texts)) and key.startswith(f"v{RECIPE_VERSION}-")
     assert recipe_key(dataclasses.replace(TINY, steps=4), texts) != key
     assert recipe_key(TINY, {**texts, "english_prose": PROSE[:-1]}) != key
