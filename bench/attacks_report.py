@@ -197,6 +197,20 @@ def relearn_rows(exp: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def relearn_caveat(exp: Mapping[str, Any]) -> str | None:
+    """A warning when the fine-tuning lowers even the unpruned model's forget accuracy at every N: then
+    the attack's budget does not teach the forget data at all, and "recovered" measures nothing."""
+    base_before = exp["before"]["base"]["forget"]["top1"]
+    base_after = [run["after"]["forget"]["top1"] for run in exp["runs"] if run["start"] == "base"]
+    if not base_after or max(base_after) >= base_before:
+        return None
+    return (
+        f"The same fine-tuning lowers the unpruned model's forget top-1 at every N ({pct(base_before)} → "
+        f"{', '.join(pct(a) for a in base_after)}): at this budget it does not teach the forget data, so "
+        "the *recovered* column cannot show relearning on this task, only noise around the mask's level."
+    )
+
+
 def plot(out: Path, exps: Mapping[str, Mapping[str, Any]]) -> str:
     """results/baselines.png: forget drop against retain drop per method, one panel per task."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -311,4 +325,6 @@ def attacks_section(out: Path) -> list[str]:
             f"Command: `{_command(exp, 'bench/relearn.py')}` ({exp['seconds'] / 60:.0f} min).",
             "",
         ]
+        if note := relearn_caveat(exp):
+            lines += [note, ""]
     return lines

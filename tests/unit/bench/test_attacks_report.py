@@ -107,3 +107,19 @@ def test_a_toxicity_change_inside_the_intervals_is_called_unresolved() -> None:
     assert "does not resolve its change" in "\n".join(verdicts(exp))
     exp["rows"]["selective_pruning"]["toxicity"] = _tox(0.0, 0.0, 0.01)
     assert "does not resolve" not in "\n".join(verdicts(exp))
+
+
+def _relearn(base_after: list[float]) -> dict[str, Any]:
+    before = {"base": {"forget": {"top1": 0.34}}, "mask": {"forget": {"top1": 0.30}}}
+    runs = [
+        {"n": n, "start": "base", "after": {"forget": {"top1": a}}}
+        for n, a in zip((4, 16), base_after, strict=True)
+    ]
+    return {"before": before, "runs": runs}
+
+
+def test_relearning_that_lowers_even_the_unpruned_model_is_flagged() -> None:
+    from bench.attacks_report import relearn_caveat
+
+    assert "cannot show relearning" in (relearn_caveat(_relearn([0.31, 0.32])) or "")
+    assert relearn_caveat(_relearn([0.31, 0.36])) is None  # one N did teach the unpruned model
