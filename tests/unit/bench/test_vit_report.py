@@ -55,3 +55,31 @@ def test_the_section_shows_each_step_and_every_target_as_met_or_missed(tmp_path:
     )
     assert "at least 80% relative: **met**" in section and "above 0 at every step: **missed**" in section
     assert "Forget class 3" in section and "2.00 points down" in section
+
+
+def test_other_forget_classes_get_one_row_each_and_a_count_per_target(tmp_path: Path) -> None:
+    def exp(forget_class: int, drop: float, met: bool) -> dict:
+        return {
+            "command": f"python bench/vit_digits.py --forget-class {forget_class}",
+            "seconds": 60.0,
+            "settings": {"forget_class": forget_class, "eps": 1e-5, "chosen_ff_frac": 0.02, "chosen_steps": 3,
+                         "fracs": [0.02], "random_seeds": 3},
+            "model": {"recipe": {"num_hidden_layers": 4, "hidden_size": 64},
+                      "accuracy": {"heldout": 0.95, "validation": 0.96, "train": 0.98}},
+            "selective": [_report(0, 1.0, 0.95)],
+            "random": [[_report(0, 1.0, 0.95)]],
+            "comparison": [],
+            "final": {"forget_drop": drop, "retain_points_lost": 0.01},
+            "targets": {"forget_drop_ge_80pct": met, "retain_loss_le_5pts": True},
+        }  # fmt: skip
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "vit_digits.json").write_text(json.dumps(exp(0, 0.7, False)))
+    assert "Every forget class" not in "\n".join(vit_section(tmp_path))  # one class: no table
+    for forget_class, drop, met in ((1, 0.9, True), (2, 0.85, True)):
+        path = tmp_path / "results" / f"vit_digits_class{forget_class}.json"
+        path.write_text(json.dumps(exp(forget_class, drop, met)))
+    section = "\n".join(vit_section(tmp_path))
+    assert "| 1 | 2% x 3 | 3 | 90.0% | 1.00 | met | met |" in section
+    assert "| 0 | 2% x 3 | 3 | 70.0% | 1.00 | missed | met |" in section
+    assert "forget drop >= 80%: 2 of 3; others lose <= 5 points: 3 of 3." in section
