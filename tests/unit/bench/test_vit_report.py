@@ -69,6 +69,8 @@ def test_other_forget_classes_get_one_row_each_and_a_count_per_target(tmp_path: 
             "selective": [_report(0, 1.0, 0.95)],
             "random": [[_report(0, 1.0, 0.95)]],
             "comparison": [],
+            "validation_sweep": [{"frac": 0.02, "curve": [{"step": 1, "forget_drop": drop,
+                                                            "retain_points_lost": 0.01}]}],
             "final": {"forget_drop": drop, "retain_points_lost": 0.01},
             "targets": {"forget_drop_ge_80pct": met, "retain_loss_le_5pts": True},
         }  # fmt: skip
@@ -80,6 +82,7 @@ def test_other_forget_classes_get_one_row_each_and_a_count_per_target(tmp_path: 
         path = tmp_path / "results" / f"vit_digits_class{forget_class}.json"
         path.write_text(json.dumps(exp(forget_class, drop, met)))
     section = "\n".join(vit_section(tmp_path))
-    assert "| 1 | 2% x 3 | 3 | 90.0% | 1.00 | met | met |" in section
-    assert "| 0 | 2% x 3 | 3 | 70.0% | 1.00 | missed | met |" in section
+    assert "| 1 | 2% x 3 | 3 | yes | 90.0% | 1.00 | met | met |" in section
+    assert "| 0 | 2% x 3 | 3 | no | 70.0% | 1.00 | missed | met |" in section
+    assert "On validation, 2 of 3 classes reached both targets" in section
     assert "forget drop >= 80%: 2 of 3; others lose <= 5 points: 3 of 3." in section
