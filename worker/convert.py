@@ -4,7 +4,7 @@ never sees the wire's."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -34,6 +34,25 @@ IMAGE_TOPK = 3  # k of an image classifier's top-k accuracy (capped at its numbe
 def describe_spec(spec: InlineData | FileData | HubData | BuiltinData | ImageData) -> str:
     """A short label for any dataset reference (the name of its eval set, in mask metadata and plots)."""
     return spec.describe() if isinstance(spec, ImageData) else describe(to_dataset_ref(spec))
+
+
+def set_names(
+    specs: Sequence[InlineData | FileData | HubData | BuiltinData | ImageData],
+    taken: Collection[str] = (),
+) -> list[str]:
+    """Each reference's eval-set name (`describe_spec`), made unique: a repeated description gets
+    " (2)", " (3)", ... so that two sets described alike (two inline sets of 24 texts) both keep
+    their results instead of the second overwriting the first. `taken` names are avoided too."""
+    used, names = set(taken), []
+    for spec in specs:
+        base = name = describe_spec(spec)
+        copy = 1
+        while name in used:
+            copy += 1
+            name = f"{base} ({copy})"
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def image_eval_config(n_classes: int, batch_size: int, seed: int) -> EvalConfig:

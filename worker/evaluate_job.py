@@ -33,7 +33,7 @@ from selprune_core.sites import resolve_sites
 from selprune_core.splits import TextSplits
 from selprune_core.toxicity import get_scorer, toxicity_metric
 from worker.context import JobContext
-from worker.convert import describe_spec
+from worker.convert import set_names
 from worker.runtime import ModelRuntime
 
 __all__ = ["run_evaluate", "stop_check"]
@@ -56,7 +56,10 @@ def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> di
     if "relearn" in job.metrics:  # before any work: offloaded weights cannot be copied and trained
         check_weights_resident(loaded.model, "the relearn metric")
     ctx.progress(JobProgress(phase="resolving_data"))
-    splits = {describe_spec(s): runtime.dataset(s, model_ref=job.model) for s in job.datasets}
+    splits = {
+        name: runtime.dataset(s, model_ref=job.model)
+        for name, s in zip(set_names(job.datasets), job.datasets, strict=True)
+    }
     sets = {name: list(split.heldout) for name, split in splits.items()}
     eval_cfg = EvalConfig(
         token_limit=job.token_limit, sample_tokens=job.eval_tokens, batch_size=EVAL_BATCH_SIZE, seed=job.seed

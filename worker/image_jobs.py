@@ -30,7 +30,7 @@ from selprune_core.masks import NeuronMask
 from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun
 from selprune_core.toxicity import wilson_interval
 from worker.context import JobContext
-from worker.convert import image_eval_config, image_prune_config
+from worker.convert import image_eval_config, image_prune_config, set_names
 from worker.evaluate_job import stop_check
 from worker.image_models import LoadedClassifier
 from worker.runtime import DatasetSpecModel, ModelRuntime
@@ -63,9 +63,9 @@ def image_prune_setup(
     ctx.progress(JobProgress(phase="resolving_data", steps=cfg.n_steps))
     forget, retain = (runtime.image_dataset(_images(s), classifier) for s in (job.forget, job.retain))
     eval_sets: dict[str, ImageSet] = {"forget": forget.heldout, "retain": retain.heldout}
-    for spec in job.eval or []:
-        image_spec = _images(spec)
-        eval_sets[image_spec.describe()] = runtime.image_dataset(image_spec, classifier).heldout
+    specs = job.eval or []
+    for name, spec in zip(set_names(specs, taken=eval_sets), specs, strict=True):
+        eval_sets[name] = runtime.image_dataset(_images(spec), classifier).heldout
     target = classifier.target
 
     def start(options: PruneOptions, callbacks: PruneCallbacks) -> PruneRun:
@@ -85,7 +85,10 @@ def run_image_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext)
     if mask is None and not job.include_base:
         raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
     ctx.progress(JobProgress(phase="resolving_data"))
-    sets = {s.describe(): runtime.image_dataset(s, classifier).heldout for s in map(_images, job.datasets)}
+    sets = {
+        name: runtime.image_dataset(_images(s), classifier).heldout
+        for name, s in zip(set_names(job.datasets), job.datasets, strict=True)
+    }
     cfg = image_eval_config(classifier.n_classes, EVAL_IMAGE_BATCH, job.seed)
     variants: dict[str, NeuronMask] = {}
     if job.include_base:

@@ -31,7 +31,7 @@ from selprune_core.reports import Progress
 from selprune_core.sites import resolve_sites
 from selprune_core.splits import carve_validation
 from worker.context import JobContext, LeaseGuard, PlotSink
-from worker.convert import describe_spec, prune_config
+from worker.convert import describe_spec, prune_config, set_names
 from worker.errors import CheckpointMissingError
 from worker.evaluate_job import run_evaluate, stop_check
 from worker.image_jobs import StartRun, image_prune_setup, run_image_evaluate
@@ -98,8 +98,9 @@ def _text_setup(job: PruneJob, runtime: ModelRuntime, ctx: JobContext) -> PruneS
         runtime.dataset(s, model_ref=job.model, on_progress=generating) for s in (job.forget, job.retain)
     )
     eval_sets: dict[str, tuple[str, ...]] = {"forget": forget.heldout, "retain": retain.heldout}
-    for spec in job.eval or []:
-        eval_sets[describe_spec(spec)] = runtime.dataset(spec, model_ref=job.model).heldout
+    specs = job.eval or []
+    for name, spec in zip(set_names(specs, taken=eval_sets), specs, strict=True):
+        eval_sets[name] = runtime.dataset(spec, model_ref=job.model).heldout
     forget_train, retain_train = forget.train, retain.train
     budget_sets = None
     if cfg.budget is not None:

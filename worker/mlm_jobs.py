@@ -26,7 +26,7 @@ from selprune_core.mlm_measure import MaskedLM, MlmMeasure
 from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun
 from selprune_core.splits import TextSplits, carve_validation
 from worker.context import JobContext
-from worker.convert import describe_spec, prune_config
+from worker.convert import describe_spec, prune_config, set_names
 from worker.evaluate_job import stop_check
 from worker.image_jobs import StartRun
 from worker.runtime import DatasetSpecModel, ModelRuntime
@@ -53,8 +53,9 @@ def mlm_prune_setup(
     ctx.progress(JobProgress(phase="resolving_data", steps=cfg.n_steps))
     forget, retain = (_texts(runtime, s, job.model) for s in (job.forget, job.retain))
     eval_sets: dict[str, tuple[str, ...]] = {"forget": forget.heldout, "retain": retain.heldout}
-    for spec in job.eval or []:
-        eval_sets[describe_spec(spec)] = _texts(runtime, spec, job.model).heldout
+    specs = job.eval or []
+    for name, spec in zip(set_names(specs, taken=eval_sets), specs, strict=True):
+        eval_sets[name] = _texts(runtime, spec, job.model).heldout
     forget_train, retain_train = forget.train, retain.train
     budget_sets = None
     if cfg.budget is not None:  # as for causal LMs: the budget reads a validation split of the train texts
@@ -84,7 +85,10 @@ def run_mlm_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -
     if mask is None and not job.include_base:
         raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
     ctx.progress(JobProgress(phase="resolving_data"))
-    sets = {describe_spec(s): _texts(runtime, s, job.model).heldout for s in job.datasets}
+    sets = {
+        name: _texts(runtime, s, job.model).heldout
+        for name, s in zip(set_names(job.datasets), job.datasets, strict=True)
+    }
     limit = min(job.token_limit, target.max_tokens)
     cfg = EvalConfig(
         token_limit=limit, sample_tokens=job.eval_tokens, batch_size=EVAL_BATCH_SIZE, seed=job.seed

@@ -147,3 +147,27 @@ def test_a_cancel_stops_relearning_between_optimizer_steps(
     assert ctx.checks_while_relearning == 2
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
     assert all(p.requires_grad is False for p in loaded.model.parameters())
+
+
+def test_two_datasets_described_alike_both_keep_their_results(
+    model_dir: Path, runtime: ModelRuntime, tmp_path: Path
+) -> None:
+    """Two inline sets of as many texts share a description; each must still get its own results."""
+    other = [text.upper() for text in TEXTS]
+    job = _job(
+        model_dir, None, datasets=[{"kind": "inline", "texts": TEXTS}, {"kind": "inline", "texts": other}]
+    )
+    results = run_evaluate(job, runtime, ConsoleContext(tmp_path))["results"]["base"]
+    first, second = results  # insertion order: the request's order
+    assert second == f"{first} (2)"
+    assert results[first]["next_token"]["loss"] != results[second]["next_token"]["loss"]
+
+
+def test_set_names_number_repeats_and_avoid_taken_names() -> None:
+    from protocol import InlineData
+    from worker.convert import set_names
+
+    a, b = InlineData(texts=["x", "y"]), InlineData(texts=["p", "q"])
+    (name,) = set_names([a])
+    assert set_names([a, b, a]) == [name, f"{name} (2)", f"{name} (3)"]
+    assert set_names([a], taken={name}) == [f"{name} (2)"]
