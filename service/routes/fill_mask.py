@@ -3,18 +3,15 @@ serving lane."""
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from protocol import FillMaskDone, FillMaskEvent, FillMaskTask, GenerateFailed
 from service.deps import QueueDep, ServingDep, SettingsDep, TenantDep
-from service.errors import ApiError, error_responses, validation_message
+from service.errors import error_responses
 from service.fill_mask_schemas import FillMaskRequest, FillMaskResponse
 from service.limits import check_fill_mask
-from service.serving_client import new_request_id
-from service.serving_errors import GenerationRefused
+from service.one_shot import answer_one_shot
 
 router = APIRouter(prefix="/v1", tags=["fill-mask"])
 FILL_MASK_EVENT: TypeAdapter[FillMaskDone | GenerateFailed] = TypeAdapter(FillMaskEvent)
@@ -38,25 +35,16 @@ async def fill_mask(
     model = await check_fill_mask(
         queue, settings, tenant, model=body.model, mask_id=body.mask_id, inputs=body.inputs
     )
-    now = time.time()
-    try:
-        task = FillMaskTask(
-            request_id=new_request_id(),
-            tenant=tenant,
-            model=model,
-            mask_id=body.mask_id,
-            inputs=body.inputs,
-            top_k=body.top_k,
-            enqueued_at=now,
-            deadline=now + serving.timeout_s,
-        )
-    except ValidationError as exc:  # the request passed its own model, so this is a contract bound
-        raise ApiError(422, "ValidationError", validation_message(list(exc.errors()))) from None
-    cap = settings.max_inflight_rows_per_tenant
-    try:
-        done = await serving.one_shot(
-            task, FILL_MASK_EVENT, max_tenant_rows=cap, disconnected=request.is_disconnected
-        )
-    except GenerationRefused as exc:  # the tenant's cap, a full lane, an input the worker cannot fill
-        raise ApiError(exc.status, exc.info.type, exc.info.message, exc.headers) from None
+    task, done = await answer_one_shot(
+        FillMaskTask,
+        FILL_MASK_EVENT,
+        request=request,
+        settings=settings,
+        serving=serving,
+        tenant=tenant,
+        model=model,
+        mask_id=body.mask_id,
+        inputs=body.inputs,
+        top_k=body.top_k,
+    )
     return FillMaskResponse.from_done(task, done)
