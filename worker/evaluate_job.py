@@ -29,7 +29,7 @@ from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from selprune_core.membership import membership_inference
 from selprune_core.placement import check_weights_resident
-from selprune_core.sites import resolve_sites
+from selprune_core.sites import ModelSites, resolve_sites
 from selprune_core.splits import TextSplits
 from selprune_core.toxicity import get_scorer, toxicity_metric
 from worker.context import JobContext
@@ -45,14 +45,23 @@ def stop_check(ctx: JobContext, what: str) -> None:
         raise CancelledError(f"{what} stopped")
 
 
+def evaluated_mask(
+    job: EvaluateJob, ctx: JobContext, sites: ModelSites, fingerprint: str
+) -> NeuronMask | None:
+    """The job's mask, checked against the model it is evaluated on (None without a mask_id);
+    ConfigError when there is nothing to evaluate (no mask and no base)."""
+    mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id)) if job.mask_id else None
+    if mask is not None:
+        mask.check_fits(sites, fingerprint)
+    if mask is None and not job.include_base:
+        raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
+    return mask
+
+
 def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
     ctx.progress(JobProgress(phase="loading"))
     loaded = runtime.model(job.model)
-    mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id)) if job.mask_id else None
-    if mask is not None:
-        mask.check_fits(loaded.sites, loaded.fingerprint)
-    if mask is None and not job.include_base:
-        raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
+    mask = evaluated_mask(job, ctx, loaded.sites, loaded.fingerprint)
     if "relearn" in job.metrics:  # before any work: offloaded weights cannot be copied and trained
         check_weights_resident(loaded.model, "the relearn metric")
     ctx.progress(JobProgress(phase="resolving_data"))

@@ -31,7 +31,7 @@ from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun
 from selprune_core.toxicity import wilson_interval
 from worker.context import JobContext
 from worker.convert import image_eval_config, image_prune_config, set_names
-from worker.evaluate_job import stop_check
+from worker.evaluate_job import evaluated_mask, stop_check
 from worker.image_models import LoadedClassifier
 from worker.runtime import DatasetSpecModel, ModelRuntime
 
@@ -79,11 +79,7 @@ def run_image_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext)
     """Accuracy of the base model and/or a mask on the held-out images of each dataset."""
     ctx.progress(JobProgress(phase="loading"))
     classifier = runtime.classifier(job.model)
-    mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id)) if job.mask_id else None
-    if mask is not None:
-        mask.check_fits(classifier.sites, classifier.fingerprint)
-    if mask is None and not job.include_base:
-        raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
+    mask = evaluated_mask(job, ctx, classifier.sites, classifier.fingerprint)
     ctx.progress(JobProgress(phase="resolving_data"))
     sets = {
         name: runtime.image_dataset(_images(s), classifier).heldout

@@ -27,7 +27,7 @@ from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun
 from selprune_core.splits import TextSplits, carve_validation
 from worker.context import JobContext
 from worker.convert import describe_spec, prune_config, set_names
-from worker.evaluate_job import stop_check
+from worker.evaluate_job import evaluated_mask, stop_check
 from worker.image_jobs import StartRun
 from worker.runtime import DatasetSpecModel, ModelRuntime
 
@@ -79,11 +79,7 @@ def run_mlm_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -
         )
     ctx.progress(JobProgress(phase="loading"))
     target = runtime.masked_lm(job.model)
-    mask = NeuronMask.from_bytes(ctx.load_mask(job.mask_id)) if job.mask_id else None
-    if mask is not None:
-        mask.check_fits(target.sites, target.fingerprint)
-    if mask is None and not job.include_base:
-        raise ConfigError("nothing to evaluate: give a mask_id or set include_base")
+    mask = evaluated_mask(job, ctx, target.sites, target.fingerprint)
     ctx.progress(JobProgress(phase="resolving_data"))
     sets = {
         name: _texts(runtime, s, job.model).heldout
