@@ -7,10 +7,13 @@
     selprune demo                  run the default unlearning job on a gateway (a local one if none)
     selprune submit|status|wait    client side: SELPRUNE_URL, SELPRUNE_API_KEY
     selprune generate PROMPT       generate through the gateway, optionally with a mask (--mask)
+    selprune classify IMAGE...     classify images through the gateway (image classifiers)
+    selprune fill-mask TEXT...     fill "<mask>" in texts through the gateway (masked LMs)
     selprune families              the model families selprune is checked on, with their hook sites
 
 The commands live by family: selprune/local_commands.py (setup, prune, up, worker, demo),
-selprune/job_commands.py (submit, status, wait) and selprune/generate_command.py (generate). They write
+selprune/job_commands.py (submit, status, wait), selprune/generate_command.py (generate) and
+selprune/predict_commands.py (classify, fill-mask). They write
 to the terminal through selprune/console.py; generate_command also streams generated text to stdout.
 torch is imported only by the subcommands that run a model (setup, prune, and up/demo when setup is
 still needed).
@@ -27,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from protocol import PRESETS
-from selprune import families_command, generate_command, job_commands, local_commands
+from selprune import families_command, generate_command, job_commands, local_commands, predict_commands
 from selprune.cli_args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError, add_job_args
 from selprune.client import ClientError
 from selprune.console import err, error_text
@@ -123,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(p)
     generate_command.add_arguments(p)
     p.set_defaults(func=generate_command.cmd_generate)
+
+    p = sub.add_parser("classify", help="classify images through the gateway, with a mask applied (--mask)")
+    _add_client_args(p)
+    predict_commands.add_classify_arguments(p)
+    p.set_defaults(func=predict_commands.cmd_classify)
+
+    p = sub.add_parser("fill-mask", help='fill "<mask>" in texts through the gateway (--mask to apply one)')
+    _add_client_args(p)
+    predict_commands.add_fill_mask_arguments(p)
+    p.set_defaults(func=predict_commands.cmd_fill_mask)
 
     p = sub.add_parser(
         "families", help="list the model families selprune is checked on, and their hook sites"

@@ -206,6 +206,15 @@ class SelpruneClient:
             raise self._unreachable(exc) from exc
         raise ClientError("the generation stream ended without a done event")
 
+    def classify(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/classify (body: service.image_schemas.ClassifyRequest): per image, the top classes."""
+        return self._request("POST", "/v1/classify", json=body, timeout=httpx.Timeout(10.0, read=600.0))
+
+    def fill_mask(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/fill-mask (body: service.fill_mask_schemas.FillMaskRequest): per input, per mask
+        position, the top tokens."""
+        return self._request("POST", "/v1/fill-mask", json=body, timeout=httpx.Timeout(10.0, read=600.0))
+
     def healthy(self) -> bool:
         """True if a gateway answers 200 on /healthz."""
         return self._probe("/healthz")
