@@ -58,6 +58,7 @@ from selprune_core.loading import _ensure_converted, _is_complete
 from selprune_core.mlm_eval import MlmMasking, evaluate_mlm, mask_text, mlm_vocab, plan_mlm
 from selprune_core.mlm_measure import MaskedLM, load_masked_lm
 from selprune_core.splits import carve_validation
+from selprune_core.training_log import TrainingLog
 
 __all__ = [
     "CORPORA",
@@ -208,8 +209,9 @@ def train_mlm(
             ),
         )
         model.train()
+        progress = TrainingLog(log, "the code/prose MLM", recipe.steps)
         loss = torch.tensor(float("nan"))
-        for _ in range(recipe.steps):
+        for step in range(1, recipe.steps + 1):
             windows = _windows(streams, recipe.batch_size // 2, recipe.max_tokens - 2, g)
             masked = [mask_text(ids, vocab, recipe.masking, g) for ids in windows]
             inputs = torch.tensor([corrupted for corrupted, _ in masked])  # [batch, pos]; windows never pad
@@ -223,6 +225,7 @@ def train_mlm(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             schedule.step()
+            progress.step(step, float(loss))
         module: nn.Module = model
         module.eval()
         return model, tokenizer, float(loss.item())

@@ -36,6 +36,7 @@ from selprune_core.config import EvalConfig
 from selprune_core.image_measure import ImageClassifier, evaluate_images, image_classifier
 from selprune_core.images import DigitsSplitConfig, ImageSet, load_digits_splits
 from selprune_core.loading import _ensure_converted, _is_complete
+from selprune_core.training_log import TrainingLog
 
 __all__ = [
     "RECIPE_VERSION",
@@ -135,6 +136,7 @@ def train_vit(recipe: VitRecipe, train: ImageSet, n_classes: int) -> ViTForImage
             lambda s: min((s + 1) / warmup, 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item())),
         )
         model.train()
+        progress = TrainingLog(log, "the digits ViT", total)
         step = 0
         while step < total:
             order = torch.randperm(len(train), generator=g)
@@ -148,6 +150,7 @@ def train_vit(recipe: VitRecipe, train: ImageSet, n_classes: int) -> ViTForImage
                 optimizer.step()
                 schedule.step()
                 step += 1
+                progress.step(step, float(loss))
                 if step >= total:
                     break
         module: nn.Module = model
