@@ -140,11 +140,15 @@ class EvaluateJob(Strict):
     relearn_steps: int = Field(default=10, ge=1, le=MAX_RELEARN_STEPS, description="optimizer steps")
     relearn_learning_rate: float = Field(default=5e-5, gt=0, le=1e-2)
     seed: int = Field(default=0, ge=0, lt=JOB_SEED_LIMIT)
+    # The request named no metrics and the gateway could not tell the model's kind (a local folder):
+    # a worker that finds a masked LM evaluates masked_token instead of the causal default next_token.
+    metrics_by_default: bool = False
 
     @model_validator(mode="before")
     @classmethod
-    def _image_metrics_by_default(cls, data: Any) -> Any:
-        # Image datasets have one metric; a request that names none gets it, not next_token.
+    def _metrics_by_default(cls, data: Any) -> Any:
+        # Image datasets and the built-in masked LM have one metric each; a request that names none
+        # gets it, not next_token.
         if isinstance(data, dict) and "metrics" not in data:
             if data.get("model") in MASKED_LM_MODELS:  # a built-in masked LM: its one metric
                 return {**data, "metrics": list(MASKED_LM_METRICS)}
@@ -152,6 +156,7 @@ class EvaluateJob(Strict):
             if isinstance(datasets, list) and datasets:
                 if all(isinstance(d, dict) and d.get("kind") == "images" for d in datasets):
                     return {**data, "metrics": list(IMAGE_METRICS)}
+            return {**data, "metrics_by_default": True}
         return data
 
     @property

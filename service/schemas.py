@@ -114,11 +114,15 @@ class EvaluateRequest(EvaluateJob):
         default=None, min_length=1, max_length=200, exclude=True, description=_IDEMPOTENCY_HELP
     )
 
+    metrics_by_default: SkipJsonSchema[bool] = False
+
     @model_validator(mode="before")
     @classmethod
     def _ids_are_assigned(cls, data: Any) -> Any:
         if isinstance(data, dict) and {"job_id", "tenant"} & data.keys():
             raise ValueError("job_id and tenant are assigned by the gateway; leave them out")
+        if isinstance(data, dict) and "metrics_by_default" in data:
+            raise ValueError("metrics_by_default is set by the gateway; name metrics, or leave both out")
         return data
 
     def to_job(self, job_id: str, tenant: str) -> EvaluateJob:

@@ -73,7 +73,9 @@ def mlm_prune_setup(
 
 def run_mlm_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
     """Masked-token metrics of the base model and/or a mask on the held-out texts of each dataset."""
-    if other := [m for m in job.metrics if m not in MASKED_LM_METRICS]:
+    # A request that named no metrics meant this model's own, which the gateway could not know.
+    metrics = list(MASKED_LM_METRICS) if job.metrics_by_default else job.metrics
+    if other := [m for m in metrics if m not in MASKED_LM_METRICS]:
         raise ConfigError(
             f"metrics {other}: model {job.model!r} is a masked LM; give metrics {list(MASKED_LM_METRICS)}"
         )

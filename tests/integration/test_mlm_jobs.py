@@ -135,9 +135,15 @@ def test_unlearn_evaluate_export_and_fill_a_masked_lm_over_http(
     assert too_long.status_code == 422 and "positions hold 62" in too_long.json()["error"]["message"]
 
 
-def test_text_metrics_on_a_local_masked_lm_fail_as_the_callers_error(gateway, runtime, start_worker):
+def test_a_local_masked_lm_gets_its_own_metric_and_refuses_text_metrics(gateway, runtime, start_worker):
     start_worker(lambda job, ctx: run_job(job, runtime, ctx), poll_block_ms=50)
-    accepted = gateway.post("/v1/evaluate", json={"model": "mlm", "datasets": [RETAIN]})  # next_token
+    # No metrics named: the gateway cannot tell a folder's kind; the worker evaluates masked_token.
+    accepted = gateway.post("/v1/evaluate", json={"model": "mlm", "datasets": [RETAIN], "eval_tokens": 50})
+    results = _finished(gateway, accepted.json()["job_id"])["result"]["results"]
+    assert [set(r) for r in results["base"].values()] == [{"masked_token"}]
+
+    body = {"model": "mlm", "datasets": [RETAIN], "metrics": ["next_token"]}
+    accepted = gateway.post("/v1/evaluate", json=body)
     job = _finished(gateway, accepted.json()["job_id"], state="failed")
     assert job["error"]["type"] == "ConfigError" and "masked_token" in job["error"]["message"]
     assert job["attempts"] == 1
