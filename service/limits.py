@@ -55,13 +55,16 @@ def _invalid(type: str, message: str) -> ApiError:
 
 # Models --------------------------------------------------------------------------------------------
 def check_model(model: str, settings: GatewaySettings) -> None:
-    """The model is in `settings.models`, a built-in image classifier or masked LM, or any hub id /
-    folder name when `allow_any_model` is set."""
-    if model in settings.models or model in IMAGE_MODELS or model in MASKED_LM_MODELS:
+    """The model is in `settings.models` or `settings.builtin_models`, or is any hub id / folder name
+    when `allow_any_model` is set (the built-in ones only when turned on, though)."""
+    if model in settings.models or model in settings.builtin_models:
         return
-    if settings.allow_any_model and not _CONTROL.search(model):
+    builtin = model in IMAGE_MODELS or model in MASKED_LM_MODELS
+    if settings.allow_any_model and not builtin and not _CONTROL.search(model):
         return
-    raise _invalid("UnknownModel", f"unknown model {model!r}; available: {', '.join(settings.models)}")
+    available = ", ".join([*settings.models, *settings.builtin_models])
+    off = " (turned off here: SELPRUNE_BUILTIN_MODELS)" if builtin else ""
+    raise _invalid("UnknownModel", f"unknown model {model!r}{off}; available: {available}")
 
 
 def check_text_model(model: str, settings: GatewaySettings) -> None:
@@ -259,7 +262,9 @@ async def check_classification(
         check_model(model, settings)
     if mask_id is not None:
         model = await _mask_model(queue, settings, tenant, model, mask_id, VIT_DIGITS_MODEL)
-    model = model or VIT_DIGITS_MODEL
+    if model is None:
+        model = VIT_DIGITS_MODEL
+        check_model(model, settings)  # the built-in may be turned off (SELPRUNE_BUILTIN_MODELS)
     if model == EMBEDDED_MODEL:
         raise _invalid("ModelKindMismatch", f"model {model!r} is a language model: use /v1/generate")
     if model in MASKED_LM_MODELS:
@@ -285,7 +290,9 @@ async def check_fill_mask(
         check_model(model, settings)
     if mask_id is not None:
         model = await _mask_model(queue, settings, tenant, model, mask_id, MLM_CODE_PROSE_MODEL)
-    model = model or MLM_CODE_PROSE_MODEL
+    if model is None:
+        model = MLM_CODE_PROSE_MODEL
+        check_model(model, settings)  # the built-in may be turned off (SELPRUNE_BUILTIN_MODELS)
     if model == EMBEDDED_MODEL or model in IMAGE_MODELS:
         use = "/v1/generate" if model == EMBEDDED_MODEL else "/v1/classify"
         raise _invalid("ModelKindMismatch", f"model {model!r} is not a masked LM: use {use}")

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, Field, RedisDsn, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from protocol import EMBEDDED_MODEL
+from protocol.constants import IMAGE_MODELS, MASKED_LM_MODELS
 from protocol.hub_policy import HUB_OFF, parse_hub_datasets
 
 
@@ -38,6 +39,11 @@ class GatewaySettings(BaseSettings):
     data_root: Path = Path("./data")
     # Model ids a job may name (comma-separated in the environment).
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [EMBEDDED_MODEL])
+    # Built-in image classifiers and masked LMs a job may name (comma-separated; empty: none). A worker
+    # trains each on first use, for minutes on a CPU, so an operator may turn them off.
+    builtin_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [*IMAGE_MODELS, *MASKED_LM_MODELS]
+    )
     # Also accept any hub id or local folder name as a model (the worker must be able to load it).
     allow_any_model: bool = False
     # Hub datasets a job may name: "off", "any" or comma-separated ids (protocol/hub_policy.py; as the worker's).
@@ -86,10 +92,18 @@ class GatewaySettings(BaseSettings):
     # Cap on one tenant's generation rows in flight (queued or decoding); past it, 429 with Retry-After.
     max_inflight_rows_per_tenant: int = Field(default=32, ge=1)
 
-    @field_validator("api_keys", "models", "allowed_hosts", mode="before")
+    @field_validator("api_keys", "models", "builtin_models", "allowed_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("builtin_models")
+    @classmethod
+    def _known_builtins(cls, value: list[str]) -> list[str]:
+        known = (*IMAGE_MODELS, *MASKED_LM_MODELS)
+        if unknown := [m for m in value if m not in known]:
+            raise ValueError(f"unknown built-in models {unknown}; known: {', '.join(known)}")
+        return value
 
     @property
     def auth_enabled(self) -> bool:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from protocol import VIT_DIGITS_MODEL, ErrorInfo, GenerateFailed, keys
+from protocol.constants import MLM_CODE_PROSE_MODEL
 from tests.unit.service.helpers import (
     KEY_A,
     KEY_B,
@@ -115,3 +116,34 @@ def test_a_mask_made_on_an_image_classifier_cannot_generate(client, r):
         client.post("/v1/generate", json={"prompt": "hi", "mask_id": "img"}), 422, "ModelKindMismatch"
     )
     assert snapshot(r) == before
+
+
+DIGIT_0 = {"kind": "images", "source": "builtin:digits", "labels": [0]}
+OTHER_DIGITS = {"kind": "images", "source": "builtin:digits", "exclude_labels": [0]}
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/classify", {"images": [png()]}),  # the default model
+        ("/v1/classify", {"images": [png()], "mask_id": "digits"}),  # the mask's model
+        ("/v1/fill-mask", {"inputs": ["a <mask>"]}),
+        ("/v1/unlearn", {"model": VIT_DIGITS_MODEL, "forget": DIGIT_0, "retain": OTHER_DIGITS}),
+        ("/v1/evaluate", {"model": MLM_CODE_PROSE_MODEL, "datasets": [{"kind": "builtin", "name": "toxic"}]}),
+    ],
+)
+def test_builtin_models_turned_off_are_unknown(make_client, r, route, body):
+    # An operator turns off the built-in models a worker would train on first use; allowing any
+    # model does not turn them back on.
+    client = make_client(builtin_models="", allow_any_model=True)
+    put_mask(r, "digits", "local", model=VIT_DIGITS_MODEL)
+    before = snapshot(r)
+    resp = client.post(route, json=body)
+    assert_error(resp, 422, "UnknownModel", "SELPRUNE_BUILTIN_MODELS")
+    assert snapshot(r) == before
+
+
+def test_builtin_models_setting_names_only_known_ones(make_settings):
+    assert make_settings(builtin_models=MLM_CODE_PROSE_MODEL).builtin_models == [MLM_CODE_PROSE_MODEL]
+    with pytest.raises(ValueError, match="unknown built-in models"):
+        make_settings(builtin_models="builtin:nope")
