@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.vit_report import vit_section
+from bench.vit_recipes import class_sweep, pick
+from bench.vit_report import choice_lines, vit_section
 
 
 def _report(step: int, forget: float, retain: float) -> dict:
@@ -30,7 +31,7 @@ def test_the_section_shows_each_step_and_every_target_as_met_or_missed(tmp_path:
             "random_seeds": 2,
         },  # fmt: skip
         "model": {
-            "recipe": {"num_hidden_layers": 4, "hidden_size": 64},
+            "recipe": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128},
             "accuracy": {"heldout": 0.95, "validation": 0.96, "train": 0.98},
         },  # fmt: skip
         "selective": [_report(0, 1.0, 0.95), _report(1, 0.1, 0.93)],
@@ -64,7 +65,7 @@ def test_other_forget_classes_get_one_row_each_and_a_count_per_target(tmp_path: 
             "seconds": 60.0,
             "settings": {"forget_class": forget_class, "eps": 1e-5, "chosen_ff_frac": 0.02, "chosen_steps": 3,
                          "fracs": [0.02], "random_seeds": 3},
-            "model": {"recipe": {"num_hidden_layers": 4, "hidden_size": 64},
+            "model": {"recipe": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128},
                       "accuracy": {"heldout": 0.95, "validation": 0.96, "train": 0.98}},
             "selective": [_report(0, 1.0, 0.95)],
             "random": [[_report(0, 1.0, 0.95)]],
@@ -86,3 +87,40 @@ def test_other_forget_classes_get_one_row_each_and_a_count_per_target(tmp_path: 
     assert "| 0 | 2% x 3 | 3 | no | 70.0% | 1.00 | missed | met |" in section
     assert "On validation, 2 of 3 classes reached both targets" in section
     assert "forget drop >= 80%: 2 of 3; others lose <= 5 points: 3 of 3." in section
+
+
+def test_the_recipe_sweep_counts_classes_meeting_both_targets_and_picks_among_accurate_models(
+    tmp_path: Path,
+) -> None:
+    curves = [
+        {"frac": 0.01, "curve": [{"forget_drop": 0.5, "retain_points_lost": 0.01},
+                                 {"forget_drop": 0.9, "retain_points_lost": 0.06}]},
+        {"frac": 0.02, "curve": [{"forget_drop": 0.7, "retain_points_lost": 0.04}]},
+    ]  # fmt: skip
+    assert class_sweep(curves) == {"qualifies": False, "best_forget_drop_within_limit": 0.7}
+    curves[1]["curve"].append({"forget_drop": 0.8, "retain_points_lost": 0.05})
+    assert class_sweep(curves) == {"qualifies": True, "best_forget_drop_within_limit": 0.8}
+
+    def candidate(accuracy: float, qualifying: int, drop: float, width: int = 64) -> dict:
+        return {"validation_accuracy": accuracy, "classes_qualifying": qualifying, "mean_best_forget_drop": drop,
+                "pruning_recipe": "paper", "per_class": {str(c): {} for c in range(10)},
+                "recipe": {"hidden_size": width, "num_hidden_layers": 4, "intermediate_size": 128}}  # fmt: skip
+
+    results = {
+        "a": candidate(0.96, 3, 0.6),
+        "b": candidate(0.955, 5, 0.5),  # within a point of the best: eligible, and the most classes
+        "c": candidate(0.94, 9, 0.9),  # the most classes, but 2 points less accurate: not eligible
+        "d": candidate(0.96, 5, 0.7),  # ties b on classes, higher mean drop: picked
+    }
+    assert pick(results) == "d"
+    del results["d"]
+    assert pick(results) == "b"
+
+    (tmp_path / "results").mkdir()
+    assert choice_lines(tmp_path) == []
+    sweep = {"command": "python bench/vit_recipes.py", "seconds": 60.0, "accuracy_slack": 0.01,
+             "picked": "b", "candidates": results}  # fmt: skip
+    (tmp_path / "results" / "vit_recipes.json").write_text(json.dumps(sweep))
+    section = "\n".join(choice_lines(tmp_path))
+    assert "| b (picked) | 64 | 512 | paper | 95.5% | 5 of 10 | 50.0% |" in section
+    assert "| c | 64 | 512 | paper | 94.0% | 9 of 10 | 90.0% |" in section
