@@ -154,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        # A built-in model's one-off training takes minutes: say so even without --verbose. (The name
+        # is selprune_core.training_log.LOGGER; importing it here would import torch.)
+        logging.getLogger("selprune_core.training").setLevel(logging.INFO)
     try:
         settings = CliSettings()
     except ValidationError as exc:

@@ -209,7 +209,7 @@ def train_mlm(
             ),
         )
         model.train()
-        progress = TrainingLog(log, "the code/prose MLM", recipe.steps)
+        progress = TrainingLog("the code/prose MLM", recipe.steps)
         loss = torch.tensor(float("nan"))
         for step in range(1, recipe.steps + 1):
             windows = _windows(streams, recipe.batch_size // 2, recipe.max_tokens - 2, g)

@@ -2,7 +2,8 @@
 
 A worker trains each on first use, for one to several minutes on a CPU, while its job sits in
 "loading model"; these lines (INFO, every tenth of the run) say that it is training, how far it is,
-and how long the rest will take.
+and how long the rest will take. They go to the `selprune_core.training` logger, which the command line
+shows even without --verbose.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from __future__ import annotations
 import logging
 import time
 
+LOGGER = "selprune_core.training"
+
 
 class TrainingLog:
     """Logs `name: step i/total (p%), loss x, elapsed s, about r s left` at each tenth of `total`."""
 
-    def __init__(self, log: logging.Logger, name: str, total: int, parts: int = 10) -> None:
-        self.log, self.name, self.total = log, name, max(1, total)
+    def __init__(self, name: str, total: int, parts: int = 10) -> None:
+        self.log, self.name, self.total = logging.getLogger(LOGGER), name, max(1, total)
         self.every = max(1, self.total // parts)
         self.started = time.perf_counter()
-        log.info("training %s: %d steps", name, self.total)
+        self.log.info("training %s: %d steps", name, self.total)
 
     def step(self, done: int, loss: float) -> None:
         """Call after step `done` (1-based) with its loss."""

@@ -136,7 +136,7 @@ def train_vit(recipe: VitRecipe, train: ImageSet, n_classes: int) -> ViTForImage
             lambda s: min((s + 1) / warmup, 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item())),
         )
         model.train()
-        progress = TrainingLog(log, "the digits ViT", total)
+        progress = TrainingLog("the digits ViT", total)
         step = 0
         while step < total:
             order = torch.randperm(len(train), generator=g)
