@@ -1,7 +1,8 @@
 """Unlearn one digit from a small ViT by selective pruning, against a matched random baseline.
 
-The model is the digits ViT of selprune_core.vision_model (trained once offline, cached), whose shape
-bench/vit_recipes.py chose on validation, with the pruning recipe (`--recipe`). Statistics
+The model is the digits ViT of selprune_core.vision_model (trained once offline, cached), by default
+the shape the service ships; `--hidden-size` / `--intermediate-size` run another shape, such as the one
+bench/vit_recipes.py picks on validation, and `--recipe` another pruning recipe. Statistics
 are collected on the train split: forget = the forget class, retain = every other class. Pruning
 follows the paper's ViT settings (docs/method.md §3.5, §6.8): `abs` importance for FF *and* attention
 pre-out neurons at the same fraction, eps 1e-5, here recalculated every step; `--recipe selprune`
@@ -26,7 +27,7 @@ held out, and the random side is the mean over seeds.
 
 Usage: python bench/vit_digits.py [--forget-class 0] [--fracs 0.01 0.02 0.03 0.05] [--max-steps 20]
                                   [--components ff+attn] [--eps 1e-5] [--random-seeds 5]
-                                  [--recipe paper|selprune]
+                                  [--recipe paper|selprune] [--hidden-size 64] [--intermediate-size 128]
                                   [--cache DIR] [--json PATH]
 
 The forget class defaults to 0, the first label, fixed before any result was seen.
@@ -39,7 +40,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,15 @@ def main() -> None:
     parser.add_argument("--components", choices=["ff", "ff+attn"], default="ff+attn")
     parser.add_argument("--eps", type=float, default=1e-5)
     parser.add_argument(
+        "--hidden-size",
+        type=int,
+        default=VitRecipe().hidden_size,
+        help="the ViT's width (bench/vit_recipes.py)",
+    )
+    parser.add_argument(
+        "--intermediate-size", type=int, default=VitRecipe().intermediate_size, help="FF neurons per layer"
+    )
+    parser.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
         default="paper",
@@ -224,7 +234,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
-    recipe = VitRecipe()
+    recipe = replace(VitRecipe(), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
     classifier, info = load_digits_vit(ensure_digits_vit(args.cache, recipe))
     splits = load_digits_splits(recipe.split)
     c = args.forget_class

@@ -50,10 +50,12 @@ MODELS: dict[str, VitRecipe] = {
     "w128-ff1024": replace(BASE, hidden_size=128, intermediate_size=1024),
 }
 # A candidate is a model and a pruning recipe (protocol.RECIPES): "base" is the paper's recipe on the
-# base model, "base/selprune" selprune's default recipe (chosen on text) on it.
+# base model, "base/selprune" selprune's default recipe (chosen on text) on it. The selprune recipe
+# was scored on the two narrow models, first; on both it met the targets for fewer classes than the
+# paper's, so for time it was not run on the wide two.
 CANDIDATES: dict[str, tuple[VitRecipe, str]] = {
     **{name: (model, "paper") for name, model in MODELS.items()},
-    **{f"{name}/selprune": (model, "selprune") for name, model in MODELS.items()},
+    **{f"{name}/selprune": (MODELS[name], "selprune") for name in ("base", "ff512")},
 }
 ACCURACY_SLACK = 0.01  # a candidate may trail the most accurate one by at most this much on validation
 

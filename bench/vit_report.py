@@ -164,16 +164,24 @@ def choice_lines(out: Path) -> list[str]:
         rows,
     )  # fmt: skip
     first = out / "results" / "vit_digits_first_model.json"
-    if first.is_file():  # the run on the first model that prompted the sweep
+    if first.is_file():  # the runs on the first model that prompted the sweep
         exp = json.loads(first.read_text())
         r, final = exp["model"]["recipe"], exp["final"]
+        runs = [exp] + [
+            json.loads(p.read_text()) for p in sorted(out.glob("results/vit_digits_first_model_class*.json"))
+        ]
+        met = "; ".join(
+            f"{SHORT.get(name, name)}: {sum(bool(e['targets'].get(name)) for e in runs)} of {len(runs)}"
+            for name in exp["targets"]
+        )
         lines += [
             f"Disclosure: this sweep was run after the first model (width {r['hidden_size']}, "
             f"{r['num_hidden_layers'] * r['intermediate_size']} FF neurons, paper recipe) had been measured on "
             f"held-out images: forget class {exp['settings']['forget_class']} down "
-            f"{pct(final['forget_drop'])}, the other classes {100 * final['retain_points_lost']:.2f} points down "
-            "(docs/results/vit_digits_first_model.json). The sweep reads validation images only, but the "
-            "decision to look for another model was not blind to that result.",
+            f"{pct(final['forget_drop'])}, the other classes {100 * final['retain_points_lost']:.2f} points down; "
+            f"over the {len(runs)} forget classes run, {met} (docs/results/vit_digits_first_model*.json). The "
+            "sweep reads validation images only, but the decision to look for another model was not blind to "
+            "those results.",
             "",
         ]
     lines += [

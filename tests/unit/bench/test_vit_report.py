@@ -124,3 +124,18 @@ def test_the_recipe_sweep_counts_classes_meeting_both_targets_and_picks_among_ac
     section = "\n".join(choice_lines(tmp_path))
     assert "| b (picked) | 64 | 512 | paper | 95.5% | 5 of 10 | 50.0% |" in section
     assert "| c | 64 | 512 | paper | 94.0% | 9 of 10 | 90.0% |" in section
+    assert "Disclosure" not in section
+
+    def first(forget_class: int, met: bool) -> dict:
+        return {"settings": {"forget_class": forget_class}, "final": {"forget_drop": 0.5, "retain_points_lost": 0.06},
+                "model": {"recipe": {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128}},
+                "targets": {"forget_drop_ge_80pct": met, "retain_loss_le_5pts": False}}  # fmt: skip
+
+    (tmp_path / "results" / "vit_digits_first_model.json").write_text(json.dumps(first(0, False)))
+    (tmp_path / "results" / "vit_digits_first_model_class1.json").write_text(json.dumps(first(1, True)))
+    section = "\n".join(choice_lines(tmp_path))
+    assert "forget class 0 down 50.0%, the other classes 6.00 points down" in section
+    assert (
+        "over the 2 forget classes run, forget drop >= 80%: 1 of 2; others lose <= 5 points: 0 of 2"
+        in section
+    )
