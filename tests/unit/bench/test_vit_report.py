@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench.vit_recipes import class_sweep, pick
-from bench.vit_report import choice_lines, vit_section
+from bench.vit_report import _shape_lines, choice_lines, vit_section
 
 
 def _report(step: int, forget: float, retain: float) -> dict:
@@ -102,7 +102,7 @@ def test_the_recipe_sweep_counts_classes_meeting_both_targets_and_picks_among_ac
     assert class_sweep(curves) == {"qualifies": True, "best_forget_drop_within_limit": 0.8}
 
     def candidate(accuracy: float, qualifying: int, drop: float, width: int = 64) -> dict:
-        return {"validation_accuracy": accuracy, "classes_qualifying": qualifying, "mean_best_forget_drop": drop,
+        return {"key": f"k{accuracy}{qualifying}", "train_seconds": 60.0 * qualifying, "validation_accuracy": accuracy, "classes_qualifying": qualifying, "mean_best_forget_drop": drop,
                 "pruning_recipe": "paper", "per_class": {str(c): {} for c in range(10)},
                 "recipe": {"hidden_size": width, "num_hidden_layers": 4, "intermediate_size": 128}}  # fmt: skip
 
@@ -125,6 +125,15 @@ def test_the_recipe_sweep_counts_classes_meeting_both_targets_and_picks_among_ac
     assert "| b (picked) | 64 | 512 | paper | 95.5% | 5 of 10 | 50.0% |" in section
     assert "| c | 64 | 512 | paper | 94.0% | 9 of 10 | 90.0% |" in section
     assert "Disclosure" not in section
+    assert _shape_lines(tmp_path, {"key": results["b"]["key"]}) == []  # no "base" candidate to compare with
+    results["base"] = candidate(0.96, 3, 0.6)
+    (tmp_path / "results" / "vit_recipes.json").write_text(json.dumps(sweep))
+    assert _shape_lines(tmp_path, {"key": results["a"]["key"]}) == []  # not the picked shape
+    shape = "\n".join(_shape_lines(tmp_path, {"key": results["b"]["key"]}))
+    assert (
+        "trained in 180 s against 300 s here and met both targets on validation for 3 classes against 5"
+        in shape
+    )
 
     def first(forget_class: int, met: bool) -> dict:
         return {"settings": {"forget_class": forget_class}, "final": {"forget_drop": 0.5, "retain_points_lost": 0.06},
