@@ -36,9 +36,16 @@ from typing import Any
 
 import torch
 
-from bench.vit_digits import FORGET_TARGET, RETAIN_LIMIT, choose_on_validation
-from selprune_core.images import load_digits_splits
-from selprune_core.vision_model import VitRecipe, ensure_digits_vit, load_digits_vit, recipe_key
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from bench.vit_digits import FORGET_TARGET, RETAIN_LIMIT, choose_on_validation  # noqa: E402
+from selprune_core.images import load_digits_splits  # noqa: E402
+from selprune_core.vision_model import (  # noqa: E402
+    VitRecipe,
+    ensure_digits_vit,
+    load_digits_vit,
+    recipe_key,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Spelled out, not VitRecipe()'s defaults: the picked shape becomes the default.
@@ -79,7 +86,7 @@ def score(name: str, recipe: VitRecipe, pruning: str, args: argparse.Namespace) 
     settings = {"classes": args.classes, "fracs": args.fracs, "max_steps": args.max_steps}
     saved = home / f"validation_sweep_{pruning}.json"
     if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
-        return dict(json.loads(saved.read_text())["result"])
+        return {**json.loads(saved.read_text())["result"], "pruning_recipe": pruning}
     folder = ensure_digits_vit(home, recipe)
     classifier, info = load_digits_vit(folder)
     splits = load_digits_splits(recipe.split)

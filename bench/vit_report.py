@@ -204,8 +204,8 @@ def choice_lines(out: Path) -> list[str]:
             "",
         ]
     lines += [
-        f"Command: `{sweep['command']}` ({sweep['seconds'] / 60:.1f} min; candidates were scored by parallel "
-        "processes and cached, so this is the time of the last run).",
+        f"Command: `{sweep['command']}`. Each candidate's figures are cached next to its model, so candidates "
+        "can be scored by parallel runs (`--candidates`) and picked among by a last one.",
         "",
     ]
     return lines
