@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from protocol import EvaluateJob, JobProgress
 from protocol.jobs import EVAL_BATCH_SIZE
@@ -36,7 +38,9 @@ from worker.context import JobContext
 from worker.convert import set_names
 from worker.runtime import ModelRuntime
 
-__all__ = ["run_evaluate", "stop_check"]
+__all__ = ["evaluate_variants", "evaluated_mask", "run_evaluate", "stop_check"]
+
+T = TypeVar("T")  # what one evaluated set holds: texts, images, a masked-token plan
 
 
 def stop_check(ctx: JobContext, what: str) -> None:
@@ -58,6 +62,41 @@ def evaluated_mask(
     return mask
 
 
+def evaluate_variants(
+    job: EvaluateJob,
+    ctx: JobContext,
+    model: nn.Module,
+    sites: ModelSites,
+    full: NeuronMask,
+    mask: NeuronMask | None,
+    sets: Mapping[str, T],
+    score: Callable[[str, T], dict[str, Any]],
+    after: Callable[[str, NeuronMask, dict[str, dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """An evaluate job's result for every model kind: the base model (`full`, when the job includes it)
+    and the job's mask (when it has one), each set's metrics by `score` with that variant's mask
+    applied; `after` may add to a variant's results once its hooks are off. Checks for a stop
+    before every variant and set."""
+    variants: dict[str, NeuronMask] = {}
+    if job.include_base:
+        variants["base"] = full
+    if mask is not None:
+        variants["masked"] = mask
+    out: dict[str, Any] = {"model": job.model, "mask_id": job.mask_id, "results": {}}
+    for variant, active in variants.items():
+        stop_check(ctx, "evaluation")
+        ctx.progress(JobProgress(phase=f"evaluating_{variant}"))
+        results: dict[str, dict[str, Any]] = {}
+        with apply_mask(model, sites, active):
+            for name, data in sets.items():
+                stop_check(ctx, "evaluation")
+                results[name] = score(name, data)
+        if after is not None:
+            after(variant, active, results)
+        out["results"][variant] = results
+    return out
+
+
 def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> dict[str, Any]:
     ctx.progress(JobProgress(phase="loading"))
     loaded = runtime.model(job.model)
@@ -77,38 +116,27 @@ def run_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -> di
     # sets can be evaluated one at a time with a stop check between them.
     union = [text for texts in sets.values() for text in texts]
     common = common_target_ids(loaded.tokenizer, union, n=eval_cfg.skip_common, token_limit=job.token_limit)
-    variants: dict[str, NeuronMask | None] = {}
-    if job.include_base:
-        variants["base"] = None
-    if mask is not None:
-        variants["masked"] = mask
-    out: dict[str, Any] = {"model": job.model, "mask_id": job.mask_id, "results": {}}
-    for variant, variant_mask in variants.items():
-        stop_check(ctx, "evaluation")
-        ctx.progress(JobProgress(phase=f"evaluating_{variant}"))
-        active = (
-            variant_mask if variant_mask is not None else NeuronMask.full(loaded.sites, loaded.fingerprint)
-        )
-        results: dict[str, Any] = {name: {} for name in sets}
-        with apply_mask(loaded.model, loaded.sites, active):
-            for name, texts in sets.items():
-                stop_check(ctx, "evaluation")
-                if "next_token" in job.metrics:
-                    one = evaluate_sets(
-                        loaded.model, loaded.tokenizer, {name: texts}, eval_cfg, common_ids=common
-                    )
-                    results[name]["next_token"] = one[name].as_dict()
-                if "toxicity" in job.metrics:
-                    results[name]["toxicity"] = _toxicity(job, loaded, texts)
-                if "membership" in job.metrics:
-                    results[name]["membership"] = _membership(job, loaded, splits[name], eval_cfg)
-        if "relearn" in job.metrics:
-            for name, split in splits.items():
-                stop_check(ctx, "evaluation")
-                ctx.progress(JobProgress(phase=f"relearning_{variant}"))
-                results[name]["relearn"] = _relearn(job, ctx, loaded, active, split, eval_cfg, common)
-        out["results"][variant] = results
-    return out
+
+    def score(name: str, texts: list[str]) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if "next_token" in job.metrics:
+            one = evaluate_sets(loaded.model, loaded.tokenizer, {name: texts}, eval_cfg, common_ids=common)
+            metrics["next_token"] = one[name].as_dict()
+        if "toxicity" in job.metrics:
+            metrics["toxicity"] = _toxicity(job, loaded, texts)
+        if "membership" in job.metrics:
+            metrics["membership"] = _membership(job, loaded, splits[name], eval_cfg)
+        return metrics
+
+    def relearn(variant: str, active: NeuronMask, results: dict[str, dict[str, Any]]) -> None:
+        for name, split in splits.items():
+            stop_check(ctx, "evaluation")
+            ctx.progress(JobProgress(phase=f"relearning_{variant}"))
+            results[name]["relearn"] = _relearn(job, ctx, loaded, active, split, eval_cfg, common)
+
+    full = NeuronMask.full(loaded.sites, loaded.fingerprint)
+    after = relearn if "relearn" in job.metrics else None
+    return evaluate_variants(job, ctx, loaded.model, loaded.sites, full, mask, sets, score, after)
 
 
 def _toxicity(job: EvaluateJob, loaded: LoadedModel, prompts: list[str]) -> dict[str, Any]:

@@ -25,13 +25,11 @@ from selprune_core.image_measure import (
     tokens_per_image,
 )
 from selprune_core.images import ImageSet
-from selprune_core.masking import apply_mask
-from selprune_core.masks import NeuronMask
 from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun
 from selprune_core.toxicity import wilson_interval
 from worker.context import JobContext
 from worker.convert import image_eval_config, image_prune_config, set_names
-from worker.evaluate_job import evaluated_mask, stop_check
+from worker.evaluate_job import evaluate_variants, evaluated_mask
 from worker.image_models import LoadedClassifier
 from worker.runtime import DatasetSpecModel, ModelRuntime
 
@@ -86,23 +84,14 @@ def run_image_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext)
         for name, s in zip(set_names(job.datasets), job.datasets, strict=True)
     }
     cfg = image_eval_config(classifier.n_classes, EVAL_IMAGE_BATCH, job.seed)
-    variants: dict[str, NeuronMask] = {}
-    if job.include_base:
-        variants["base"] = classifier.full_mask()
-    if mask is not None:
-        variants["masked"] = mask
-    out: dict[str, Any] = {"model": job.model, "mask_id": job.mask_id, "results": {}}
-    for variant, active in variants.items():
-        stop_check(ctx, "evaluation")
-        ctx.progress(JobProgress(phase=f"evaluating_{variant}"))
-        results: dict[str, Any] = {}
-        with apply_mask(classifier.model, classifier.sites, active):
-            for name, images in sets.items():
-                stop_check(ctx, "evaluation")
-                evaluated = evaluate_images(classifier.model, images, cfg, classifier.n_classes)
-                results[name] = {"accuracy": accuracy_dict(evaluated, images, classifier)}
-        out["results"][variant] = results
-    return out
+
+    def score(_name: str, images: ImageSet) -> dict[str, Any]:
+        evaluated = evaluate_images(classifier.model, images, cfg, classifier.n_classes)
+        return {"accuracy": accuracy_dict(evaluated, images, classifier)}
+
+    return evaluate_variants(
+        job, ctx, classifier.model, classifier.sites, classifier.full_mask(), mask, sets, score
+    )
 
 
 def accuracy_dict(evaluated: ImageEval, images: ImageSet, classifier: LoadedClassifier) -> dict[str, Any]:

@@ -19,15 +19,14 @@ from protocol.jobs import EVAL_BATCH_SIZE, MASKED_LM_METRICS
 from selprune_core.config import EvalConfig, PruneConfig
 from selprune_core.errors import ConfigError
 from selprune_core.evaluation import result_from_sums
-from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
-from selprune_core.mlm_eval import common_mlm_targets, mlm_rows, plan_mlm
+from selprune_core.mlm_eval import MlmPlan, common_mlm_targets, mlm_rows, plan_mlm
 from selprune_core.mlm_measure import MaskedLM, MlmMeasure
 from selprune_core.pruning import PruneCallbacks, PruneOptions, PruneRun
 from selprune_core.splits import TextSplits, carve_validation
 from worker.context import JobContext
 from worker.convert import describe_spec, prune_config, set_names
-from worker.evaluate_job import evaluated_mask, stop_check
+from worker.evaluate_job import evaluate_variants, evaluated_mask
 from worker.image_jobs import StartRun
 from worker.runtime import DatasetSpecModel, ModelRuntime
 
@@ -97,20 +96,10 @@ def run_mlm_evaluate(job: EvaluateJob, runtime: ModelRuntime, ctx: JobContext) -
         name: plan_mlm(target.tokenizer, texts, cfg, token_limit=limit, common_ids=common)
         for name, texts in sets.items()
     }
-    variants: dict[str, NeuronMask] = {}
-    if job.include_base:
-        variants["base"] = NeuronMask.full(target.sites, target.fingerprint)
-    if mask is not None:
-        variants["masked"] = mask
-    out: dict[str, Any] = {"model": job.model, "mask_id": job.mask_id, "results": {}}
-    for variant, active in variants.items():
-        stop_check(ctx, "evaluation")
-        ctx.progress(JobProgress(phase=f"evaluating_{variant}"))
-        results: dict[str, Any] = {}
-        with apply_mask(target.model, target.sites, active):
-            for name, plan in plans.items():
-                stop_check(ctx, "evaluation")
-                rows = mlm_rows(target.model, plan, cfg, common_ids=common)
-                results[name] = {"masked_token": result_from_sums(rows, cfg).as_dict()}
-        out["results"][variant] = results
-    return out
+
+    def score(_name: str, plan: MlmPlan) -> dict[str, Any]:
+        rows = mlm_rows(target.model, plan, cfg, common_ids=common)
+        return {"masked_token": result_from_sums(rows, cfg).as_dict()}
+
+    full = NeuronMask.full(target.sites, target.fingerprint)
+    return evaluate_variants(job, ctx, target.model, target.sites, full, mask, plans, score)
