@@ -240,6 +240,26 @@ async def _mask_model(
     return model
 
 
+async def _one_shot_model(
+    queue: QueueClient,
+    settings: GatewaySettings,
+    tenant: str,
+    model: str | None,
+    mask_id: str | None,
+    default: str,
+) -> str:
+    """The known model a classify or fill-mask request runs: `model`, the mask's own, or `default` (a
+    built-in, which may be turned off: SELPRUNE_BUILTIN_MODELS)."""
+    if model is not None:
+        check_model(model, settings)
+    if mask_id is not None:
+        return await _mask_model(queue, settings, tenant, model, mask_id, default)
+    if model is None:
+        model = default
+        check_model(model, settings)
+    return model
+
+
 # Classification ------------------------------------------------------------------------------------
 async def check_classification(
     queue: QueueClient,
@@ -258,13 +278,7 @@ async def check_classification(
             decode_image(text)
         except ValueError as exc:
             raise _invalid("InvalidImage", f"images[{i}]: {exc}") from None
-    if model is not None:
-        check_model(model, settings)
-    if mask_id is not None:
-        model = await _mask_model(queue, settings, tenant, model, mask_id, VIT_DIGITS_MODEL)
-    if model is None:
-        model = VIT_DIGITS_MODEL
-        check_model(model, settings)  # the built-in may be turned off (SELPRUNE_BUILTIN_MODELS)
+    model = await _one_shot_model(queue, settings, tenant, model, mask_id, VIT_DIGITS_MODEL)
     if model == EMBEDDED_MODEL:
         raise _invalid("ModelKindMismatch", f"model {model!r} is a language model: use /v1/generate")
     if model in MASKED_LM_MODELS:
@@ -286,13 +300,7 @@ async def check_fill_mask(
     on that model, and for a built-in masked LM (whose mask token is "<mask>") inputs that each hold one
     (a local model's mask token only the worker knows: it answers InvalidInput). Returns the model to run:
     `model`, the mask's own, or the built-in code/prose MLM."""
-    if model is not None:
-        check_model(model, settings)
-    if mask_id is not None:
-        model = await _mask_model(queue, settings, tenant, model, mask_id, MLM_CODE_PROSE_MODEL)
-    if model is None:
-        model = MLM_CODE_PROSE_MODEL
-        check_model(model, settings)  # the built-in may be turned off (SELPRUNE_BUILTIN_MODELS)
+    model = await _one_shot_model(queue, settings, tenant, model, mask_id, MLM_CODE_PROSE_MODEL)
     if model == EMBEDDED_MODEL or model in IMAGE_MODELS:
         use = "/v1/generate" if model == EMBEDDED_MODEL else "/v1/classify"
         raise _invalid("ModelKindMismatch", f"model {model!r} is not a masked LM: use {use}")
