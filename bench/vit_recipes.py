@@ -85,8 +85,9 @@ def score(name: str, recipe: VitRecipe, pruning: str, args: argparse.Namespace) 
     home = args.cache / "vit-recipes" / recipe_key(recipe)
     settings = {"classes": args.classes, "fracs": args.fracs, "max_steps": args.max_steps}
     saved = home / f"validation_sweep_{pruning}.json"
-    if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
-        return {**json.loads(saved.read_text())["result"], "pruning_recipe": pruning}
+    cached = json.loads(saved.read_text()) if saved.is_file() else None
+    if cached is not None and cached["settings"] == settings:
+        return {**cached["result"], "pruning_recipe": pruning}
     folder = ensure_digits_vit(home, recipe)
     classifier, info = load_digits_vit(folder)
     splits = load_digits_splits(recipe.split)

@@ -83,6 +83,7 @@ def vit_section(out: Path) -> list[str]:
     if not path.is_file():
         return [TITLE, "", "Not run (no vit_digits.json in docs/results/).", ""]
     exp = json.loads(path.read_text())
+    sweep = _recipe_sweep(out)
     s, model, final = exp["settings"], exp["model"], exp["final"]
     acc = model["accuracy"]
     lines = [
@@ -100,7 +101,7 @@ def vit_section(out: Path) -> list[str]:
         f"counts at {s['random_seeds']} seeds. *Separation* is forget drop minus retain drop (relative top-1); the "
         "last column is selective minus the random seeds' mean, with a paired bootstrap interval over held-out images.",
         "",
-        *_shape_lines(out, model),
+        *_shape_lines(sweep, model),
     ]
     lines += table(
         ["step", "neurons pruned", "selective forget", "selective retain", "random forget (mean)",
@@ -127,15 +128,19 @@ def vit_section(out: Path) -> list[str]:
         f"Command: `{exp['command']}` ({exp['seconds'] / 60:.1f} min on 2 CPU cores, the model already cached).",
         "",
     ]
-    return lines + class_lines(out, exp) + choice_lines(out)
+    return lines + class_lines(out, exp) + choice_lines(out, sweep)
 
 
-def _shape_lines(out: Path, model: Mapping[str, Any]) -> list[str]:
-    """When the model is the shape bench/vit_recipes.py picked: that, and what the service ships."""
+def _recipe_sweep(out: Path) -> dict[str, Any] | None:
+    """docs/results/vit_recipes.json (bench/vit_recipes.py), when it was run."""
     path = out / "results" / "vit_recipes.json"
-    if not path.is_file():
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _shape_lines(sweep: Mapping[str, Any] | None, model: Mapping[str, Any]) -> list[str]:
+    """When the model is the shape bench/vit_recipes.py picked: that, and what the service ships."""
+    if sweep is None:
         return []
-    sweep = json.loads(path.read_text())
     picked, base = sweep["candidates"][sweep["picked"]], sweep["candidates"].get("base")
     if picked["key"] != model.get("key") or base is None or base["key"] == picked["key"]:
         return []
@@ -148,13 +153,12 @@ def _shape_lines(out: Path, model: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def choice_lines(out: Path) -> list[str]:
+def choice_lines(out: Path, sweep: Mapping[str, Any] | None) -> list[str]:
     """How the model and pruning recipe were chosen, from docs/results/vit_recipes.json
-    (bench/vit_recipes.py): every candidate's validation figures, and which one was picked."""
-    path = out / "results" / "vit_recipes.json"
-    if not path.is_file():
+    (bench/vit_recipes.py): every candidate's validation figures, and which one was picked; with the
+    first model's runs (in `out`) that prompted the choice."""
+    if sweep is None:
         return []
-    sweep = json.loads(path.read_text())
     rows = [
         [
             name + (" (picked)" if name == sweep["picked"] else ""),

@@ -129,3 +129,13 @@ def build_vit(seed: int = 0, *, num_channels: int = 1, image_size: int = 8, num_
     model = AutoModelForImageClassification.from_config(config)
     model.eval()
     return model
+
+
+def local_runtime(root: Any) -> Any:
+    """A CPU, float32 worker ModelRuntime over a test's folder: local models under `root/models` (the
+    models root), caches under `root/cache`, `root` as the data root."""
+    from worker.runtime import ModelRuntime
+
+    return ModelRuntime(
+        cache_dir=root / "cache", data_root=root, device="cpu", dtype="float32", models_root=root / "models"
+    )

@@ -26,7 +26,7 @@ from selprune_core.masks import NeuronMask
 from selprune_core.sites import resolve_sites
 from service.main import create_app
 from service.settings import GatewaySettings
-from tests.helpers import build_vit, random_mask
+from tests.helpers import build_vit, local_runtime, random_mask
 from tests.integration import records
 from tests.integration.servers import serving_thread
 from tests.unit.service.helpers import KEY_A, TENANT_A, auth
@@ -40,13 +40,7 @@ pytestmark = pytest.mark.redis
 @pytest.fixture
 def runtime(tmp_path: Path) -> ModelRuntime:
     build_vit().save_pretrained(tmp_path / "models" / "vit")
-    return ModelRuntime(
-        cache_dir=tmp_path / "cache",
-        data_root=tmp_path,
-        device="cpu",
-        dtype="float32",
-        models_root=tmp_path / "models",
-    )
+    return local_runtime(tmp_path)
 
 
 @pytest.fixture

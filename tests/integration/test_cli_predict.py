@@ -17,7 +17,7 @@ from PIL import Image
 
 from selprune.cli import main
 from service.settings import GatewaySettings
-from tests.helpers import build_vit, random_mask
+from tests.helpers import build_vit, local_runtime, random_mask
 from tests.integration import records
 from tests.integration.servers import serving_thread, uvicorn_gateway
 from tests.integration.test_mlm_jobs import save_tiny_mlm
@@ -31,13 +31,7 @@ pytestmark = pytest.mark.redis
 def runtime(tmp_path: Path) -> ModelRuntime:
     build_vit().save_pretrained(tmp_path / "models" / "vit")
     save_tiny_mlm(tmp_path / "models" / "mlm")
-    runtime = ModelRuntime(
-        cache_dir=tmp_path / "cache",
-        data_root=tmp_path,
-        device="cpu",
-        dtype="float32",
-        models_root=tmp_path / "models",
-    )
+    runtime = local_runtime(tmp_path)
     runtime.classifier("vit"), runtime.masked_lm("mlm")  # loaded before the first request
     return runtime
 

@@ -14,7 +14,7 @@ import redis
 
 from selprune_core.masks import NeuronMask
 from tests.gguf_files import tiny_gemma3_gguf
-from tests.helpers import CORPUS
+from tests.helpers import CORPUS, local_runtime
 from tests.integration.servers import serving_thread
 from worker.consumer import Worker
 from worker.jobs import run_job
@@ -38,13 +38,7 @@ def model_dir(tmp_path: Path) -> Path:
 def runtime(tmp_path: Path) -> ModelRuntime:
     # Confined like a production worker: the file loads because it lies under models_root, not
     # because it is trusted (SELPRUNE_MODELS), which would skip that check.
-    return ModelRuntime(
-        cache_dir=tmp_path / "cache",
-        data_root=tmp_path,
-        device="cpu",
-        dtype="float32",
-        models_root=tmp_path / "models",
-    )
+    return local_runtime(tmp_path)
 
 
 def _run_jobs(redis_url: str, tmp_path: Path, runtime: ModelRuntime) -> None:

@@ -21,7 +21,7 @@ from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from service.main import create_app
 from service.settings import GatewaySettings
-from tests.helpers import build_vit
+from tests.helpers import build_vit, local_runtime
 from tests.integration.servers import serving_thread, wait_for
 from worker.image_models import preprocess
 from worker.jobs import run_job
@@ -35,13 +35,7 @@ RETAIN = {"kind": "images", "source": "builtin:digits", "exclude_labels": [0]}
 @pytest.fixture
 def runtime(tmp_path: Path) -> ModelRuntime:
     build_vit().save_pretrained(tmp_path / "models" / "vit")
-    return ModelRuntime(
-        cache_dir=tmp_path / "cache",
-        data_root=tmp_path,
-        device="cpu",
-        dtype="float32",
-        models_root=tmp_path / "models",
-    )
+    return local_runtime(tmp_path)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from service.main import create_app
 from service.settings import GatewaySettings
+from tests.helpers import local_runtime
 from tests.integration.servers import serving_thread, wait_for
 from tests.mlm_helpers import CODE, PROSE, build_mlm_model, roberta_tokenizer
 from worker.jobs import run_job
@@ -38,13 +39,7 @@ def save_tiny_mlm(folder: Path) -> None:
 @pytest.fixture
 def runtime(tmp_path: Path) -> ModelRuntime:
     save_tiny_mlm(tmp_path / "models" / "mlm")
-    return ModelRuntime(
-        cache_dir=tmp_path / "cache",
-        data_root=tmp_path,
-        device="cpu",
-        dtype="float32",
-        models_root=tmp_path / "models",
-    )
+    return local_runtime(tmp_path)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench.vit_recipes import class_sweep, pick
-from bench.vit_report import _shape_lines, choice_lines, vit_section
+from bench.vit_report import _recipe_sweep, _shape_lines, choice_lines, vit_section
 
 
 def _report(step: int, forget: float, retain: float) -> dict:
@@ -117,19 +117,21 @@ def test_the_recipe_sweep_counts_classes_meeting_both_targets_and_picks_among_ac
     assert pick(results) == "b"
 
     (tmp_path / "results").mkdir()
-    assert choice_lines(tmp_path) == []
+    assert choice_lines(tmp_path, _recipe_sweep(tmp_path)) == []
     sweep = {"command": "python bench/vit_recipes.py", "seconds": 60.0, "accuracy_slack": 0.01,
              "picked": "b", "candidates": results}  # fmt: skip
     (tmp_path / "results" / "vit_recipes.json").write_text(json.dumps(sweep))
-    section = "\n".join(choice_lines(tmp_path))
+    section = "\n".join(choice_lines(tmp_path, _recipe_sweep(tmp_path)))
     assert "| b (picked) | 64 | 512 | paper | 95.5% | 5 of 10 | 50.0% |" in section
     assert "| c | 64 | 512 | paper | 94.0% | 9 of 10 | 90.0% |" in section
     assert "Disclosure" not in section
-    assert _shape_lines(tmp_path, {"key": results["b"]["key"]}) == []  # no "base" candidate to compare with
+    assert (
+        _shape_lines(_recipe_sweep(tmp_path), {"key": results["b"]["key"]}) == []
+    )  # no "base" candidate to compare with
     results["base"] = candidate(0.96, 3, 0.6)
     (tmp_path / "results" / "vit_recipes.json").write_text(json.dumps(sweep))
-    assert _shape_lines(tmp_path, {"key": results["a"]["key"]}) == []  # not the picked shape
-    shape = "\n".join(_shape_lines(tmp_path, {"key": results["b"]["key"]}))
+    assert _shape_lines(_recipe_sweep(tmp_path), {"key": results["a"]["key"]}) == []  # not the picked shape
+    shape = "\n".join(_shape_lines(_recipe_sweep(tmp_path), {"key": results["b"]["key"]}))
     assert (
         "trained in 180 s against 300 s here and met both targets on validation for 3 classes against 5"
         in shape
@@ -142,7 +144,7 @@ def test_the_recipe_sweep_counts_classes_meeting_both_targets_and_picks_among_ac
 
     (tmp_path / "results" / "vit_digits_first_model.json").write_text(json.dumps(first(0, False)))
     (tmp_path / "results" / "vit_digits_first_model_class1.json").write_text(json.dumps(first(1, True)))
-    section = "\n".join(choice_lines(tmp_path))
+    section = "\n".join(choice_lines(tmp_path, _recipe_sweep(tmp_path)))
     assert "forget class 0 down 50.0%, the other classes 6.00 points down" in section
     assert (
         "over the 2 forget classes run, forget drop >= 80%: 1 of 2; others lose <= 5 points: 0 of 2"

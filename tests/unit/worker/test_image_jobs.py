@@ -21,7 +21,7 @@ from selprune_core.images import load_digits_splits
 from selprune_core.masking import apply_mask
 from selprune_core.masks import NeuronMask
 from selprune_core.vision_model import VitRecipe
-from tests.helpers import build_vit, random_mask
+from tests.helpers import build_vit, local_runtime, random_mask
 from worker.image_models import preprocess
 from worker.jobs import run_job
 from worker.runtime import ModelRuntime
@@ -79,13 +79,7 @@ def vit_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> ModelRuntime:
-    return ModelRuntime(
-        cache_dir=tmp_path / "cache",
-        data_root=tmp_path,
-        device="cpu",
-        dtype="float32",
-        models_root=tmp_path / "models",
-    )
+    return local_runtime(tmp_path)
 
 
 def test_one_cache_holds_both_kinds_and_the_wrong_kind_is_a_config_error(

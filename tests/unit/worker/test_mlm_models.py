@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from selprune_core.errors import ConfigError, ModelLoadError
-from tests.helpers import build_vit
+from tests.helpers import build_vit, local_runtime
 from tests.mlm_helpers import build_mlm_model, roberta_tokenizer
 from worker.runtime import ModelRuntime
 
@@ -24,13 +24,7 @@ def _save_mlm(folder: Path) -> None:
 def runtime(tmp_path: Path) -> ModelRuntime:
     _save_mlm(tmp_path / "models" / "mlm")
     build_vit().save_pretrained(tmp_path / "models" / "vit")
-    return ModelRuntime(
-        cache_dir=tmp_path / "cache",
-        data_root=tmp_path,
-        device="cpu",
-        dtype="float32",
-        models_root=tmp_path / "models",
-    )
+    return local_runtime(tmp_path)
 
 
 def test_a_masked_lm_folder_loads_into_the_one_cache_as_its_own_kind(runtime):
